@@ -1,0 +1,224 @@
+"""SAM (ViT) backbone over the installed ``segment_anything`` package (SPEC §3, §5)."""
+from functools import partial
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+from ..aug_module import AugModuleSpec, token_heat, window_heat
+from ..config import load_model_table
+from .base import Backbone, Features
+
+UPSAMPLE_MODES = ("nearest", "bilinear")
+
+
+def sam_architectures() -> dict:
+    """Name -> full architecture dict from ``configs/models/sam.yaml``."""
+    return load_model_table("sam.yaml")
+
+
+def build_sam(arch: str, img_size: Optional[int] = None) -> Tuple[Sam, dict]:
+    """A randomly initialised ``segment_anything`` Sam of the named architecture."""
+    table = sam_architectures()
+    if arch not in table:
+        raise ValueError(f"unknown SAM architecture {arch!r}; choose from {sorted(table)} (configs/models/sam.yaml)")
+    a = dict(table[arch])
+    if img_size is not None:
+        a["img_size"] = int(img_size)
+    if a["img_size"] % a["patch_size"]:
+        raise ValueError(f"img_size {a['img_size']} is not a multiple of the patch size {a['patch_size']}")
+    grid = a["img_size"] // a["patch_size"]
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=a["depth"],
+            embed_dim=a["embed_dim"],
+            img_size=a["img_size"],
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=a["num_heads"],
+            patch_size=a["patch_size"],
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=tuple(a["global_attn_indexes"]),
+            window_size=a["window_size"],
+            out_chans=a["prompt_embed_dim"],
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=a["prompt_embed_dim"],
+            image_embedding_size=(grid, grid),
+            input_image_size=(a["img_size"], a["img_size"]),
+            mask_in_chans=a["mask_in_chans"],
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=a["decoder_depth"],
+                embedding_dim=a["prompt_embed_dim"],
+                mlp_dim=a["decoder_mlp_dim"],
+                num_heads=a["decoder_num_heads"],
+            ),
+            transformer_dim=a["prompt_embed_dim"],
+            iou_head_depth=3,
+            iou_head_hidden_dim=a["iou_head_hidden_dim"],
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+    return sam.eval(), a
+
+
+def describe_sam_state(state: dict) -> str:
+    """Name the SAM size a state dict belongs to, from its shapes (for error messages)."""
+    w = state.get("image_encoder.patch_embed.proj.weight")
+    if w is None:
+        if any(k.startswith(("image_encoder.trunk", "sam_mask_decoder")) for k in state) or "model" in state:
+            return "a SAM 2 checkpoint"
+        return "not a SAM checkpoint (no image_encoder.patch_embed.proj.weight)"
+    depth = len({k.split(".")[2] for k in state if k.startswith("image_encoder.blocks.")})
+    names = {(768, 12): "vit_b", (1024, 24): "vit_l", (1280, 32): "vit_h"}
+    name = names.get((w.shape[0], depth), "an unknown size")
+    return f"{name} (width {w.shape[0]}, {depth} blocks)"
+
+
+def load_sam_weights(sam: Sam, path: Path, arch: str) -> None:
+    """Load an official SAM checkpoint (plain state dict) into ``sam``, strictly."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"SAM checkpoint {path} not found. Download the official {arch} weights into checkpoint/ "
+            f"(see checkpoint/README.md), pass --ckpt PATH, or pass --random_weights for a smoke test."
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle with foreign objects, ...
+        raise ValueError(f"cannot read SAM checkpoint {path}: {e}. Re-download it (see checkpoint/README.md).") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"SAM checkpoint {path} holds a {type(state).__name__}, not a state dict")
+    if "model" in state and isinstance(state["model"], dict):
+        raise ValueError(f"{path} is a SAM 2 checkpoint; the SAM (ViT) scripts need {arch} weights (sam_vit_b_01ec64.pth)")
+    try:
+        sam.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(
+            f"{path} does not fit --vit_name {arch}: it is {describe_sam_state(state)}. "
+            f"Pass the matching --vit_name or checkpoint. ({str(e).splitlines()[0]})"
+        ) from None
+
+
+class SAMBackbone(Backbone):
+    """Frozen SAM split at the selector layer; AugModules act through forward hooks
+    on each augmented block's attention and on the neck."""
+
+    family = "sam"
+
+    def __init__(
+        self,
+        sam: Sam,
+        arch: str,
+        selector_layer: Optional[int] = None,
+        heat_orientation: str = "reference",
+        upsample: str = "nearest",
+    ) -> None:
+        super().__init__(heat_orientation)
+        if upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
+        self.sam = sam
+        self.arch = arch
+        self.upsample = upsample
+        enc = sam.image_encoder
+        self.img_size = enc.img_size
+        self.grid_size = enc.img_size // enc.patch_embed.proj.kernel_size[0]
+        self.depth = len(enc.blocks)
+        self.selector_layer = self.depth // 2 if selector_layer is None else int(selector_layer)
+        if not 0 <= self.selector_layer < self.depth - 1:
+            raise ValueError(f"selector layer {self.selector_layer} must leave at least one block after it")
+        self.selector_dim = enc.pos_embed.shape[-1] if enc.pos_embed is not None else enc.blocks[0].norm1.normalized_shape[0]
+        self.embed_dim = self.selector_dim
+        self.out_chans = enc.neck[0].out_channels
+        self.freeze()
+        for i in range(self.selector_layer + 1, self.depth):
+            enc.blocks[i].attn.register_forward_hook(self._attention_hook(i, enc.blocks[i].window_size))
+        enc.neck.register_forward_pre_hook(self._neck_pre_hook)
+        enc.neck.register_forward_hook(self._neck_hook)
+
+    def default_aug_spec(self, rank: int = 10) -> AugModuleSpec:
+        return AugModuleSpec(
+            dim=self.embed_dim,
+            layers=tuple(range(self.selector_layer + 1, self.depth)),
+            neck_channels=(self.embed_dim, self.out_chans),
+            rank=rank,
+        )
+
+    def _layer_accepts(self, layer: int, dim: int) -> bool:
+        return 0 <= layer < self.depth and dim == self.embed_dim
+
+    # -------------------------------------------------------------- hooks
+    def _attention_hook(self, layer: int, window: int):
+        def hook(_module, inputs, output):
+            act = self._active
+            if act is None or layer not in act.module.spec.layers:
+                return None
+            t = inputs[0]
+            heat = window_heat(act.heat, window, t.shape[0] // act.batch) if window > 0 else token_heat(act.heat)
+            return output + act.module.branch(layer, t, heat)
+
+        return hook
+
+    def _neck_pre_hook(self, _module, inputs):
+        act = self._active
+        if act is None:
+            return None
+        u1, self._pending_u2 = act.module.neck_terms(act.heat, self.heat_orientation)
+        return (inputs[0] + u1,)
+
+    def _neck_hook(self, _module, _inputs, output):
+        if self._active is None:
+            return None
+        u2, self._pending_u2 = self._pending_u2, None
+        return output + u2
+
+    # -------------------------------------------------------------- forward
+    @torch.no_grad()
+    def encode_prefix(self, images: torch.Tensor) -> Features:
+        enc = self.sam.image_encoder
+        x = enc.patch_embed(self.sam.preprocess(images.float()))
+        if enc.pos_embed is not None:
+            x = x + enc.pos_embed
+        for blk in enc.blocks[: self.selector_layer + 1]:
+            x = blk(x)
+        return {"tokens": x}
+
+    def selector_embedding(self, prefix: Features) -> torch.Tensor:
+        return prefix["tokens"].mean(dim=(1, 2))
+
+    def _run_suffix(self, prefix: Features) -> Features:
+        enc = self.sam.image_encoder
+        x = prefix["tokens"]
+        for blk in enc.blocks[self.selector_layer + 1 :]:
+            x = blk(x)
+        return {"image_embeddings": enc.neck(x.permute(0, 3, 1, 2))}
+
+    def decode(self, features: Features, points: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        pe = self.sam.prompt_encoder
+        sparse, dense = pe(points=(points, labels), boxes=None, masks=None)
+        image_pe = pe.get_dense_pe()
+        emb = features["image_embeddings"]
+        # The stock decoder repeats each image embedding for every prompt in the
+        # batch; one call per image keeps one prompt set per image (SPEC §5).
+        outs = [
+            self.sam.mask_decoder(
+                image_embeddings=emb[i : i + 1],
+                image_pe=image_pe,
+                sparse_prompt_embeddings=sparse[i : i + 1],
+                dense_prompt_embeddings=dense[i : i + 1],
+                multimask_output=False,
+            )
+            for i in range(emb.shape[0])
+        ]
+        low_res = torch.cat([o[0] for o in outs])
+        iou = torch.cat([o[1] for o in outs])
+        kwargs = {"align_corners": False} if self.upsample == "bilinear" else {}
+        masks = F.interpolate(low_res, size=(self.img_size, self.img_size), mode=self.upsample, **kwargs)
+        return masks, iou

@@ -1,0 +1,104 @@
+"""Command-line flags shared by the top-level scripts, and device selection.
+
+Every flag defaults to None so that only what the user typed overrides the
+``--config`` file, which overrides the built-in defaults (the published setting).
+"""
+import argparse
+import os
+from typing import Any, Dict, Optional
+
+import torch
+
+from .config import CHOICES, CONFIG_DIR, Config, load_config
+
+DEFAULT_CONFIG = {"sam": CONFIG_DIR / "samcl_vit_b.yaml"}
+
+
+class CLIError(SystemExit):
+    """An error the user can fix; printed without a traceback."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"error: {message}")
+
+
+def add_common_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of both train.py and test.py (the reference's and what a CPU user needs)."""
+    p.add_argument("--config", help="YAML file of settings (default: configs/samcl_vit_b.yaml); flags override it")
+    p.add_argument("--module", choices=CHOICES["module"], help="learning module (default SAMCL)")
+    p.add_argument("--vit_name", help="SAM size: vit_b (default), vit_l, vit_h, or vit_tiny (tests/demo)")
+    p.add_argument("--ckpt", help="official SAM weights (default: checkpoint/sam_vit_b_01ec64.pth for vit_b)")
+    p.add_argument("--random_weights", action="store_true", default=None,
+                   help="build the backbone with random weights instead of --ckpt (smoke tests only; loud warning)")
+    p.add_argument("--img_size", type=int, help="model input side (default: the architecture's, 1024 for SAM)")
+    p.add_argument("--num_embedding", type=int, help="buffered selector embeddings per domain (default 300)")
+    p.add_argument("--seed", type=int, help="random seed (default 1234)")
+    p.add_argument("--order", help="domain keys in training order joined by '_' (default Kvasir_camo_ISTD_ISIC_cod_COCO)")
+    p.add_argument("--unseen", nargs="*", help="test-only domains that train no module (default COCO)")
+    p.add_argument("--cuda", type=int,
+                   help="GPU index (e.g. 0); -1 means distributed training under torchrun. Default: GPU 0 if "
+                        "available, else CPU")
+    p.add_argument("--device", help="explicit torch device, e.g. cpu or cuda:1 (overrides --cuda)")
+    p.add_argument("--data_root", help="folder the JSON maps' paths are relative to (default: .)")
+    p.add_argument("--test_json", help="domain -> test split map (default datasets_test.json under --data_root)")
+    p.add_argument("--num_workers", type=int, help="data-loading worker processes (default 2)")
+    p.add_argument("--eval_batch_size", type=int, help="images per evaluation batch (default 8)")
+    p.add_argument("--output_dir", help="parent of run folders (default log_sam1)")
+    p.add_argument("--run_dir", help="run folder (default <output_dir>/<module>_<order>_<num_embedding>_<seed>_training)")
+    p.add_argument("--mask_binarize", choices=CHOICES["mask_binarize"],
+                   help="'threshold' (mask >= --mask_threshold, default) or 'reference' (floor(v/255), quirk Q5)")
+    p.add_argument("--mask_threshold", type=int, help="binarisation threshold for 'threshold' (default 128)")
+    p.add_argument("--upsample", choices=CHOICES["upsample"],
+                   help="logit upsampling to the input size: nearest (reference, quirk Q6, default) or bilinear")
+    p.add_argument("--heat_orientation", choices=CHOICES["heat_orientation"],
+                   help="heatmap layout at the SAM neck: reference (quirk Q1, default) or corrected")
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch_size", type=int, help="images per training batch (default 8)")
+    p.add_argument("--lr", type=float, help="Adam learning rate of the AugModule (default 0.005)")
+    p.add_argument("--epoch", type=int, help="epochs per domain (default 20)")
+    p.add_argument("--train_json", help="domain -> train split map (default datasets_train.json under --data_root)")
+    p.add_argument("--val_every", type=int, help="validate on the domain's test split every N epochs (default 5; 0: never)")
+    p.add_argument("--scheduler", choices=CHOICES["scheduler"],
+                   help="reference: cosine with T_max=epochs stepped per iteration (quirk Q4, default); "
+                        "cosine: one cosine over the domain's iterations")
+    p.add_argument("--iou_target", choices=CHOICES["iou_target"],
+                   help="IoU-head target: reference thresholds raw logits at 0.5 (quirk Q3, default); sigmoid at p >= 0.5")
+    p.add_argument("--selector_epochs", type=int, help="selector epochs after each domain (default 25)")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                   help="deterministic algorithms (default on)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+
+
+def config_from_args(args: argparse.Namespace, default_config: Optional[str] = None) -> Config:
+    known = set(Config.__dataclass_fields__)
+    overrides: Dict[str, Any] = {k: v for k, v in vars(args).items() if k in known}
+    try:
+        return load_config(args.config or default_config, overrides)
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from None
+
+
+def resolve_device(cuda: Optional[int], device: Optional[str]) -> torch.device:
+    """--device wins; --cuda N is GPU N; --cuda -1 is torchrun's distributed mode; default GPU 0 or CPU."""
+    if device:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise CLIError(f"--device {device} needs CUDA, but no CUDA GPU is visible; use --device cpu")
+        return dev
+    if cuda is None:
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if cuda == -1:
+        if "LOCAL_RANK" not in os.environ:
+            raise CLIError("--cuda -1 selects distributed training, which must be launched with torchrun "
+                           "(e.g. torchrun --nproc_per_node 4 train.py ... --cuda -1). For one GPU pass --cuda 0; "
+                           "for the CPU pass --device cpu.")
+        raise CLIError("distributed training (--cuda -1 under torchrun) is not available in this version yet; "
+                       "run single-process with --cuda 0 or --device cpu")
+    if cuda < -1:
+        raise CLIError(f"--cuda {cuda} is not a GPU index (use 0, 1, ... or -1 for torchrun)")
+    if not torch.cuda.is_available():
+        raise CLIError(f"--cuda {cuda} needs a CUDA GPU, but none is visible; use --device cpu")
+    if cuda >= torch.cuda.device_count():
+        raise CLIError(f"--cuda {cuda}: only {torch.cuda.device_count()} GPU(s) visible")
+    return torch.device(f"cuda:{cuda}")

@@ -1,0 +1,131 @@
+"""Run configuration: dataclass defaults < YAML file (``--config``) < command-line flags.
+
+The defaults are the published SAMCL setting for SAM ViT-B (SPEC §6-§8).
+"""
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+CHOICES = {
+    "module": ("SAMCL",),
+    "backbone": ("sam",),
+    "heat_orientation": ("reference", "corrected"),
+    "upsample": ("nearest", "bilinear"),
+    "mask_binarize": ("threshold", "reference"),
+    "iou_target": ("reference", "sigmoid"),
+    "scheduler": ("reference", "cosine"),
+}
+
+
+@dataclass
+class Config:
+    # what to train
+    module: str = "SAMCL"
+    backbone: str = "sam"
+    vit_name: str = "vit_b"
+    ckpt: Optional[str] = None  # None: checkpoint/<official file name of vit_name>
+    random_weights: bool = False
+    img_size: Optional[int] = None  # None: the architecture's (1024 for SAM)
+    rank: int = 10
+    selector_layer: Optional[int] = None  # None: derived from the backbone
+    aug_layers: Optional[List[int]] = None  # None: derived from the backbone
+    # reference quirks (SPEC §10): defaults reproduce the release
+    heat_orientation: str = "reference"  # Q1
+    upsample: str = "nearest"  # Q6
+    mask_binarize: str = "threshold"  # Q5: 'threshold' (>= mask_threshold) or 'reference' (floor(v/255))
+    mask_threshold: int = 128
+    iou_target: str = "reference"  # Q3: 'reference' thresholds raw logits at 0.5; 'sigmoid' at p >= 0.5
+    scheduler: str = "reference"  # Q4: cosine T_max=epochs stepped per iteration; 'cosine': one cosine per domain
+    # module training (SPEC §6)
+    lr: float = 0.005
+    epoch: int = 20
+    batch_size: int = 8
+    seed: int = 1234
+    val_every: int = 5
+    deterministic: bool = True
+    # selector (SPEC §7)
+    num_embedding: int = 300
+    selector_lr: float = 0.01
+    selector_epochs: int = 25
+    selector_batch_size: int = 24
+    # data (SPEC §2)
+    order: str = "Kvasir_camo_ISTD_ISIC_cod_COCO"
+    unseen: List[str] = field(default_factory=lambda: ["COCO"])
+    data_root: str = "."
+    train_json: str = "datasets_train.json"
+    test_json: str = "datasets_test.json"
+    num_workers: int = 2
+    eval_batch_size: int = 8
+    # output
+    output_dir: str = "log_sam1"
+    run_dir: Optional[str] = None  # None: <output_dir>/<module>_<order>_<num_embedding>_<seed>_training
+
+    @property
+    def domains(self) -> List[str]:
+        return [d for d in self.order.split("_") if d]
+
+    def run_name(self) -> str:
+        return f"{self.module}_{self.order}_{self.num_embedding}_{self.seed}_training"
+
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path(self.output_dir) / self.run_name()
+
+    def validate(self) -> "Config":
+        for key, allowed in CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        doms = self.domains
+        if not doms:
+            raise ValueError("--order names no domain (keys joined by '_', e.g. Kvasir_camo_COCO)")
+        dup = sorted({d for d in doms if doms.count(d) > 1})
+        if dup:
+            raise ValueError(f"--order names {dup} more than once")
+        for key in ("epoch", "batch_size", "num_embedding", "selector_epochs", "selector_batch_size", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if not 0 <= self.mask_threshold <= 255:
+            raise ValueError(f"mask_threshold must be in 0..255, got {self.mask_threshold}")
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def config_fields() -> Dict[str, Any]:
+    return {f.name: f for f in fields(Config)}
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> Config:
+    """Build a Config from defaults, then the YAML file, then non-None overrides."""
+    values: Dict[str, Any] = {}
+    known = config_fields()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {p} not found (the shipped ones are in {CONFIG_DIR})")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {p} must hold a mapping of settings")
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"config file {p}: unknown settings {unknown}; known: {sorted(known)}")
+        values.update(data)
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            if k not in known:
+                raise ValueError(f"unknown setting {k!r}")
+            values[k] = v
+    return Config(**values).validate()
+
+
+def load_model_table(name: str) -> Dict[str, Dict[str, Any]]:
+    """Architectures from ``configs/models/<name>``, each merged over the file's ``defaults``."""
+    path = CONFIG_DIR / "models" / name
+    data = yaml.safe_load(path.read_text())
+    defaults = data.pop("defaults", {})
+    return {arch: {**defaults, **spec} for arch, spec in data.items()}

@@ -1,0 +1,200 @@
+"""Domain datasets in the release's folder layout (SPEC §2).
+
+``<split>/images/<name>.<ext>``, ``<split>/masks/<name>.<ext>`` and
+``<split>/masks/points.json``; ``datasets_{train,test}.json`` map domain keys to
+split folders. Images and masks are paired by file stem. A sample is the image
+resized to S x S (bilinear, aspect ratio ignored, uint8 0..255, CHW), its mask
+resized with nearest neighbour and binarised, and its static prompt points
+scaled from the 1024 x 1024 frame of ``points.json`` to the S x S frame.
+"""
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_image
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+POINTS_FILE = "points.json"
+POINTS_FRAME = 1024  # points.json coordinates live in a 1024 x 1024 frame
+PAD_LABEL = -1  # SAM's label for a padding point
+
+
+class DataError(ValueError):
+    """A problem with the data on disk; the message names the file and the fix."""
+
+
+def read_domain_map(json_path: Path, data_root: Path) -> Dict[str, Path]:
+    """``{"Kvasir": "data/Kvasir/train", ...}`` -> domain key -> split folder under data_root."""
+    json_path = Path(json_path)
+    if not json_path.is_absolute() and not json_path.is_file():
+        json_path = Path(data_root) / json_path
+    if not json_path.is_file():
+        raise DataError(f"domain map {json_path} not found; it maps domain keys to split folders (see data/README.md)")
+    try:
+        mapping = json.loads(json_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"domain map {json_path} is not valid JSON: {e}") from None
+    if not isinstance(mapping, dict):
+        raise DataError(f"domain map {json_path} must be an object of domain key -> folder")
+    return {k: Path(data_root) / v for k, v in mapping.items()}
+
+
+def list_images(folder: Path) -> List[Path]:
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTS)
+
+
+def pair_split(split_dir: Path) -> List[Tuple[Path, Path]]:
+    """(image, mask) pairs of a split, matched by file stem; mismatches are an error naming them."""
+    split_dir = Path(split_dir)
+    img_dir, mask_dir = split_dir / "images", split_dir / "masks"
+    for d in (img_dir, mask_dir):
+        if not d.is_dir():
+            raise DataError(f"{d} is missing; a split folder holds images/ and masks/ (see data/README.md)")
+    images = {p.stem: p for p in list_images(img_dir)}
+    masks = {p.stem: p for p in list_images(mask_dir)}
+    problems = []
+    for label, names in (("images without a mask", sorted(set(images) - set(masks))),
+                         ("masks without an image", sorted(set(masks) - set(images)))):
+        if names:
+            shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise DataError(f"{split_dir}: images and masks do not pair by file name; " + "; ".join(problems))
+    if not images:
+        raise DataError(f"{split_dir}: no images found in {img_dir} (extensions {', '.join(IMAGE_EXTS)})")
+    return [(images[s], masks[s]) for s in sorted(images)]
+
+
+def read_image(path: Path, gray: bool = False) -> np.ndarray:
+    """Decode an image file strictly (corrupt or truncated files raise) -> HxWx3 RGB or HxW uint8."""
+    try:
+        data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+        img = decode_image(data, mode=ImageReadMode.GRAY if gray else ImageReadMode.RGB)
+    except Exception as e:
+        raise DataError(f"{path}: cannot decode the image ({str(e).splitlines()[0]}); it is corrupt or truncated. "
+                        f"Re-export it, or remove it together with its pair.") from None
+    if img.dtype != torch.uint8:  # 16-bit PNG
+        img = (img.float() / 257.0).round().to(torch.uint8)
+    arr = img.permute(1, 2, 0).numpy()
+    return arr[..., 0] if gray else arr
+
+
+def binarize_mask(mask: np.ndarray, rule: str = "threshold", threshold: int = 128) -> np.ndarray:
+    """uint8 mask -> {0, 1}: ``>= threshold`` (default) or the release's floor(v / 255) (quirk Q5)."""
+    if rule == "threshold":
+        return (mask >= threshold).astype(np.uint8)
+    if rule == "reference":
+        return (mask.astype(np.int32) // 255).astype(np.uint8)
+    raise ValueError(f"mask binarisation rule must be 'threshold' or 'reference', got {rule!r}")
+
+
+def load_mask(path: Path, size: int, rule: str = "threshold", threshold: int = 128) -> np.ndarray:
+    """Mask file -> size x size {0, 1} uint8 (nearest neighbour, then binarised)."""
+    m = cv2.resize(read_image(path, gray=True), (size, size), interpolation=cv2.INTER_NEAREST)
+    return binarize_mask(m, rule, threshold)
+
+
+def read_points(split_dir: Path) -> Dict[str, list]:
+    path = Path(split_dir) / "masks" / POINTS_FILE
+    if not path.is_file():
+        raise DataError(f"{path} not found; generate the static prompt points with `python generate_point.py`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON ({e}); regenerate it with `python generate_point.py`") from None
+
+
+def lookup_points(points: Dict[str, list], image: Path, mask: Path) -> Optional[list]:
+    """The points.json entry of a pair: keyed by mask name, image name, or (fallback) stem."""
+    for key in (mask.name, image.name):
+        if key in points:
+            return points[key]
+    return None
+
+
+class SegmentationSplit(Dataset):
+    """One split of one domain.
+
+    Items are dicts: ``image`` (3, S, S) uint8, ``mask`` (1, S, S) float {0, 1},
+    ``points`` (P, 2) float (x, y) in the S frame, ``labels`` (P,) long, ``name`` str,
+    ``index`` int.
+    """
+
+    def __init__(self, split_dir: Path, img_size: int, mask_binarize: str = "threshold",
+                 mask_threshold: int = 128, domain: str = "") -> None:
+        self.split_dir = Path(split_dir)
+        self.img_size = int(img_size)
+        self.mask_binarize = mask_binarize
+        self.mask_threshold = mask_threshold
+        self.domain = domain
+        self.pairs = pair_split(self.split_dir)
+        all_points = read_points(self.split_dir)
+        by_stem = {Path(k).stem: v for k, v in all_points.items()}
+        self.points: List[list] = []
+        missing = []
+        for img, mask in self.pairs:
+            entry = lookup_points(all_points, img, mask) or by_stem.get(img.stem)
+            if entry is None:
+                missing.append(mask.name)
+            self.points.append(entry)
+        if missing:
+            raise DataError(f"{self.split_dir / 'masks' / POINTS_FILE} has no points for {len(missing)} image(s): "
+                            f"{', '.join(missing[:10])}; regenerate it with `python generate_point.py`")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        img_path, mask_path = self.pairs[i]
+        img = read_image(img_path)
+        raw_mask = read_image(mask_path, gray=True)
+        if raw_mask.shape != img.shape[:2]:
+            raise DataError(f"{mask_path} is {raw_mask.shape[1]}x{raw_mask.shape[0]} but its image {img_path} is "
+                            f"{img.shape[1]}x{img.shape[0]}; a mask must have its image's size")
+        s = self.img_size
+        img = cv2.resize(img, (s, s), interpolation=cv2.INTER_LINEAR)
+        mask = binarize_mask(cv2.resize(raw_mask, (s, s), interpolation=cv2.INTER_NEAREST),
+                             self.mask_binarize, self.mask_threshold)
+        coords, labels = parse_points_entry(self.points[i], f"{mask_path.name} in {self.split_dir / 'masks' / POINTS_FILE}")
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
+            "mask": torch.from_numpy(mask).float().unsqueeze(0),
+            "points": coords * (s / POINTS_FRAME),
+            "labels": labels,
+            "name": img_path.name,
+            "index": i,
+        }
+
+
+def parse_points_entry(entry: list, where: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``[[[x, y], ...], [1, ...]]`` -> (P, 2) float and (P,) long."""
+    try:
+        coords = torch.tensor(entry[0], dtype=torch.float32).reshape(-1, 2)
+        labels = torch.tensor(entry[1], dtype=torch.long).reshape(-1)
+    except Exception:
+        raise DataError(f"points of {where} are not [[[x, y], ...], [label, ...]]: {entry!r}") from None
+    if coords.shape[0] != labels.shape[0] or coords.shape[0] == 0:
+        raise DataError(f"points of {where}: {coords.shape[0]} points but {labels.shape[0]} labels")
+    return coords, labels
+
+
+def collate(batch: Sequence[dict]) -> dict:
+    """Stack samples; point sets of different sizes are padded with label -1 (ignored)."""
+    p = max(b["points"].shape[0] for b in batch)
+    points = torch.zeros(len(batch), p, 2)
+    labels = torch.full((len(batch), p), PAD_LABEL, dtype=torch.long)
+    for i, b in enumerate(batch):
+        points[i, : b["points"].shape[0]] = b["points"]
+        labels[i, : b["labels"].shape[0]] = b["labels"]
+    return {
+        "image": torch.stack([b["image"] for b in batch]),
+        "mask": torch.stack([b["mask"] for b in batch]),
+        "points": points,
+        "labels": labels,
+        "name": [b["name"] for b in batch],
+        "index": torch.tensor([b["index"] for b in batch]),
+    }

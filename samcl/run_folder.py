@@ -1,0 +1,155 @@
+"""A run folder: everything a continual run leaves behind, and how to read it back.
+
+Layout (``log_sam1/<module>_<order>_<num_embedding>_<seed>_training/``)::
+
+    run.json              manifest: backbone, module spec, order, domains done
+    config.yaml           the resolved configuration
+    log.txt               the log
+    <domain>.pth          one AugModule per trained domain (plain state dict + spec)
+    Module_Selector.pth   the selector (state dict + its domain order)
+    embedding_buffer.pth  the stored selector embeddings (the only record of past domains)
+    metrics.json          accuracy matrix, AA/FM/FT per step, selector counts, versions
+    test_metrics.json     written by test.py
+
+Every file is written atomically (temporary file + rename).
+"""
+import json
+import logging
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import yaml
+
+from .aug_module import AugModule, AugModuleSpec
+from .backbones.base import Backbone
+from .io import atomic_torch_save, atomic_write_text
+from .selector import ModuleSelector
+
+MANIFEST = "run.json"
+SELECTOR_FILE = "Module_Selector.pth"
+BUFFER_FILE = "embedding_buffer.pth"
+METRICS_FILE = "metrics.json"
+TEST_METRICS_FILE = "test_metrics.json"
+LOG_FILE = "log.txt"
+CONFIG_FILE = "config.yaml"
+
+
+class RunFolderError(ValueError):
+    """A run folder is missing, incomplete or belongs to another setup; the message says what to do."""
+
+
+def package_versions() -> Dict[str, str]:
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in ("torch", "torchvision", "segment-anything", "sam2", "numpy", "opencv-python-headless", "opencv-python"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    out["cuda"] = torch.version.cuda or "none"
+    return out
+
+
+def module_path(run_dir: Path, domain: str) -> Path:
+    return Path(run_dir) / f"{domain}.pth"
+
+
+def backbone_identity(backbone: Backbone) -> Dict[str, Any]:
+    return {"family": backbone.family, "arch": backbone.arch, "img_size": backbone.img_size,
+            "selector_layer": backbone.selector_layer, "selector_dim": backbone.selector_dim}
+
+
+def save_module(module: AugModule, backbone: Backbone, domain: str, path: Path) -> None:
+    atomic_torch_save({"format": "samcl-augmodule", "version": 1, "domain": domain,
+                       "backbone": backbone_identity(backbone), "spec": module.spec.to_dict(),
+                       "state_dict": module.state_dict()}, path)
+
+
+def load_module(path: Path, backbone: Backbone) -> AugModule:
+    """Load a module file, refusing one written for another backbone (both are named)."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RunFolderError(f"cannot read module file {path} ({str(e).splitlines()[0]}); it is corrupt or "
+                             f"truncated: retrain that domain or restore the file") from None
+    if not isinstance(data, dict) or data.get("format") != "samcl-augmodule":
+        raise RunFolderError(f"{path} is not an AugModule file written by this project "
+                             f"(for the authors' release files see README, 'Using the authors' release')")
+    ident = data["backbone"]
+    if (ident["family"], ident["arch"]) != (backbone.family, backbone.arch):
+        raise RunFolderError(f"{path} was trained on {ident['family']}/{ident['arch']} but the backbone is "
+                             f"{backbone.family}/{backbone.arch}; pass the matching --vit_name/--ckpt")
+    spec = AugModuleSpec.from_dict(data["spec"])
+    backbone.check_aug_spec(spec)
+    module = AugModule(spec)
+    module.load_state_dict(data["state_dict"])
+    return module
+
+
+def save_selector(selector: ModuleSelector, domains: List[str], path: Path) -> None:
+    atomic_torch_save({"format": "samcl-selector", "version": 1, "domains": list(domains),
+                       "dim": selector.layer1.in_features, "state_dict": selector.state_dict()}, path)
+
+
+def load_selector(path: Path) -> tuple:
+    """-> (ModuleSelector in eval mode, its domain order)."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RunFolderError(f"cannot read selector file {path} ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict) or data.get("format") != "samcl-selector":
+        raise RunFolderError(f"{path} is not a selector file written by this project")
+    sel = ModuleSelector(data["dim"], len(data["domains"]))
+    sel.load_state_dict(data["state_dict"])
+    return sel.eval(), list(data["domains"])
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_manifest(run_dir: Path) -> Dict[str, Any]:
+    path = Path(run_dir) / MANIFEST
+    if not Path(run_dir).is_dir():
+        raise RunFolderError(f"run folder {run_dir} does not exist; train first (python train.py ...) or pass --run_dir")
+    if not path.is_file():
+        raise RunFolderError(f"{run_dir} has no {MANIFEST}: it is not a finished or started SAMCL run folder")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RunFolderError(f"{path} is corrupt ({e})") from None
+
+
+def write_config(run_dir: Path, config: Dict[str, Any]) -> None:
+    atomic_write_text(Path(run_dir) / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
+
+
+def setup_logging(run_dir: Optional[Path] = None, filename: str = LOG_FILE) -> logging.Logger:
+    """Console + (optionally) ``<run_dir>/<filename>`` logging for the ``samcl`` loggers."""
+    root = logging.getLogger("samcl")
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    root.addHandler(console)
+    if run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(Path(run_dir) / filename)
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    root.propagate = False
+    return root
