@@ -142,12 +142,9 @@ class Backbone(nn.Module):
         """Suffix + decoder for one group of images sharing a module."""
         return self.decode(self.encode_suffix(prefix, module, heatmap), points, labels)
 
-    def train(self, mode: bool = True) -> "Backbone":
-        """The backbone is frozen: parameters never train, but train/eval mode follows
-        the caller (it matters for SAM 2's decoder, SPEC §6)."""
-        return super().train(mode)
-
     def freeze(self) -> "Backbone":
+        """No parameter of the backbone trains; train/eval mode still follows the caller
+        (it matters for SAM 2's decoder, SPEC §6)."""
         for p in self.parameters():
             p.requires_grad_(False)
         return self

@@ -138,6 +138,7 @@ class SAMBackbone(Backbone):
         self.embed_dim = self.selector_dim
         self.out_chans = enc.neck[0].out_channels
         self.freeze()
+        self._pending_u2: Optional[torch.Tensor] = None
         for i in range(self.selector_layer + 1, self.depth):
             enc.blocks[i].attn.register_forward_hook(self._attention_hook(i, enc.blocks[i].window_size))
         enc.neck.register_forward_pre_hook(self._neck_pre_hook)
