@@ -15,7 +15,6 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 POINTS_FILE = "points.json"
@@ -70,17 +69,21 @@ def pair_split(split_dir: Path) -> List[Tuple[Path, Path]]:
 
 
 def read_image(path: Path, gray: bool = False) -> np.ndarray:
-    """Decode an image file strictly (corrupt or truncated files raise) -> HxWx3 RGB or HxW uint8."""
-    try:
-        data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
-        img = decode_image(data, mode=ImageReadMode.GRAY if gray else ImageReadMode.RGB)
-    except Exception as e:
-        raise DataError(f"{path}: cannot decode the image ({str(e).splitlines()[0]}); it is corrupt or truncated. "
-                        f"Re-export it, or remove it together with its pair.") from None
-    if img.dtype != torch.uint8:  # 16-bit PNG
-        img = (img.float() / 257.0).round().to(torch.uint8)
-    arr = img.permute(1, 2, 0).numpy()
-    return arr[..., 0] if gray else arr
+    """Decode an image file strictly -> HxWx3 RGB or HxW uint8 (pixels as stored, EXIF ignored).
+
+    Corrupt files and truncated ones (a JPEG without its end-of-image marker,
+    which OpenCV would otherwise fill with grey) raise a DataError naming the file.
+    """
+    data = Path(path).read_bytes()
+    flags = (cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR) | cv2.IMREAD_IGNORE_ORIENTATION
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), flags) if data else None
+    # JPEG scan data never holds 0xFFD9 (byte stuffing), so a complete file has its
+    # end-of-image marker after the last start-of-scan, even with a trailer behind it.
+    truncated_jpeg = data[:2] == b"\xff\xd8" and data.find(b"\xff\xd9", data.rfind(b"\xff\xda")) < 0
+    if img is None or truncated_jpeg:
+        raise DataError(f"{path}: cannot decode the image ({'truncated JPEG' if truncated_jpeg else 'unreadable'}); "
+                        f"it is corrupt or truncated. Re-export it, or remove it together with its pair.")
+    return img if gray else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def binarize_mask(mask: np.ndarray, rule: str = "threshold", threshold: int = 128) -> np.ndarray:

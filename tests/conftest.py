@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny backbones built from the real package classes, reference data paths."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+REFERENCE = REPO.parent / "shared" / "reference"
+SAMPLE = REFERENCE / "samcl_sample"
+RELEASE = REFERENCE / "samcl_release" / "checkpoint"
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"reference data {path} is absent (it lives in ../shared/reference beside the repo)")
+    return path
+
+
+@pytest.fixture
+def tiny_sam():
+    """A seeded random vit_tiny SAMBackbone (same classes as ViT-B)."""
+    from samcl.backbones.sam import SAMBackbone, build_sam
+
+    torch.manual_seed(0)
+    sam, _ = build_sam("vit_tiny")
+    return SAMBackbone(sam, "vit_tiny").eval()

@@ -1,0 +1,69 @@
+"""Command-line behaviour: the reference's flags, device selection, clear errors."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from samcl.cli import CLIError, resolve_device
+from samcl.config import CONFIG_DIR, load_config
+from tests.conftest import REPO
+
+REFERENCE_FLAGS = ["--module", "--num_embedding", "--batch_size", "--lr", "--epoch", "--vit_name", "--ckpt",
+                   "--img_size", "--seed", "--order", "--cuda"]
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True)
+
+
+def test_train_help_lists_every_reference_flag_and_cpu_flags():
+    out = run("train.py", "--help").stdout
+    for flag in REFERENCE_FLAGS + ["--device", "--config", "--data_root", "--train_json", "--test_json", "--output_dir"]:
+        assert flag in out, flag
+
+
+def test_cuda_minus_one_outside_torchrun_says_distributed(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(CLIError, match="distributed training, which must be launched with torchrun"):
+        resolve_device(-1, None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_cuda_index_without_gpu_points_to_device_cpu():
+    with pytest.raises(CLIError, match="--device cpu"):
+        resolve_device(0, None)
+    r = run("train.py", "--module", "SAMCL", "--batch_size", "8", "--cuda", "0")
+    assert r.returncode != 0 and "--device cpu" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_device_defaults():
+    assert resolve_device(None, "cpu") == torch.device("cpu")
+    assert resolve_device(None, None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    r = run("train.py", "--device", "cpu", "--data_root", str(tmp_path), "--run_dir", str(tmp_path / "run"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "sam_vit_b_01ec64.pth not found" in r.stderr and "--random_weights" in r.stderr
+
+
+def test_test_script_without_run_folder_is_a_clear_error(tmp_path):
+    r = run("test.py", "--device", "cpu", "--run_dir", str(tmp_path / "nothing"))
+    assert r.returncode != 0 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_config_layering_and_validation(tmp_path):
+    cfg = load_config(CONFIG_DIR / "samcl_vit_b.yaml")
+    assert (cfg.lr, cfg.epoch, cfg.batch_size, cfg.seed, cfg.num_embedding) == (0.005, 20, 8, 1234, 300)
+    assert cfg.domains == ["Kvasir", "camo", "ISTD", "ISIC", "cod", "COCO"] and cfg.unseen == ["COCO"]
+    assert str(cfg.resolved_run_dir()) == "log_sam1/SAMCL_Kvasir_camo_ISTD_ISIC_cod_COCO_300_1234_training"
+    assert load_config(CONFIG_DIR / "samcl_vit_b.yaml", {"lr": 0.1, "epoch": None}).lr == 0.1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 3\n")
+    with pytest.raises(ValueError, match="unknown settings.*learning_rate"):
+        load_config(bad)
+    with pytest.raises(ValueError, match="more than once"):
+        load_config(None, {"order": "a_b_a"})
+    with pytest.raises(ValueError, match="scheduler must be one of"):
+        load_config(None, {"scheduler": "linear"})

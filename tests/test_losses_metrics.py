@@ -1,0 +1,88 @@
+"""Loss and metric values against hand-computed small cases (SPEC §6, §8)."""
+import math
+
+import pytest
+import torch
+
+from samcl.losses import dice_loss, focal_loss, iou_target, samcl_loss
+from samcl.metrics import AccuracyMatrix, MetricAccumulator, per_image_metrics
+
+
+def img(rows):
+    return torch.tensor(rows, dtype=torch.float32).view(1, 1, len(rows), len(rows[0]))
+
+
+def test_focal_and_dice_hand_computed():
+    # p = 0.5 everywhere: BCE = ln 2, focal = 0.8 * 0.5^2 * ln 2
+    logits, target = img([[0.0, 0.0], [0.0, 0.0]]), img([[1, 0], [0, 0]])
+    assert focal_loss(logits, target).item() == pytest.approx(0.2 * math.log(2))
+    # dice = 1 - (2 * 0.5 + 1) / (2 + 1 + 1) = 0.5
+    assert dice_loss(logits, target).item() == pytest.approx(0.5)
+    # p = sigmoid(2) everywhere, all foreground
+    p = 1 / (1 + math.exp(-2))
+    logits2, target2 = img([[2.0, 2.0], [2.0, 2.0]]), img([[1, 1], [1, 1]])
+    bce = -math.log(p)
+    assert focal_loss(logits2, target2).item() == pytest.approx(0.8 * (1 - math.exp(-bce)) ** 2 * bce, rel=1e-5)
+    assert dice_loss(logits2, target2).item() == pytest.approx(1 - (2 * 4 * p + 1) / (4 * p + 4 + 1), rel=1e-6)
+
+
+def test_iou_target_reference_thresholds_raw_logits_at_half():
+    logits, target = img([[0.2, 0.7], [-1.0, 3.0]]), img([[1, 1], [0, 0]])
+    # reference: logits >= 0.5 -> {0.7, 3.0}: inter 1, union 3
+    assert iou_target(logits, target, "reference").item() == pytest.approx(1 / 3)
+    # sigmoid >= 0.5 <=> logits >= 0 -> {0.2, 0.7, 3.0}: inter 2, union 3
+    assert iou_target(logits, target, "sigmoid").item() == pytest.approx(2 / 3)
+    assert iou_target(img([[-1.0]]), img([[0]]), "reference").item() == 1.0  # both empty
+
+
+def test_batch_loss_sums_per_image_terms_and_averages_the_iou_mse():
+    logits = torch.cat([img([[0.0, 0.0], [0.0, 0.0]]), img([[2.0, 2.0], [2.0, 2.0]])])
+    target = torch.cat([img([[1, 0], [0, 0]]), img([[1, 1], [1, 1]])])
+    iou_pred = torch.tensor([[0.3], [0.9]])
+    p = 1 / (1 + math.exp(-2))
+    bce = -math.log(p)
+    img1 = 0.2 * math.log(2) + 10 * 0.5
+    img2 = 0.8 * (1 - math.exp(-bce)) ** 2 * bce + 10 * (1 - (8 * p + 1) / (4 * p + 5))
+    # IoU targets: image 1 predicts nothing (0 >= 0.5 is false) -> 0; image 2 predicts all -> 1
+    mse = ((0.3 - 0.0) ** 2 + (0.9 - 1.0) ** 2) / 2
+    assert samcl_loss(logits, iou_pred, target).item() == pytest.approx(img1 + img2 + mse, rel=1e-6)
+
+
+def test_loss_gradient_reaches_logits_but_not_the_iou_target():
+    logits = torch.zeros(1, 1, 2, 2, requires_grad=True)
+    iou_pred = torch.tensor([[0.5]], requires_grad=True)
+    samcl_loss(logits, iou_pred, img([[1, 0], [0, 1]])).backward()
+    assert logits.grad.abs().sum() > 0 and iou_pred.grad.item() == pytest.approx(2 * (0.5 - 0.0))
+
+
+def test_per_image_metrics_hand_computed():
+    logits = torch.cat([img([[1.0, -1.0], [1.0, 0.0]]), img([[-1.0, -2.0], [-3.0, -4.0]])])
+    target = torch.cat([img([[1, 0], [0, 1]]), img([[0, 0], [0, 0]])])
+    m = per_image_metrics(logits, target)
+    # image 1: P = [[1,0],[1,1]] (sigmoid(0) = 0.5 counts), G = [[1,0],[0,1]]: inter 2, |P| 3, |G| 2
+    assert m["iou"][0].item() == pytest.approx(2 / 3)
+    assert m["f1"][0].item() == pytest.approx(4 / 5)
+    assert m["mae"][0].item() == pytest.approx(1 / 4)
+    # image 2: both empty -> IoU = F1 = 1, MAE = 0
+    assert m["iou"][1].item() == 1.0 and m["f1"][1].item() == 1.0 and m["mae"][1].item() == 0.0
+    acc = MetricAccumulator()
+    acc.update(m)
+    r = acc.result()
+    assert r["n"] == 2 and r["iou"] == pytest.approx((2 / 3 + 1) / 2)
+
+
+def test_aa_fm_ft_on_a_hand_made_matrix():
+    a = AccuracyMatrix(["A", "B", "C", "U"], unseen=["U"])
+    rows = {0: [0.8, 0.3], 1: [0.7, 0.9, 0.2], 2: [0.6, 0.85, 0.75, 0.4], 3: [0.6, 0.85, 0.75, 0.45]}
+    for t, row in rows.items():
+        for j, v in enumerate(row):
+            a.set(t, j, {"iou": v, "f1": v, "mae": 1 - v, "n": 10})
+    s0, s1, s2, s3 = (a.summary(t) for t in range(4))
+    assert s0 == {"AA": pytest.approx(0.8), "FM": pytest.approx(0.0), "FT": None}
+    assert s1["AA"] == pytest.approx(0.8) and s1["FM"] == pytest.approx(0.05) and s1["FT"] == pytest.approx(0.3)
+    assert s2["AA"] == pytest.approx(2.2 / 3) and s2["FM"] == pytest.approx(0.25 / 3) and s2["FT"] == pytest.approx(0.25)
+    # the unseen step: L = t - 1, so U itself does not enter AA/FM
+    assert s3["AA"] == pytest.approx(2.2 / 3) and s3["FM"] == pytest.approx(0.25 / 3) and s3["FT"] == pytest.approx(0.25)
+    d = a.to_dict()
+    assert d["matrix"]["iou"][1] == [0.7, 0.9, 0.2, None]
+    assert d["summary"]["iou"][2]["step"] == 2

@@ -1,0 +1,158 @@
+"""SAM backbone: prefix/suffix split, decoding, routing, checkpoint loading (SPEC §3, §5, §9)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from samcl.aug_module import AugModule, AugModuleSpec
+from samcl.backbones.base import index_features
+from samcl.backbones.sam import SAMBackbone, build_sam, load_sam_weights
+from samcl.model import SAMCLModel
+from samcl.selector import ModuleSelector
+
+
+def batch(n=3, seed=0, size=128):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, size, size, generator=g) * 255
+    points = torch.rand(n, 3, 2, generator=g) * (size - 1)
+    labels = torch.ones(n, 3, dtype=torch.long)
+    return images, points, labels
+
+
+def trained_like(spec, seed):
+    """A module with non-zero weights everywhere (stands in for a trained one)."""
+    torch.manual_seed(seed)
+    m = AugModule(spec)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return m
+
+
+def test_prefix_plus_suffix_equals_stock_encoder(tiny_sam):
+    images, _, _ = batch()
+    prefix = tiny_sam.encode_prefix(images)
+    assert prefix["tokens"].shape == (3, 16, 16, 32)
+    ours = tiny_sam.encode_suffix(prefix, None, None)["image_embeddings"]
+    stock = tiny_sam.sam.image_encoder(tiny_sam.sam.preprocess(images))
+    assert torch.equal(ours, stock)
+    assert tiny_sam.selector_embedding(prefix).shape == (3, 32)
+
+
+def test_batched_decoding_equals_stock_sam_per_image(tiny_sam):
+    images, points, labels = batch()
+    with torch.no_grad():
+        masks, iou = tiny_sam.decode(tiny_sam.encode_suffix(tiny_sam.encode_prefix(images), None, None), points, labels)
+        assert masks.shape == (3, 1, 128, 128) and iou.shape == (3, 1)
+        for i in range(3):
+            out = tiny_sam.sam([{"image": images[i], "original_size": (128, 128), "point_coords": points[i:i + 1],
+                                 "point_labels": labels[i:i + 1]}], multimask_output=False)[0]
+            stock = F.interpolate(out["low_res_logits"], size=(128, 128), mode="nearest")
+            assert torch.allclose(masks[i:i + 1], stock, atol=1e-5)
+            assert torch.allclose(iou[i:i + 1], out["iou_predictions"], atol=1e-6)
+
+
+def test_bilinear_upsampling_option():
+    torch.manual_seed(0)
+    sam, _ = build_sam("vit_tiny")
+    bb = SAMBackbone(sam, "vit_tiny", upsample="bilinear").eval()
+    images, points, labels = batch(1)
+    with torch.no_grad():
+        masks, _ = bb.decode(bb.encode_suffix(bb.encode_prefix(images), None, None), points, labels)
+        out = sam([{"image": images[0], "original_size": (128, 128), "point_coords": points, "point_labels": labels}],
+                  multimask_output=False)[0]
+    assert torch.allclose(masks, F.interpolate(out["low_res_logits"], (128, 128), mode="bilinear",
+                                               align_corners=False), atol=1e-5)
+
+
+def test_zero_module_leaves_masks_unchanged_and_trained_module_changes_them(tiny_sam):
+    images, points, labels = batch()
+    model = SAMCLModel(tiny_sam, tiny_sam.default_aug_spec())
+    heat = model.heatmap(points, labels)
+    with torch.no_grad():
+        prefix = tiny_sam.encode_prefix(images)
+        vanilla = tiny_sam.segment(prefix, None, None, points, labels)[0]
+        zero = tiny_sam.segment(prefix, model.new_module(), heat, points, labels)[0]
+        other = tiny_sam.segment(prefix, trained_like(model.spec, 1), heat, points, labels)[0]
+    assert torch.equal(zero, vanilla)
+    assert not torch.allclose(other, vanilla)
+
+
+def test_module_acts_on_windowed_and_global_blocks_and_neck(tiny_sam):
+    spec = tiny_sam.default_aug_spec()
+    assert spec.layers == (4, 5)
+    assert tiny_sam.sam.image_encoder.blocks[4].window_size == 7  # windowed (16x16 grid padded to 21x21)
+    assert tiny_sam.sam.image_encoder.blocks[5].window_size == 0  # global
+    images, points, labels = batch(2)
+    heat = SAMCLModel(tiny_sam, spec).heatmap(points, labels)
+    prefix = tiny_sam.encode_prefix(images)
+    base = tiny_sam.encode_suffix(prefix, None, None)["image_embeddings"]
+    for name in ("B.0", "B.1", "extra.upward_"):
+        m = AugModule(spec)
+        torch.nn.init.normal_(dict(m.named_modules())[name].weight)
+        with torch.no_grad():
+            out = tiny_sam.encode_suffix(prefix, m, heat)["image_embeddings"]
+        assert not torch.allclose(out, base), name
+
+
+def test_routed_batch_equals_per_image(tiny_sam):
+    images, points, labels = batch(5)
+    model = SAMCLModel(tiny_sam, tiny_sam.default_aug_spec())
+    model.add_domain("a", trained_like(model.spec, 1))
+    model.add_domain("b", trained_like(model.spec, 2))
+    model.add_domain("u", None)
+    model.selector = ModuleSelector(32, 3).eval()
+    choice = torch.tensor([2, 0, 1, 0, 2])
+    with torch.no_grad():
+        prefix = tiny_sam.encode_prefix(images)
+        logits, iou = model.segment_routed(prefix, choice, points, labels)
+        for i in range(5):
+            idx = torch.tensor([i])
+            m = model.module_for(model.domains[choice[i]])
+            ref, ref_iou = tiny_sam.segment(index_features(prefix, idx), m, model.heatmap(points[idx], labels[idx]),
+                                            points[idx], labels[idx])
+            assert torch.allclose(logits[i:i + 1], ref, atol=1e-5)
+            assert torch.allclose(iou[i:i + 1], ref_iou, atol=1e-6)
+        # predict() routes with the selector and returns its choice
+        out = model.predict(images, points, labels)
+        assert out["choice"].shape == (5,) and int(out["choice"].max()) < 3
+
+
+def test_module_for_another_backbone_is_refused(tiny_sam):
+    with pytest.raises(ValueError, match=r"sam/vit_tiny.*width 384 \(this backbone: 32\)"):
+        SAMCLModel(tiny_sam, AugModuleSpec(dim=384, layers=(6, 7, 8, 9), neck_channels=None))
+    with pytest.raises(ValueError, match="frozen prefix"):
+        SAMCLModel(tiny_sam, AugModuleSpec(dim=32, layers=(2, 4), neck_channels=(32, 32)))
+
+
+def test_official_key_layout_loads_and_foreign_checkpoints_are_named(tmp_path):
+    from segment_anything import sam_model_registry
+
+    torch.manual_seed(0)
+    ours, _ = build_sam("vit_b")
+    stock = sam_model_registry["vit_b"]()
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in stock.state_dict().items()}
+
+    torch.manual_seed(1)
+    src, _ = build_sam("vit_tiny")
+    path = tmp_path / "sam_tiny.pth"
+    torch.save(src.state_dict(), path)
+    dst, _ = build_sam("vit_tiny")
+    load_sam_weights(dst, path, "vit_tiny")
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v)
+
+    fake_vit_b = {"image_encoder.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16)}
+    fake_vit_b |= {f"image_encoder.blocks.{i}.norm1.weight": torch.zeros(1) for i in range(12)}
+    torch.save(fake_vit_b, tmp_path / "vit_b_like.pth")
+    with pytest.raises(ValueError, match=r"does not fit --vit_name vit_tiny: it is vit_b \(width 768, 12 blocks\)"):
+        load_sam_weights(dst, tmp_path / "vit_b_like.pth", "vit_tiny")
+
+    torch.save({"model": {"image_encoder.trunk.x": torch.zeros(1)}}, tmp_path / "sam2.pt")
+    with pytest.raises(ValueError, match="SAM 2 checkpoint"):
+        load_sam_weights(dst, tmp_path / "sam2.pt", "vit_tiny")
+
+    with pytest.raises(FileNotFoundError, match="--random_weights"):
+        load_sam_weights(dst, tmp_path / "missing.pth", "vit_tiny")
+
+    (tmp_path / "truncated.pth").write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="cannot read SAM checkpoint .*truncated.pth"):
+        load_sam_weights(dst, tmp_path / "truncated.pth", "vit_tiny")
