@@ -12,14 +12,18 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 
 CHOICES = {
-    "module": ("SAMCL",),
-    "backbone": ("sam",),
+    "module": ("SAMCL", "SAMCL_2"),
+    "backbone": ("sam", "sam2"),
     "heat_orientation": ("reference", "corrected"),
     "upsample": ("nearest", "bilinear"),
     "mask_binarize": ("threshold", "reference"),
     "iou_target": ("reference", "sigmoid"),
     "scheduler": ("reference", "cosine"),
 }
+# settings that may stay None (the backbone picks its own)
+OPTIONAL_CHOICES = ("upsample",)
+# --module names the reference's module files: SAMCL for SAM (ViT), SAMCL_2 for SAM 2.1
+MODULE_BACKBONE = {"SAMCL": "sam", "SAMCL_2": "sam2"}
 
 
 @dataclass
@@ -27,16 +31,17 @@ class Config:
     # what to train
     module: str = "SAMCL"
     backbone: str = "sam"
-    vit_name: str = "vit_b"
-    ckpt: Optional[str] = None  # None: checkpoint/<official file name of vit_name>
+    vit_name: str = "vit_b"  # SAM size (backbone sam)
+    hiera_name: str = "hiera_t"  # SAM 2.1 size (backbone sam2): configs/models/sam2.yaml
+    ckpt: Optional[str] = None  # None: checkpoint/<official file name of vit_name / hiera_name>
     random_weights: bool = False
-    img_size: Optional[int] = None  # None: the architecture's (1024 for SAM)
+    img_size: Optional[int] = None  # None: the architecture's (1024 for SAM and SAM 2.1)
     rank: int = 10
     selector_layer: Optional[int] = None  # None: derived from the backbone
     aug_layers: Optional[List[int]] = None  # None: derived from the backbone
     # reference quirks (SPEC §10): defaults reproduce the release
     heat_orientation: str = "reference"  # Q1
-    upsample: str = "nearest"  # Q6
+    upsample: Optional[str] = None  # Q6; None: the backbone's own (nearest on SAM as the reference, bilinear on SAM 2)
     mask_binarize: str = "threshold"  # Q5: 'threshold' (>= mask_threshold) or 'reference' (floor(v/255))
     mask_threshold: int = 128
     iou_target: str = "reference"  # Q3: 'reference' thresholds raw logits at 0.5; 'sigmoid' at p >= 0.5
@@ -66,6 +71,11 @@ class Config:
     run_dir: Optional[str] = None  # None: <output_dir>/<module>_<order>_<num_embedding>_<seed>_training
 
     @property
+    def arch_name(self) -> str:
+        """The backbone size: vit_name for SAM, hiera_name for SAM 2."""
+        return self.hiera_name if self.backbone == "sam2" else self.vit_name
+
+    @property
     def domains(self) -> List[str]:
         return [d for d in self.order.split("_") if d]
 
@@ -77,8 +87,15 @@ class Config:
 
     def validate(self) -> "Config":
         for key, allowed in CHOICES.items():
+            if getattr(self, key) is None and key in OPTIONAL_CHOICES:
+                continue
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if MODULE_BACKBONE[self.module] != self.backbone:
+            raise ValueError(
+                f"--module {self.module} is the {'SAM 2.1' if self.module == 'SAMCL_2' else 'SAM (ViT)'} variant, "
+                f"but the backbone is {self.backbone!r}: use train.py / test.py with --module SAMCL (SAM) or "
+                f"train_SAM2.py / test_SAM2.py with --module SAMCL_2 (SAM 2.1), or a matching --config")
         doms = self.domains
         if not doms:
             raise ValueError("--order names no domain (keys joined by '_', e.g. Kvasir_camo_COCO)")

@@ -1,11 +1,13 @@
 """Built-in demo: the whole SAMCL job on generated data, on the CPU, in minutes.
 
     python -m samcl.demo                 # writes demo_output/, prints the final table
+    python -m samcl.demo --backbone sam2 # the same on a tiny SAM 2.1 (Hiera) backbone
 
 It (1) draws a small synthetic dataset in the release's layout, four visually
 distinct domains (three to learn, one unseen/test-only), with non-square JPEG
 and PNG images, JSON maps and points.json; (2) trains SAMCL over them with a
-tiny SAM-architecture backbone (random weights, fixed seed); (3) tests the run
+tiny SAM-architecture backbone, or with --backbone sam2 a tiny Hiera-T-shaped SAM 2.1
+(random weights, fixed seed); (3) tests the run
 folder and prints per-domain IoU/F1/MAE, the vanilla (no module) IoU beside each
 domain, selector routing, and AA/FM/FT.
 
@@ -28,6 +30,9 @@ import numpy as np
 from .config import CONFIG_DIR, load_config
 
 DEMO_CONFIG = CONFIG_DIR / "demo_sam.yaml"
+DEMO_CONFIGS = {"sam": DEMO_CONFIG, "sam2": CONFIG_DIR / "demo_sam2.yaml"}
+LOG_DIRS = {"sam": "log_sam1", "sam2": "log_sam2"}
+BACKBONE_NAMES = {"sam": "SAM", "sam2": "SAM 2.1 (Hiera)"}
 
 Painter = Callable[[np.random.Generator, int, int], Tuple[np.ndarray, np.ndarray]]
 
@@ -130,7 +135,10 @@ def make_demo_data(root: Path, n_train: int = 48, n_test: int = 12, seed: int = 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="demo_output", help="folder for the data and the run (default demo_output)")
-    p.add_argument("--epoch", type=int, help="epochs per domain (default: configs/demo_sam.yaml)")
+    p.add_argument("--backbone", choices=sorted(DEMO_CONFIGS), default="sam",
+                   help="sam: tiny SAM ViT (configs/demo_sam.yaml, default); sam2: tiny SAM 2.1 Hiera "
+                        "(configs/demo_sam2.yaml)")
+    p.add_argument("--epoch", type=int, help="epochs per domain (default: the demo config's)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     args = p.parse_args(argv)
 
@@ -148,14 +156,16 @@ def main(argv=None) -> None:
         for folder in split.values():
             generate_split_points(out / folder)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    cfg = load_config(DEMO_CONFIG, {"data_root": str(out), "output_dir": str(out / "log_sam1"), "epoch": args.epoch})
+    cfg = load_config(DEMO_CONFIGS[args.backbone],
+                      {"data_root": str(out), "output_dir": str(out / LOG_DIRS[args.backbone]), "epoch": args.epoch})
     device = torch.device(args.device)
-    print(f"[demo] 2/3 training SAMCL over {cfg.order} (unseen: {cfg.unseen}) with a tiny random-weight SAM")
+    name = BACKBONE_NAMES[args.backbone]
+    print(f"[demo] 2/3 training SAMCL over {cfg.order} (unseen: {cfg.unseen}) with a tiny random-weight {name}")
     train(cfg, device, overwrite=True)
     print("[demo] 3/3 testing the run folder (routed by the Module Selector)")
     test(cfg.resolved_run_dir(), cfg, device)
     print(f"[demo] finished in {time.time() - t0:.0f} s; run folder: {cfg.resolved_run_dir()}")
-    print("[demo] synthetic data and a random tiny backbone: real results need the official SAM weights "
+    print(f"[demo] synthetic data and a random tiny backbone: real results need the official {name} weights "
           "and datasets (README).")
 
 

@@ -22,7 +22,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 from torch import nn
 
-from ..aug_module import AugModule, AugModuleSpec
+from ..aug_module import AugModule, AugModuleSpec, token_heat, window_heat
 
 Features = Dict[str, torch.Tensor]
 
@@ -110,6 +110,25 @@ class Backbone(nn.Module):
 
     def _layer_accepts(self, layer: int, dim: int) -> bool:
         raise NotImplementedError
+
+    def _attention_hook(self, layer: int, window: int):
+        """Forward hook for the attention module of encoder block ``layer``.
+
+        The attention input t is (N, G, G, C) in a global block or (N * nw, w, w, C)
+        in a windowed one (``window`` = w > 0); while a module is active and lists
+        ``layer``, the hook adds ``module.branch(layer, t, H)`` to the attention
+        output, with H laid out like t (SPEC §4, quirk Q2 for windows).
+        """
+
+        def hook(_module, inputs, output):
+            act = self._active
+            if act is None or layer not in act.module.spec.layers:
+                return None
+            t = inputs[0]
+            heat = window_heat(act.heat, window, t.shape[0] // act.batch) if window > 0 else token_heat(act.heat)
+            return output + act.module.branch(layer, t, heat)
+
+        return hook
 
     @contextmanager
     def augmenting(self, module: Optional[AugModule], heatmap: Optional[torch.Tensor]) -> Iterator[None]:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from ..aug_module import AugModuleSpec, token_heat, window_heat
+from ..aug_module import AugModuleSpec
 from ..config import load_model_table
 from .base import Backbone, Features
 
@@ -156,17 +156,6 @@ class SAMBackbone(Backbone):
         return 0 <= layer < self.depth and dim == self.embed_dim
 
     # -------------------------------------------------------------- hooks
-    def _attention_hook(self, layer: int, window: int):
-        def hook(_module, inputs, output):
-            act = self._active
-            if act is None or layer not in act.module.spec.layers:
-                return None
-            t = inputs[0]
-            heat = window_heat(act.heat, window, t.shape[0] // act.batch) if window > 0 else token_heat(act.heat)
-            return output + act.module.branch(layer, t, heat)
-
-        return hook
-
     def _neck_pre_hook(self, _module, inputs):
         act = self._active
         if act is None:

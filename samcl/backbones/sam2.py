@@ -1,0 +1,305 @@
+"""SAM 2.1 (Hiera) backbone over the installed ``sam2`` package (SPEC §2-§5).
+
+The model is the package's own ``SAM2Base``, built by ``sam2.build_sam.build_sam2``
+from the package's hydra configs (``configs/models/sam2.yaml`` names them). The
+Hiera trunk is split at the selector block: :meth:`SAM2Backbone.encode_prefix`
+runs patch embedding and blocks 0..selector once; :meth:`SAM2Backbone._run_suffix`
+runs the remaining blocks, the FPN neck and exactly what
+``SAM2ImagePredictor.set_image_batch`` does after it (scalp, ``conv_s0``/``conv_s1``
+on the high-resolution levels, the no-memory embedding). The AugModule acts only
+through forward hooks on the attention modules of the augmented blocks; SAM 2 has
+no neck injection (SPEC §4).
+"""
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from sam2.build_sam import build_sam2
+from sam2.modeling.sam2_base import SAM2Base
+
+from ..aug_module import AugModuleSpec
+from ..config import load_model_table
+from .base import Backbone, Features
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+UPSAMPLE_MODES = ("nearest", "bilinear")
+OFFICIAL_SIZES = {(96, 12): "hiera_t", (96, 16): "hiera_s", (112, 24): "hiera_b+", (144, 48): "hiera_l"}
+
+
+def sam2_architectures() -> Dict[str, Dict[str, Any]]:
+    """Name -> architecture entry (package config, overrides, checkpoint) from ``configs/models/sam2.yaml``."""
+    return load_model_table("sam2.yaml")
+
+
+def _hydra_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_hydra_value(x) for x in v) + "]"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    raise TypeError(f"cannot express {v!r} as a hydra override value")
+
+
+def hydra_overrides(tree: Dict[str, Any], prefix: str = "") -> List[str]:
+    """A nested mapping -> hydra ``++dotted.key=value`` overrides (add or replace)."""
+    out: List[str] = []
+    for key, value in tree.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out += hydra_overrides(value, path)
+        else:
+            out.append(f"++{path}={_hydra_value(value)}")
+    return out
+
+
+def build_sam2_model(arch: str, img_size: Optional[int] = None) -> Tuple[SAM2Base, Dict[str, Any]]:
+    """A randomly initialised ``SAM2Base`` of the named architecture, in eval mode on the CPU.
+
+    Built by ``sam2.build_sam.build_sam2`` (with its default post-processing
+    overrides: dynamic multimask-by-stability in the decoder) from the package's
+    hydra config plus the architecture's overrides. Returns (model, table entry).
+    """
+    table = sam2_architectures()
+    if arch not in table:
+        raise ValueError(f"unknown SAM 2 architecture {arch!r}; choose from {sorted(table)} (configs/models/sam2.yaml)")
+    entry = dict(table[arch])
+    overrides = hydra_overrides(entry.get("overrides") or {})
+    if img_size is not None:
+        overrides.append(f"++model.image_size={int(img_size)}")
+    model = build_sam2(entry["config"], ckpt_path=None, device="cpu", mode="eval", hydra_overrides_extra=overrides)
+    _check_input_size(model)
+    return model.eval(), entry
+
+
+def _check_input_size(model: SAM2Base) -> None:
+    """Refuse an input side the Hiera trunk cannot tile (patch grid vs windows and q-pooling)."""
+    trunk = model.image_encoder.trunk
+    s = model.image_size
+    stride = trunk.patch_embed.proj.stride[0]
+    need = math.lcm(trunk.window_spec[0], 2 ** len(trunk.q_pool_blocks))
+    if s % (stride * need):
+        raise ValueError(f"img_size {s} does not fit this Hiera trunk: use a multiple of {stride * need} (e.g. 1024)")
+
+
+def _grid_after(trunk: torch.nn.Module, img_size: int, block: int) -> int:
+    """Side of the token grid after trunk block ``block`` for an ``img_size`` input."""
+    conv = trunk.patch_embed.proj
+    g = (img_size + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+    for blk in trunk.blocks[: block + 1]:
+        if blk.q_stride:
+            g //= blk.q_stride[0]
+    return g
+
+
+def describe_sam2_state(state: dict) -> str:
+    """Name the model a state dict belongs to, from its keys and shapes (for error messages)."""
+    w = state.get("image_encoder.trunk.patch_embed.proj.weight")
+    if w is None:
+        if "image_encoder.patch_embed.proj.weight" in state:
+            return "a SAM (ViT) checkpoint"
+        return "not a SAM 2 checkpoint (no image_encoder.trunk.patch_embed.proj.weight)"
+    depth = len({k.split(".")[3] for k in state if k.startswith("image_encoder.trunk.blocks.")})
+    name = OFFICIAL_SIZES.get((w.shape[0], depth), "an unknown size")
+    version = "SAM 2.1" if "no_obj_embed_spatial" in state else "SAM 2.0 (not 2.1)"
+    return f"{version} {name} (width {w.shape[0]}, {depth} blocks)"
+
+
+def load_sam2_weights(model: SAM2Base, path: Path, arch: str, official: Optional[str] = None) -> None:
+    """Load an official SAM 2.1 checkpoint (``{"model": state_dict}``) into ``model``, strictly.
+
+    ``official``: the official file name for ``arch`` (named in the error messages; default
+    from ``configs/models/sam2.yaml``).
+    """
+    path = Path(path)
+    official = official or sam2_architectures().get(arch, {}).get("checkpoint") or f"SAM 2.1 {arch} weights"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"SAM 2.1 checkpoint {path} not found. Put the official {official} ({arch}) into checkpoint/ "
+            f"(see checkpoint/README.md), pass --ckpt PATH, or pass --random_weights for a smoke test.")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle with foreign objects, ...
+        raise ValueError(f"cannot read SAM 2.1 checkpoint {path}: {str(e).splitlines()[0]}. "
+                         f"Re-download {official} (see checkpoint/README.md).") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"SAM 2.1 checkpoint {path} holds a {type(data).__name__}, not a dict with a 'model' state dict")
+    state = data["model"] if isinstance(data.get("model"), dict) else data
+    if "image_encoder.patch_embed.proj.weight" in state:
+        raise ValueError(
+            f"{path} is a SAM (ViT) checkpoint; the SAM 2 scripts (train_SAM2.py, test_SAM2.py, --module SAMCL_2) "
+            f"need the SAM 2.1 weights {official}. For SAM (ViT) use train.py / test.py.")
+    if "image_encoder.trunk.patch_embed.proj.weight" not in state:
+        raise ValueError(f"{path} is {describe_sam2_state(state)}; the SAM 2 scripts need {official}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(
+            f"{path} does not fit --hiera_name {arch}: it is {describe_sam2_state(state)}. "
+            f"Pass the matching --hiera_name or the official {official}. ({str(e).splitlines()[0]})") from None
+
+
+class SAM2Backbone(Backbone):
+    """Frozen SAM 2.1 split at the selector block of its Hiera trunk; AugModules act
+    through forward hooks on the attention of the augmented blocks (no neck injection).
+    """
+
+    family = "sam2"
+
+    def __init__(
+        self,
+        model: SAM2Base,
+        arch: str,
+        selector_layer: Optional[int] = None,
+        heat_orientation: str = "reference",
+        upsample: str = "bilinear",
+    ) -> None:
+        super().__init__(heat_orientation)
+        if upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
+        self.sam2 = model
+        self.arch = arch
+        self.upsample = upsample
+        trunk = model.image_encoder.trunk
+        self.depth = len(trunk.blocks)
+        self.img_size = int(model.image_size)
+        self.selector_layer = self._default_selector(trunk) if selector_layer is None else int(selector_layer)
+        if not 0 <= self.selector_layer < self.depth - 1:
+            raise ValueError(f"selector layer {self.selector_layer} must leave at least one of the "
+                             f"{self.depth} trunk blocks after it")
+        self.selector_dim = trunk.blocks[self.selector_layer].dim_out
+        self.grid_size = _grid_after(trunk, self.img_size, self.selector_layer)
+        # trunk outputs (stage ends) the FPN neck takes, as Hiera.forward collects them
+        self._outputs = [i for i in range(self.depth)
+                         if i == trunk.stage_ends[-1] or (i in trunk.stage_ends and trunk.return_interm_layers)]
+        self._prefix_outputs = [i for i in self._outputs if i < self.selector_layer]
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.freeze()
+        for i in range(self.selector_layer + 1, self.depth):
+            if self._layer_accepts(i, self.selector_dim):
+                trunk.blocks[i].attn.register_forward_hook(self._attention_hook(i, trunk.blocks[i].window_size))
+
+    @staticmethod
+    def _default_selector(trunk: torch.nn.Module) -> int:
+        """First global-attention block (block 5 of Hiera-T); without any, the middle of the longest stage."""
+        if trunk.global_att_blocks:
+            return int(min(trunk.global_att_blocks))
+        starts = [0] + [e + 1 for e in trunk.stage_ends[:-1]]
+        start, end = max(zip(starts, trunk.stage_ends), key=lambda se: se[1] - se[0])
+        return start + (end - start) // 2
+
+    def default_aug_spec(self, rank: int = 10) -> AugModuleSpec:
+        """The reference rule: blocks ``range(selector + 1, depth - 2)`` up to the first one
+        whose width differs from the selector block's (Hiera-T: 6, 7, 8, 9 at width 384)."""
+        layers = []
+        for i in range(self.selector_layer + 1, self.depth - 2):
+            if not self._layer_accepts(i, self.selector_dim):
+                break
+            layers.append(i)
+        if not layers:
+            raise ValueError(f"no trunk block after selector layer {self.selector_layer} has its width "
+                             f"{self.selector_dim}; choose an earlier selector layer")
+        return AugModuleSpec(dim=self.selector_dim, layers=tuple(layers), neck_channels=None, rank=rank)
+
+    def _layer_accepts(self, layer: int, dim: int) -> bool:
+        if not 0 <= layer < self.depth:
+            return False
+        blk = self.sam2.image_encoder.trunk.blocks[layer]
+        return blk.dim == blk.dim_out == dim and not blk.q_stride
+
+    # -------------------------------------------------------------- forward
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) float 0..255 -> 0..1, ImageNet mean/std normalised (SAM2Transforms, SPEC §2)."""
+        return (images.float() / 255.0 - self.pixel_mean) / self.pixel_std
+
+    @torch.no_grad()
+    def encode_prefix(self, images: torch.Tensor) -> Features:
+        """(N, 3, S, S) float 0..255 -> {"tokens": (N, G, G, C) selector-block output,
+        "trunk_<i>": (N, C_i, H_i, W_i) outputs of the earlier stage ends the neck needs}."""
+        trunk = self.sam2.image_encoder.trunk
+        x = trunk.patch_embed(self.preprocess(images))
+        x = x + trunk._get_pos_embed(x.shape[1:3])
+        prefix: Features = {}
+        for i, blk in enumerate(trunk.blocks[: self.selector_layer + 1]):
+            x = blk(x)
+            if i in self._prefix_outputs:
+                prefix[f"trunk_{i}"] = x.permute(0, 3, 1, 2)
+        prefix["tokens"] = x
+        return prefix
+
+    def selector_embedding(self, prefix: Features) -> torch.Tensor:
+        """-> (N, selector_dim), the selector-block output averaged over its grid."""
+        return prefix["tokens"].mean(dim=(1, 2))
+
+    def _run_suffix(self, prefix: Features) -> Features:
+        """Remaining trunk blocks, FPN neck, and set_image's feature preparation.
+
+        Returns {"image_embed": (N, D, G, G), "high_res_0": (N, D/8, 4G, 4G),
+        "high_res_1": (N, D/4, 2G, 2G)} (D = 256 and G = 64 for Hiera-T at 1024);
+        without high-res features in the decoder only "image_embed".
+        """
+        model = self.sam2
+        enc = model.image_encoder
+        x = prefix["tokens"]
+        outputs = [prefix[f"trunk_{i}"] for i in self._prefix_outputs]
+        if self.selector_layer in self._outputs:
+            outputs.append(x.permute(0, 3, 1, 2))
+        for i in range(self.selector_layer + 1, self.depth):
+            x = enc.trunk.blocks[i](x)
+            if i in self._outputs:
+                outputs.append(x.permute(0, 3, 1, 2))
+        # ImageEncoder.forward after the trunk
+        features, pos = enc.neck(outputs)
+        if enc.scalp > 0:
+            features, pos = features[: -enc.scalp], pos[: -enc.scalp]
+        backbone_out = {"vision_features": features[-1], "vision_pos_enc": pos, "backbone_fpn": features}
+        # SAM2Base.forward_image
+        if model.use_high_res_features_in_sam:
+            backbone_out["backbone_fpn"][0] = model.sam_mask_decoder.conv_s0(backbone_out["backbone_fpn"][0])
+            backbone_out["backbone_fpn"][1] = model.sam_mask_decoder.conv_s1(backbone_out["backbone_fpn"][1])
+        # SAM2ImagePredictor.set_image_batch
+        _, vision_feats, _, feat_sizes = model._prepare_backbone_features(backbone_out)
+        if model.directly_add_no_mem_embed:
+            vision_feats[-1] = vision_feats[-1] + model.no_mem_embed
+        n = x.shape[0]
+        feats = [f.permute(1, 2, 0).view(n, -1, *size) for f, size in zip(vision_feats, feat_sizes)]
+        out: Features = {"image_embed": feats[-1]}
+        for k, f in enumerate(feats[:-1]):
+            out[f"high_res_{k}"] = f
+        return out
+
+    def decode(self, features: Features, points: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """As ``SAM2ImagePredictor._predict`` with one prompt set per image, batched.
+
+        Args:
+            features: from :meth:`encode_suffix`; points: (N, P, 2) (x, y) in the S x S
+                frame; labels: (N, P) (1 foreground, 0 background, -1 padding).
+        Returns:
+            mask logits (N, 1, S, S) (bilinear from the decoder's 4G x 4G) and IoU (N, 1).
+        """
+        model = self.sam2
+        pe = model.sam_prompt_encoder
+        # the predictor normalises coordinates by the image frame, then scales to image_size
+        coords = points.float() / self.img_size * model.image_size
+        sparse, dense = pe(points=(coords, labels), boxes=None, masks=None)
+        high_res = [features[f"high_res_{k}"] for k in range(sum(k.startswith("high_res_") for k in features))]
+        low_res, iou, _, _ = model.sam_mask_decoder(
+            image_embeddings=features["image_embed"],
+            image_pe=pe.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+            repeat_image=False,  # one prompt set per image: no cross-multiplication
+            high_res_features=high_res or None,
+        )
+        kwargs = {"align_corners": False} if self.upsample == "bilinear" else {}
+        masks = F.interpolate(low_res.float(), size=(self.img_size, self.img_size), mode=self.upsample, **kwargs)
+        return masks, iou
