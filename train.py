@@ -3,26 +3,10 @@
 
     python train.py --module SAMCL --batch_size 8 --cuda 0
     python train.py --config configs/demo_sam.yaml --device cpu
+    python train.py --resume log_sam1/<run> --cuda 0          # after a crash, or with a longer --order
+    torchrun --nproc_per_node 4 train.py --module SAMCL --batch_size 2 --cuda -1
 """
-import argparse
-
-from samcl.cli import DEFAULT_CONFIG, CLIError, add_common_flags, add_train_flags, config_from_args, resolve_device
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_flags(p)
-    add_train_flags(p)
-    args = p.parse_args(argv)
-    device = resolve_device(args.cuda, args.device)
-    cfg = config_from_args(args, DEFAULT_CONFIG["sam"])
-    from samcl.pipeline import train
-
-    try:
-        train(cfg, device, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError) as e:
-        raise CLIError(str(e)) from None
-
+from samcl.cli import train_main
 
 if __name__ == "__main__":
-    main()
+    train_main("sam", __doc__)

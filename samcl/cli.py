@@ -9,9 +9,10 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from . import distributed
 from .config import CHOICES, CONFIG_DIR, Config, load_config
 
-DEFAULT_CONFIG = {"sam": CONFIG_DIR / "samcl_vit_b.yaml"}
+DEFAULT_CONFIG = {"sam": CONFIG_DIR / "samcl_vit_b.yaml", "sam2": CONFIG_DIR / "samcl2_hiera_t.yaml"}
 
 
 class CLIError(SystemExit):
@@ -21,15 +22,22 @@ class CLIError(SystemExit):
         super().__init__(f"error: {message}")
 
 
-def add_common_flags(p: argparse.ArgumentParser) -> None:
-    """Flags of both train.py and test.py (the reference's and what a CPU user needs)."""
-    p.add_argument("--config", help="YAML file of settings (default: configs/samcl_vit_b.yaml); flags override it")
-    p.add_argument("--module", choices=CHOICES["module"], help="learning module (default SAMCL)")
+def add_common_flags(p: argparse.ArgumentParser, family: str = "sam") -> None:
+    """Flags of train.py / test.py (family "sam") and train_SAM2.py / test_SAM2.py ("sam2"):
+    the reference's and what a CPU user needs. ``family`` only picks the help texts."""
+    sam2 = family == "sam2"
+    default = DEFAULT_CONFIG[family].relative_to(CONFIG_DIR.parent)
+    p.add_argument("--config", help=f"YAML file of settings (default: {default}); flags override it")
+    p.add_argument("--module", choices=CHOICES["module"],
+                   help=f"learning module: SAMCL (SAM) or SAMCL_2 (SAM 2.1) (default {'SAMCL_2' if sam2 else 'SAMCL'})")
     p.add_argument("--vit_name", help="SAM size: vit_b (default), vit_l, vit_h, or vit_tiny (tests/demo)")
-    p.add_argument("--ckpt", help="official SAM weights (default: checkpoint/sam_vit_b_01ec64.pth for vit_b)")
+    p.add_argument("--hiera_name",
+                   help="SAM 2.1 size: hiera_t (default), hiera_s, hiera_b+, hiera_l, or hiera_toy (tests/demo)")
+    p.add_argument("--ckpt", help="official weights (default: checkpoint/sam2.1_hiera_tiny.pt for hiera_t)" if sam2
+                   else "official SAM weights (default: checkpoint/sam_vit_b_01ec64.pth for vit_b)")
     p.add_argument("--random_weights", action="store_true", default=None,
                    help="build the backbone with random weights instead of --ckpt (smoke tests only; loud warning)")
-    p.add_argument("--img_size", type=int, help="model input side (default: the architecture's, 1024 for SAM)")
+    p.add_argument("--img_size", type=int, help="model input side (default: the architecture's, 1024)")
     p.add_argument("--num_embedding", type=int, help="buffered selector embeddings per domain (default 300)")
     p.add_argument("--seed", type=int, help="random seed (default 1234)")
     p.add_argument("--order", help="domain keys in training order joined by '_' (default Kvasir_camo_ISTD_ISIC_cod_COCO)")
@@ -42,19 +50,21 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test_json", help="domain -> test split map (default datasets_test.json under --data_root)")
     p.add_argument("--num_workers", type=int, help="data-loading worker processes (default 2)")
     p.add_argument("--eval_batch_size", type=int, help="images per evaluation batch (default 8)")
-    p.add_argument("--output_dir", help="parent of run folders (default log_sam1)")
+    p.add_argument("--output_dir", help=f"parent of run folders (default {'log_sam2' if sam2 else 'log_sam1'})")
     p.add_argument("--run_dir", help="run folder (default <output_dir>/<module>_<order>_<num_embedding>_<seed>_training)")
     p.add_argument("--mask_binarize", choices=CHOICES["mask_binarize"],
                    help="'threshold' (mask >= --mask_threshold, default) or 'reference' (floor(v/255), quirk Q5)")
     p.add_argument("--mask_threshold", type=int, help="binarisation threshold for 'threshold' (default 128)")
     p.add_argument("--upsample", choices=CHOICES["upsample"],
-                   help="logit upsampling to the input size: nearest (reference, quirk Q6, default) or bilinear")
+                   help="logit upsampling to the input size: default nearest on SAM (reference, quirk Q6), "
+                        "bilinear on SAM 2.1 (as its image predictor)")
     p.add_argument("--heat_orientation", choices=CHOICES["heat_orientation"],
                    help="heatmap layout at the SAM neck: reference (quirk Q1, default) or corrected")
 
 
-def add_train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch_size", type=int, help="images per training batch (default 8)")
+def add_train_flags(p: argparse.ArgumentParser, family: str = "sam") -> None:
+    p.add_argument("--batch_size", type=int,
+                   help=f"images per training batch (default {16 if family == 'sam2' else 8})")
     p.add_argument("--lr", type=float, help="Adam learning rate of the AugModule (default 0.005)")
     p.add_argument("--epoch", type=int, help="epochs per domain (default 20)")
     p.add_argument("--train_json", help="domain -> train split map (default datasets_train.json under --data_root)")
@@ -68,6 +78,15 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
                    help="deterministic algorithms (default on)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run (from its last finished domain and saved epoch), or add "
+                        "domains to a finished one with a longer --order (the run's own settings are kept)")
+
+
+def explicit_settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """The Config settings the user typed on the command line."""
+    known = set(Config.__dataclass_fields__)
+    return {k: v for k, v in vars(args).items() if k in known and v is not None}
 
 
 def config_from_args(args: argparse.Namespace, default_config: Optional[str] = None) -> Config:
@@ -80,8 +99,11 @@ def config_from_args(args: argparse.Namespace, default_config: Optional[str] = N
 
 
 def resolve_device(cuda: Optional[int], device: Optional[str]) -> torch.device:
-    """--device wins; --cuda N is GPU N; --cuda -1 is torchrun's distributed mode; default GPU 0 or CPU."""
-    if device:
+    """--cuda -1 under torchrun joins the process group (one GPU per process, or Gloo on the CPU
+    with --device cpu or without CUDA); otherwise --device wins, --cuda N is GPU N, default GPU 0 or CPU."""
+    if distributed.launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1 and cuda != -1:
+        raise CLIError("launched by torchrun with several processes: pass --cuda -1 (distributed training)")
+    if device and cuda != -1:
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise CLIError(f"--device {device} needs CUDA, but no CUDA GPU is visible; use --device cpu")
@@ -89,12 +111,11 @@ def resolve_device(cuda: Optional[int], device: Optional[str]) -> torch.device:
     if cuda is None:
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     if cuda == -1:
-        if "LOCAL_RANK" not in os.environ:
+        if not distributed.launched_by_torchrun():
             raise CLIError("--cuda -1 selects distributed training, which must be launched with torchrun "
                            "(e.g. torchrun --nproc_per_node 4 train.py ... --cuda -1). For one GPU pass --cuda 0; "
                            "for the CPU pass --device cpu.")
-        raise CLIError("distributed training (--cuda -1 under torchrun) is not available in this version yet; "
-                       "run single-process with --cuda 0 or --device cpu")
+        return distributed.init(prefer_cuda=device is None or torch.device(device).type == "cuda")
     if cuda < -1:
         raise CLIError(f"--cuda {cuda} is not a GPU index (use 0, 1, ... or -1 for torchrun)")
     if not torch.cuda.is_available():
@@ -102,3 +123,50 @@ def resolve_device(cuda: Optional[int], device: Optional[str]) -> torch.device:
     if cuda >= torch.cuda.device_count():
         raise CLIError(f"--cuda {cuda}: only {torch.cuda.device_count()} GPU(s) visible")
     return torch.device(f"cuda:{cuda}")
+
+
+def train_main(family: str, doc: str, argv: Optional[list] = None) -> None:
+    """train.py (family "sam") and train_SAM2.py ("sam2"): a new run, or --resume one."""
+    import sys
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_flags(p, family)
+    add_train_flags(p, family)
+    args = p.parse_args(argv)
+    device = resolve_device(args.cuda, args.device)
+    from .pipeline import resume, train
+
+    try:
+        if args.resume:
+            if args.config or args.overwrite:
+                raise CLIError("--resume keeps the run's own settings; drop --config/--overwrite")
+            resume(Path(args.resume), explicit_settings(args), device)
+        else:
+            train(config_from_args(args, DEFAULT_CONFIG[family]), device, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(distributed.rank_prefix() + str(e)) from None
+    except BaseException as e:
+        if distributed.is_distributed():  # torchrun then ends the other ranks instead of letting them hang
+            print(f"{distributed.rank_prefix()}failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        distributed.shutdown()
+
+
+def test_main(family: str, doc: str, argv: Optional[list] = None) -> None:
+    """test.py (family "sam") and test_SAM2.py ("sam2"): route, evaluate, print and write the report."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_flags(p, family)
+    p.add_argument("--batch_size", type=int, dest="eval_batch_size", help="test images per batch (default 8)")
+    p.add_argument("--no_vanilla", action="store_true", help="skip the vanilla (no module) comparison pass")
+    p.add_argument("--output", help="where to write the report (default <run_dir>/test_metrics.json)")
+    args = p.parse_args(argv)
+    device = resolve_device(args.cuda, args.device)
+    cfg = config_from_args(args, DEFAULT_CONFIG[family])
+    from .pipeline import test
+
+    try:
+        test(cfg.resolved_run_dir(), cfg, device, with_vanilla=not args.no_vanilla, output=args.output)
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from None

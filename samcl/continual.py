@@ -5,6 +5,7 @@ AugModule (not for an unseen, test-only domain), save it, grow and retrain the
 selector on the buffer, evaluate on domains 0..min(T-1, t+1) with task-agnostic
 routing, and update ``metrics.json``.
 """
+import json
 import logging
 import math
 import os
@@ -17,18 +18,28 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from . import distributed as dist
 from .aug_module import AugModule
 from .config import Config
 from .data import SegmentationSplit, collate, read_domain_map
 from .losses import samcl_loss
 from .metrics import METRICS, AccuracyMatrix, MetricAccumulator, per_image_metrics
 from .model import SAMCLModel
-from .run_folder import (BUFFER_FILE, MANIFEST, METRICS_FILE, SELECTOR_FILE, RunFolderError, backbone_identity,
-                         module_path, package_versions, save_module, save_selector, write_config, write_json)
+from .run_folder import (MANIFEST, METRICS_FILE, PARTIAL_DIR, SELECTOR_FILE, RunFolderError, backbone_identity,
+                         buffer_part, load_module, load_selector, module_path, package_versions, read_manifest,
+                         save_module, save_selector, selector_snapshot, sha256_file, verify_files, write_config,
+                         write_json)
+from .io import atomic_torch_save
 from .selector import EmbeddingBuffer, ModuleSelector, train_selector
+
+# Settings a resume may change; every other setting is the run's own.
+RESUMABLE_SETTINGS = ("order", "unseen", "data_root", "train_json", "test_json", "num_workers", "eval_batch_size",
+                      "ckpt", "run_dir", "output_dir")
 
 log = logging.getLogger("samcl.continual")
 
@@ -64,23 +75,48 @@ def to_device(batch: dict, device: torch.device) -> Batch:
 
 
 def make_loader(ds: SegmentationSplit, batch_size: int, shuffle: bool, seed: int, num_workers: int,
-                device: torch.device, drop_last: bool = False) -> DataLoader:
+                device: torch.device) -> DataLoader:
+    """Seeded loader; under torchrun each rank reads its share through a DistributedSampler
+    (which pads the last share with repeats: evaluation removes them by dataset index)."""
+    sampler = None
+    if dist.is_distributed():
+        sampler = DistributedSampler(ds, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=shuffle,
+                                     seed=seed, drop_last=False)
     return DataLoader(
-        ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, collate_fn=collate,
-        generator=torch.Generator().manual_seed(seed) if shuffle else None,
-        pin_memory=device.type == "cuda", drop_last=drop_last, persistent_workers=False,
+        ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, num_workers=num_workers,
+        collate_fn=collate, generator=torch.Generator().manual_seed(seed) if shuffle and sampler is None else None,
+        pin_memory=device.type == "cuda", persistent_workers=False,
     )
 
 
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+
+
 def progress(iterable, desc: str, **kw):
-    """tqdm on a terminal, silent otherwise (logs carry the numbers)."""
-    return tqdm(iterable, desc=desc, dynamic_ncols=True, disable=None, leave=False, **kw)
+    """tqdm on rank 0's terminal, silent otherwise (logs carry the numbers)."""
+    return tqdm(iterable, desc=desc, dynamic_ncols=True, disable=None if dist.is_main() else True, leave=False, **kw)
+
+
+class SegmentStep(nn.Module):
+    """The training forward of one domain as an nn.Module, so that DDP can wrap it
+    (only the AugModule's parameters require gradients)."""
+
+    def __init__(self, backbone, module: AugModule) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.module = module
+
+    def forward(self, prefix: Dict[str, torch.Tensor], heat: torch.Tensor, points: torch.Tensor,
+                labels: torch.Tensor):
+        return self.backbone.segment(prefix, self.module, heat, points, labels)
 
 
 @torch.no_grad()
 def evaluate_split(model: SAMCLModel, loader: DataLoader, device: torch.device, *, routed: bool = True,
                    module: Optional[AugModule] = None, with_vanilla: bool = False, desc: str = "eval") -> Dict:
-    """Metrics of one test split.
+    """Metrics of one test split, every image counted once (also across ranks).
 
     routed=True: every image goes through the selector (task-agnostic); otherwise
     all images use ``module`` (None: vanilla). with_vanilla adds a vanilla pass
@@ -88,28 +124,40 @@ def evaluate_split(model: SAMCLModel, loader: DataLoader, device: torch.device, 
     """
     was_training = model.backbone.training
     model.backbone.eval()
-    acc, vanilla_acc = MetricAccumulator(), MetricAccumulator()
-    counts = torch.zeros(max(len(model.domains), 1), dtype=torch.long)
+    rows = []  # per image: dataset index, choice, iou, f1, mae (, vanilla iou, f1, mae)
     for raw in progress(loader, desc):
         b = to_device(raw, device)
         prefix = model.backbone.encode_prefix(b.images)
         if routed:
             choice = model.route(prefix)
-            counts += torch.bincount(choice.cpu(), minlength=counts.numel())
             logits, _ = model.segment_routed(prefix, choice, b.points, b.labels)
         else:
+            choice = torch.full((len(b.names),), -1, device=device)
             logits, _ = model.backbone.segment(prefix, module, model.heatmap(b.points, b.labels) if module else None,
                                                b.points, b.labels)
-        acc.update(per_image_metrics(logits, b.masks))
+        cols = [raw["index"].double(), choice.double().cpu()]
+        cols += [v.double().cpu() for v in per_image_metrics(logits, b.masks).values()]
         if with_vanilla:
-            vanilla_acc.update(per_image_metrics(model.segment_vanilla(prefix, b.points, b.labels)[0], b.masks))
+            vanilla = per_image_metrics(model.segment_vanilla(prefix, b.points, b.labels)[0], b.masks)
+            cols += [v.double().cpu() for v in vanilla.values()]
+        rows.append(torch.stack(cols, 1))
     model.backbone.train(was_training)
-    out: Dict = {"metrics": acc.result()}
+    table = torch.cat([t for t in dist.all_gather_objects(torch.cat(rows)) if t.numel()])
+    _, first = np.unique(table[:, 0].numpy(), return_index=True)  # padding repeats counted once
+    table = table[torch.from_numpy(first)]
+    out: Dict = {"metrics": _mean_metrics(table[:, 2:5])}
     if routed:
+        counts = torch.bincount(table[:, 1].long(), minlength=len(model.domains))
         out["selector_counts"] = {d: int(counts[k]) for k, d in enumerate(model.domains)}
     if with_vanilla:
-        out["vanilla"] = vanilla_acc.result()
+        out["vanilla"] = _mean_metrics(table[:, 5:8])
     return out
+
+
+def _mean_metrics(cols: torch.Tensor) -> Dict[str, float]:
+    acc = MetricAccumulator()
+    acc.update({m: cols[:, i] for i, m in enumerate(METRICS)})
+    return acc.result()
 
 
 def selector_accuracy(counts: Dict[str, int], true_domain: str) -> Optional[float]:
@@ -124,57 +172,115 @@ class ContinualTrainer:
     """Runs the protocol for ``cfg`` on ``model`` and writes the run folder."""
 
     def __init__(self, cfg: Config, model: SAMCLModel, device: torch.device, run_dir: Path,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, resume: bool = False, checkpoint: Optional[Dict] = None) -> None:
         self.cfg = cfg
         self.model = model
         self.device = device
         self.run_dir = Path(run_dir)
         self.domains = cfg.domains
         self.unseen = [d for d in self.domains if d in set(cfg.unseen)]
-        self._prepare_folder(overwrite)
-        self.train_sets, self.test_sets = self._load_data()
+        self.checkpoint = checkpoint or {}
         self.buffer = EmbeddingBuffer(cfg.num_embedding)
         self.matrix = AccuracyMatrix(self.domains, self.unseen)
         self.steps: List[Dict] = []
+        self.checksums: Dict[str, str] = {}
+        self.completed: List[str] = []
+        if resume:
+            self._restore()
+        self.train_sets, self.test_sets = self._load_data()  # data errors come before any file is made
+        if not resume:
+            self._prepare_folder(overwrite)
 
     # ------------------------------------------------------------ setup
     def _prepare_folder(self, overwrite: bool) -> None:
-        if (self.run_dir / MANIFEST).exists():
-            if not overwrite:
-                raise RunFolderError(
-                    f"run folder {self.run_dir} already holds a run; pass --overwrite to replace it "
-                    f"or --run_dir for a new folder")
-            shutil.rmtree(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        exists = (self.run_dir / MANIFEST).exists()
+        dist.barrier()  # every rank has looked before rank 0 may replace it
+        if exists and not overwrite:
+            raise RunFolderError(
+                f"run folder {self.run_dir} already holds a run; pass --overwrite to replace it "
+                f"or --run_dir for a new folder, or --resume it")
+        if dist.is_main():
+            if exists:
+                shutil.rmtree(self.run_dir)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+
+    def identity(self) -> Dict:
+        """What a resume must find unchanged: module type, backbone, its weights, the module spec."""
+        return {"module": self.cfg.module, "backbone": backbone_identity(self.model.backbone),
+                "checkpoint": self.checkpoint, "spec": self.model.spec.to_dict()}
+
+    def _restore(self) -> None:
+        """Pick up a run folder: check it is the same setup, verify finished files, reload them."""
+        manifest = read_manifest(self.run_dir)
+        old = {k: manifest.get(k) for k in ("module", "backbone", "checkpoint", "spec")}
+        new = json.loads(json.dumps(self.identity()))
+        diff = [f"{k}: run has {old[k]}, now {new[k]}" for k in new if old[k] != new[k]]
+        if diff:
+            raise RunFolderError(f"cannot resume {self.run_dir} with another setup ({'; '.join(diff)}); "
+                                 f"resume with the run's backbone, checkpoint and module, or start a new run folder")
+        old_order = manifest["order"]
+        if self.domains[: len(old_order)] != old_order:
+            raise RunFolderError(f"--order {self.cfg.order} must start with the run's order {'_'.join(old_order)} "
+                                 f"(new domains are added at the end)")
+        self.completed = list(manifest["completed"])
+        self.checksums = dict(manifest.get("files", {}))
+        finished = [f for d in self.completed for f in self._step_files(d)]
+        verify_files(self.run_dir, self.checksums, finished)
+        for d in self.completed:
+            self.buffer.load_part(self.run_dir / buffer_part(d), d)
+            module = None if d in self.unseen else load_module(module_path(self.run_dir, d), self.model.backbone)
+            self.model.add_domain(d, module)
+        if self.completed:
+            selector, domains = load_selector(self.run_dir / selector_snapshot(self.completed[-1]))
+            assert domains == self.completed
+            self.model.selector = selector.to(self.device)
+        metrics_path = self.run_dir / METRICS_FILE
+        if metrics_path.is_file():
+            self.steps = json.loads(metrics_path.read_text()).get("steps", [])[: len(self.completed)]
+        for step in self.steps:
+            for d, res in step["evaluation"].items():
+                self.matrix.set(step["step"], self.domains.index(d), res["metrics"])
+        log.info("resuming %s: done %s; to do %s", self.run_dir, self.completed or "nothing",
+                 [d for d in self.domains if d not in self.completed])
+
+    def _step_files(self, domain: str) -> List[str]:
+        files = [buffer_part(domain), selector_snapshot(domain)]
+        return files if domain in self.unseen else [module_path(self.run_dir, domain).name] + files
 
     def _load_data(self):
+        """Test splits of every domain; train splits only of the domains still to learn."""
         cfg, root = self.cfg, Path(self.cfg.data_root)
-        train_map = read_domain_map(Path(cfg.train_json), root)
+        todo = [d for d in self.domains if d not in self.completed]
+        train_map = read_domain_map(Path(cfg.train_json), root) if todo else {}
         test_map = read_domain_map(Path(cfg.test_json), root)
-        missing = [f"{d} (in {name})" for name, m in (("train map", train_map), ("test map", test_map))
-                   for d in self.domains if d not in m]
+        missing = [f"{d} (in train map)" for d in todo if d not in train_map]
+        missing += [f"{d} (in test map)" for d in self.domains if d not in test_map]
         if missing:
             raise RunFolderError(f"--order names domains the JSON maps lack: {', '.join(missing)}; "
                                  f"train map {cfg.train_json}, test map {cfg.test_json} under {root}")
         size = self.model.backbone.img_size
         kw = dict(img_size=size, mask_binarize=cfg.mask_binarize, mask_threshold=cfg.mask_threshold)
-        train = {d: SegmentationSplit(train_map[d], domain=d, **kw) for d in self.domains}
+        train = {d: SegmentationSplit(train_map[d], domain=d, **kw) for d in todo}
         test = {d: SegmentationSplit(test_map[d], domain=d, **kw) for d in self.domains}
         for d in self.domains:
-            log.info("domain %-10s train %5d images (%s)  test %5d images (%s)%s", d, len(train[d]),
-                     train_map[d], len(test[d]), test_map[d], "  [unseen: no module]" if d in self.unseen else "")
+            log.info("domain %-10s train %s  test %5d images (%s)%s", d,
+                     f"{len(train[d]):5d} images ({train_map[d]})" if d in train else "(done: buffer only)",
+                     len(test[d]), test_map[d], "  [unseen: no module]" if d in self.unseen else "")
         return train, test
 
     # ------------------------------------------------------------ protocol
     def run(self) -> Dict:
         cfg = self.cfg
-        self._write_manifest(completed=[])
-        write_config(self.run_dir, cfg.to_dict())
-        spec = self.model.spec
-        log.info(AugModule(spec).describe())
+        if dist.is_main():
+            self._write_manifest()
+            write_config(self.run_dir, cfg.to_dict())
+        log.info(AugModule(self.model.spec).describe())
+        self._measure_added_domain()
         for t, domain in enumerate(self.domains):
+            if domain in self.completed:
+                continue
             step_start = time.time()
-            torch.manual_seed(cfg.seed + t)
             log.info("=== step %d/%d: %s ===", t + 1, len(self.domains), domain)
             loader = make_loader(self.train_sets[domain], cfg.batch_size, True, cfg.seed + t, cfg.num_workers,
                                  self.device)
@@ -183,10 +289,15 @@ class ContinualTrainer:
                 self._collect_embeddings(domain, loader)
                 self.model.add_domain(domain, None)
             else:
-                module = self.model.new_module()
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(cfg.seed + t)
+                    module = self.model.new_module()
                 step["training"] = self._train_module(domain, module, loader)
-                save_module(module, self.model.backbone, domain, module_path(self.run_dir, domain))
+                if dist.is_main():
+                    save_module(module, self.model.backbone, domain, module_path(self.run_dir, domain))
                 self.model.add_domain(domain, module)
+            if dist.is_main():
+                self.buffer.save_part(self.run_dir / buffer_part(domain), domain)
             step["buffer"] = {d: int(e.shape[0]) for d, e in self.buffer.store.items()}
             step["selector_loss"] = self._fit_selector(t)
             step["evaluation"] = self._evaluate(t)
@@ -194,9 +305,59 @@ class ContinualTrainer:
             step["seconds"] = round(time.time() - step_start, 2)
             self.steps.append(step)
             self._log_step(t)
-            self._write_metrics()
-            self._write_manifest(completed=self.domains[: t + 1])
+            self._commit(domain)
         return self.metrics()
+
+    def _commit(self, domain: str) -> None:
+        """Record the step: metrics.json, then run.json with the checksums (the commit point)."""
+        self.completed.append(domain)
+        if not dist.is_main():
+            return
+        self._write_metrics()
+        for rel in self._step_files(domain) + [SELECTOR_FILE, METRICS_FILE]:
+            self.checksums[rel] = sha256_file(self.run_dir / rel)
+        self._write_manifest()
+        partial = self._partial_path(domain)
+        if partial.exists():
+            partial.unlink()
+
+    def _partial_path(self, domain: str) -> Path:
+        return self.run_dir / PARTIAL_DIR / f"{domain}.pt"
+
+    def _save_partial(self, domain: str, module: AugModule, opt, sched, loader: DataLoader, epoch: int,
+                      history: Dict) -> None:
+        if not dist.is_main():
+            return
+        atomic_torch_save({"epoch": epoch, "module": module.state_dict(), "optimizer": opt.state_dict(),
+                           "scheduler": sched.state_dict(), "history": history,
+                           "generator": None if loader.generator is None else loader.generator.get_state(),
+                           "buffer": self.buffer.store.get(domain), "buffer_index": self.buffer.seen.get(domain),
+                           "world_size": dist.world_size()},
+                          self._partial_path(domain))
+
+    def _load_partial(self, domain: str, module: AugModule, opt, sched, loader: DataLoader) -> Optional[Dict]:
+        path = self._partial_path(domain)
+        if not path.is_file():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            log.warning("%s is unreadable (%s): %s starts over", path, str(e).splitlines()[0], domain)
+            return None
+        if state["world_size"] != dist.world_size():
+            log.warning("%s was saved by %d process(es), this run has %d: %s starts over", path,
+                        state["world_size"], dist.world_size(), domain)
+            return None
+        module.load_state_dict(state["module"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if loader.generator is not None:
+            loader.generator.set_state(state["generator"])
+        if state["buffer"] is not None:
+            self.buffer.store[domain] = state["buffer"]
+            self.buffer.seen[domain] = state["buffer_index"]
+        log.info("%s: resuming after epoch %d (from %s)", domain, state["epoch"] + 1, path)
+        return state
 
     def _train_module(self, domain: str, module: AugModule, loader: DataLoader) -> Dict:
         cfg, model = self.cfg, self.model
@@ -204,8 +365,16 @@ class ContinualTrainer:
         t_max = cfg.epoch if cfg.scheduler == "reference" else cfg.epoch * len(loader)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max, eta_min=1e-7)
         history: Dict[str, list] = {"epoch_loss": [], "lr_end": [], "validation": []}
+        partial = self._load_partial(domain, module, opt, sched, loader)
+        first = 0
+        if partial is not None:
+            history, first = partial["history"], partial["epoch"] + 1
         val_loader = None
-        for epoch in progress(range(cfg.epoch), f"{domain} epochs"):
+        step = SegmentStep(model.backbone, module)
+        if dist.is_distributed():
+            step = DistributedDataParallel(step, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        for epoch in progress(range(first, cfg.epoch), f"{domain} epochs"):
+            set_epoch(loader, epoch)
             model.backbone.train()
             module.train()
             total, count = 0.0, 0
@@ -213,9 +382,8 @@ class ContinualTrainer:
                 b = to_device(raw, self.device)
                 prefix = model.backbone.encode_prefix(b.images)
                 if self.buffer.missing(domain) > 0:
-                    self.buffer.add(domain, model.backbone.selector_embedding(prefix))
-                logits, iou = model.backbone.segment(prefix, module, model.heatmap(b.points, b.labels),
-                                                     b.points, b.labels)
+                    self._buffer_batch(domain, prefix, raw["index"])
+                logits, iou = step(prefix, model.heatmap(b.points, b.labels), b.points, b.labels)
                 loss = samcl_loss(logits, iou, b.masks, cfg.iou_target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -223,6 +391,7 @@ class ContinualTrainer:
                 sched.step()  # per iteration, as the reference does (quirk Q4)
                 total += loss.item()
                 count += len(b.names)
+            total, count = (sum(v) for v in zip(*dist.all_gather_objects((total, count))))
             history["epoch_loss"].append(total / max(count, 1))
             history["lr_end"].append(opt.param_groups[0]["lr"])
             log.info("%s epoch %d/%d  loss/image %.4f  lr %.3g", domain, epoch + 1, cfg.epoch,
@@ -235,11 +404,18 @@ class ContinualTrainer:
                 history["validation"].append({"epoch": epoch + 1, **res})
                 log.info("%s validation after epoch %d: IoU %.4f  F1 %.4f  MAE %.4f", domain, epoch + 1,
                          res["iou"], res["f1"], res["mae"])
+            self._save_partial(domain, module, opt, sched, loader, epoch, history)
         module.eval()
         if self.buffer.missing(domain) > 0:
             log.warning("%s has only %d training images: the buffer keeps all of them (num_embedding %d)",
                         domain, len(self.train_sets[domain]), self.cfg.num_embedding)
         return history
+
+    @torch.no_grad()
+    def _buffer_batch(self, domain: str, prefix: Dict[str, torch.Tensor], index: torch.Tensor) -> None:
+        """Add a batch's selector embeddings (of every rank, in rank order) to the buffer."""
+        emb = self.model.backbone.selector_embedding(prefix)
+        self.buffer.add(domain, dist.all_gather_tensor(emb), dist.all_gather_tensor(index.to(emb.device)))
 
     @torch.no_grad()
     def _collect_embeddings(self, domain: str, loader: DataLoader) -> None:
@@ -249,37 +425,54 @@ class ContinualTrainer:
             if self.buffer.missing(domain) <= 0:
                 break
             b = to_device(raw, self.device)
-            self.buffer.add(domain, self.model.backbone.selector_embedding(self.model.backbone.encode_prefix(b.images)))
+            self._buffer_batch(domain, self.model.backbone.encode_prefix(b.images), raw["index"])
         log.info("%s: %d embeddings buffered (no module: routed images use vanilla %s)", domain,
                  self.buffer.store[domain].shape[0], self.model.backbone.family.upper())
 
     def _fit_selector(self, t: int) -> List[float]:
         model, cfg = self.model, self.cfg
-        if model.selector is None:
-            model.selector = ModuleSelector(model.backbone.selector_dim, len(model.domains)).to(self.device)
-        else:
-            model.selector.grow(len(model.domains))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 1000 + t)
+            if model.selector is None:
+                model.selector = ModuleSelector(model.backbone.selector_dim, len(model.domains)).to(self.device)
+            else:
+                model.selector.grow(len(model.domains))
         x, y = self.buffer.dataset(model.domains)
         history = train_selector(model.selector, x, y, lr=cfg.selector_lr, epochs=cfg.selector_epochs,
                                  batch_size=cfg.selector_batch_size,
                                  generator=torch.Generator().manual_seed(cfg.seed + t))
-        save_selector(model.selector, model.domains, self.run_dir / SELECTOR_FILE)
-        self.buffer.save(self.run_dir / BUFFER_FILE)
+        dist.broadcast_module(model.selector)  # every rank routes with rank 0's selector
+        if dist.is_main():
+            save_selector(model.selector, model.domains, self.run_dir / selector_snapshot(model.domains[-1]))
+            save_selector(model.selector, model.domains, self.run_dir / SELECTOR_FILE)
         log.info("selector: %d domains, %d buffered embeddings (%.2f MB), final loss %.4f", len(model.domains),
                  x.shape[0], self.buffer.size_bytes() / 1024**2, history[-1] if history else float("nan"))
         return history
 
     def _evaluate(self, t: int) -> Dict:
-        cfg = self.cfg
-        out = {}
-        for j in range(min(len(self.domains) - 1, t + 1) + 1):
-            d = self.domains[j]
-            loader = make_loader(self.test_sets[d], cfg.eval_batch_size, False, 0, cfg.num_workers, self.device)
-            res = evaluate_split(self.model, loader, self.device, desc=f"test {d}")
-            res["selector_accuracy"] = selector_accuracy(res["selector_counts"], d)
-            self.matrix.set(t, j, res["metrics"])
-            out[d] = res
-        return out
+        """Routed evaluation on domains 0..min(T-1, t+1) after step t."""
+        return {self.domains[j]: self._evaluate_domain(t, j) for j in range(min(len(self.domains) - 1, t + 1) + 1)}
+
+    def _evaluate_domain(self, t: int, j: int) -> Dict:
+        d = self.domains[j]
+        loader = make_loader(self.test_sets[d], self.cfg.eval_batch_size, False, 0, self.cfg.num_workers, self.device)
+        res = evaluate_split(self.model, loader, self.device, desc=f"test {d}")
+        res["selector_accuracy"] = selector_accuracy(res["selector_counts"], d)
+        self.matrix.set(t, j, res["metrics"])
+        return res
+
+    def _measure_added_domain(self) -> None:
+        """A finished run extended by new domains never saw the first of them: measure it now,
+        with the model as it is, so that A[t][t+1] (forward transfer) exists."""
+        t = len(self.completed) - 1
+        if t < 0 or t + 1 >= len(self.domains) or self.matrix.get(t, t + 1) is not None:
+            return
+        res = self._evaluate_domain(t, t + 1)
+        res["measured_when_added"] = True
+        self.steps[t]["evaluation"][self.domains[t + 1]] = res
+        self.steps[t]["summary"] = {m: self.matrix.summary(t, m) for m in METRICS}
+        log.info("new domain %s before training: IoU %.4f (routed %s)", self.domains[t + 1], res["metrics"]["iou"],
+                 res["selector_counts"])
 
     # ------------------------------------------------------------ output
     def _log_step(self, t: int) -> None:
@@ -310,21 +503,18 @@ class ContinualTrainer:
     def _write_metrics(self) -> None:
         write_json(self.run_dir / METRICS_FILE, self.metrics())
 
-    def _write_manifest(self, completed: List[str]) -> None:
+    def _write_manifest(self) -> None:
         cfg = self.cfg
         write_json(self.run_dir / MANIFEST, {
             "format": "samcl-run",
             "version": 1,
-            "module": cfg.module,
-            "backbone": backbone_identity(self.model.backbone)
-            | {"checkpoint": cfg.ckpt, "random_weights": cfg.random_weights, "vit_name": cfg.vit_name},
-            "spec": self.model.spec.to_dict(),
+            **self.identity(),
             "order": self.domains,
             "unseen": self.unseen,
-            "completed": list(completed),
-            "modules": {d: module_path(self.run_dir, d).name for d in completed if d not in self.unseen},
+            "completed": list(self.completed),
+            "modules": {d: module_path(self.run_dir, d).name for d in self.completed if d not in self.unseen},
             "selector": SELECTOR_FILE,
-            "buffer": BUFFER_FILE,
+            "files": self.checksums,
             "config": cfg.to_dict(),
             "versions": package_versions(),
         })

@@ -2,18 +2,19 @@
 import logging
 import math
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from . import distributed as dist
 from .aug_module import AugModuleSpec
 from .backbones import build_backbone
 from .config import Config
-from .continual import ContinualTrainer, evaluate_split, make_loader, seed_everything, selector_accuracy
+from .continual import RESUMABLE_SETTINGS, ContinualTrainer, evaluate_split, make_loader, seed_everything, selector_accuracy
 from .data import SegmentationSplit, read_domain_map
 from .metrics import METRICS
 from .model import SAMCLModel
-from .run_folder import (SELECTOR_FILE, TEST_METRICS_FILE, RunFolderError, load_module, load_selector,
+from .run_folder import (SELECTOR_FILE, checkpoint_identity, selector_snapshot, verify_files, TEST_METRICS_FILE, RunFolderError, load_module, load_selector,
                          module_path, package_versions, read_manifest, setup_logging, write_json)
 
 log = logging.getLogger("samcl.pipeline")
@@ -29,12 +30,50 @@ def build_model(cfg: Config, device: torch.device) -> SAMCLModel:
     return SAMCLModel(backbone, spec).to(device)
 
 
+def _checkpoint_identity(cfg: Config) -> Dict:
+    from .backbones.build import default_checkpoint
+
+    path = None if cfg.random_weights else (Path(cfg.ckpt) if cfg.ckpt else default_checkpoint(cfg))
+    return checkpoint_identity(path, cfg.random_weights, cfg.seed)
+
+
 def train(cfg: Config, device: torch.device, overwrite: bool = False) -> Dict:
+    """A new continual run into ``cfg``'s run folder."""
     run_dir = cfg.resolved_run_dir()
-    setup_logging(run_dir)
-    log.info("run folder %s on %s", run_dir, device)
+    setup_logging(None, main=dist.is_main())  # the folder is made only once the backbone and data check out
     model = build_model(cfg, device)
-    trainer = ContinualTrainer(cfg, model, device, run_dir, overwrite=overwrite)
+    trainer = ContinualTrainer(cfg, model, device, run_dir, overwrite=overwrite, checkpoint=_checkpoint_identity(cfg))
+    setup_logging(run_dir, main=dist.is_main())
+    log.info("run folder %s on %s (%d process(es))", run_dir, device, dist.world_size())
+    metrics = trainer.run()
+    log.info("done: %s", run_dir)
+    return metrics
+
+
+def resume_config(run_dir: Path, overrides: Dict) -> Config:
+    """The run's own configuration with the few settings a resume may change (RESUMABLE_SETTINGS).
+
+    Any other explicitly given setting that differs from the run's is refused.
+    """
+    stored = read_manifest(run_dir)["config"]
+    changed = {k: v for k, v in overrides.items() if v is not None and k not in RESUMABLE_SETTINGS
+               and stored.get(k) != v}
+    if changed:
+        raise RunFolderError(f"a resume keeps the run's settings; {run_dir} was trained with "
+                             + ", ".join(f"{k}={stored.get(k)!r}" for k in changed)
+                             + f" (given: {changed}). Only {', '.join(RESUMABLE_SETTINGS)} may change.")
+    allowed = {k: v for k, v in overrides.items() if v is not None and k in RESUMABLE_SETTINGS}
+    return Config(**{**stored, **allowed, "run_dir": str(run_dir)}).validate()
+
+
+def resume(run_dir: Path, overrides: Dict, device: torch.device) -> Dict:
+    """Continue an interrupted run, or add the new domains of a longer ``--order`` to a finished one."""
+    cfg = resume_config(run_dir, overrides)
+    setup_logging(run_dir, main=dist.is_main())
+    log.info("resuming run folder %s on %s", run_dir, device)
+    model = build_model(cfg, device)
+    trainer = ContinualTrainer(cfg, model, device, Path(run_dir), resume=True,
+                               checkpoint=_checkpoint_identity(cfg))
     metrics = trainer.run()
     log.info("done: %s", run_dir)
     return metrics
@@ -44,32 +83,56 @@ def load_run(run_dir: Path, cfg: Config, device: torch.device) -> SAMCLModel:
     """Model of a run folder: its backbone settings, every finished module, the selector.
 
     ``cfg`` supplies only where the weights are and on which device (the run's own
-    architecture, split and orientation are kept).
+    architecture, split and orientation are kept). A release-style folder (the
+    authors' ``Module_Selector.pth`` + ``<domain>.pth`` pickles, no run.json) is read
+    by :func:`samcl.release.load_release_run` with ``cfg``'s backbone and order.
     """
+    from .release import is_release_folder, load_release_run
+
+    if is_release_folder(run_dir):
+        return load_release_run(Path(run_dir), cfg, device)
     manifest = read_manifest(run_dir)
     run_cfg = Config(**{**manifest["config"], "ckpt": cfg.ckpt, "random_weights": cfg.random_weights,
                         "seed": manifest["config"]["seed"]})
     if run_cfg.random_weights and not cfg.random_weights:
         raise RunFolderError(f"{run_dir} was trained on random weights; pass --random_weights to test it")
+    completed, unseen = manifest["completed"], set(manifest["unseen"])
+    if not completed:
+        raise RunFolderError(f"{run_dir} has no finished domain yet; nothing to test")
+    modules = [module_path(run_dir, d).name for d in completed if d not in unseen]
+    snapshot = selector_snapshot(completed[-1])
+    verify_files(run_dir, manifest["files"], modules + [snapshot])
     model = build_model(run_cfg, device)
-    selector, sel_domains = load_selector(Path(run_dir) / SELECTOR_FILE) if (Path(run_dir) / SELECTOR_FILE).is_file() \
-        else (None, [])
-    if not sel_domains:
-        raise RunFolderError(f"{run_dir} has no {SELECTOR_FILE}: no domain finished; nothing to test")
-    unseen = set(manifest["unseen"])
+    selector, sel_domains = load_selector(Path(run_dir) / snapshot)
     for d in sel_domains:
         model.add_domain(d, None if d in unseen else load_module(module_path(run_dir, d), model.backbone))
     model.selector = selector.to(device)
-    if len(sel_domains) < len(manifest["order"]):
-        log.warning("%s is unfinished: only %s of %s are done", run_dir, sel_domains, manifest["order"])
+    if len(completed) < len(manifest["order"]):
+        log.warning("%s is unfinished: only %s of %s are done (train.py --resume %s continues it)", run_dir,
+                    completed, manifest["order"], run_dir)
     return model
+
+
+def run_info(run_dir: Path, cfg: Config) -> Tuple[Dict, Path]:
+    """(manifest, folder for test outputs) of a run folder or of a release-style folder."""
+    from .release import is_release_folder, release_manifest, report_dir_for
+
+    if is_release_folder(run_dir):
+        return release_manifest(Path(run_dir), cfg.domains, cfg.unseen), report_dir_for(run_dir, Path(cfg.output_dir))
+    return read_manifest(run_dir), Path(run_dir)
 
 
 def test(run_dir: Path, cfg: Config, device: torch.device, with_vanilla: bool = True,
          output: Optional[Path] = None) -> Dict:
+    """Route every test image of every domain of the run's order; write and print the report.
+
+    Works on a run folder of this project and on a release-style folder (whose
+    report goes to ``<output_dir>/release_<folder name>/``, the folder itself being
+    read-only data).
+    """
     run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir)
-    setup_logging(run_dir, "test_log.txt")
+    manifest, report_dir = run_info(run_dir, cfg)
+    setup_logging(report_dir, "test_log.txt")
     model = load_run(run_dir, cfg, device)
     test_map = read_domain_map(Path(cfg.test_json), Path(cfg.data_root))
     order = manifest["order"]
@@ -87,7 +150,7 @@ def test(run_dir: Path, cfg: Config, device: torch.device, with_vanilla: bool = 
     report = {"format": "samcl-test", "run_dir": str(run_dir), "domains": order,
               "unseen": manifest["unseen"], "selector_domains": model.domains, "results": results,
               "config": cfg.to_dict(), "versions": package_versions()}
-    write_json(output or run_dir / TEST_METRICS_FILE, report)
+    write_json(output or report_dir / TEST_METRICS_FILE, report)
     print(format_table(report, _train_summary(run_dir)))
     return report
 

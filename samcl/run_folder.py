@@ -2,17 +2,24 @@
 
 Layout (``log_sam1/<module>_<order>_<num_embedding>_<seed>_training/``)::
 
-    run.json              manifest: backbone, module spec, order, domains done
+    run.json              manifest: backbone and checkpoint hash, module spec, order,
+                          domains done, package versions, SHA-256 of every file below
     config.yaml           the resolved configuration
     log.txt               the log
     <domain>.pth          one AugModule per trained domain (plain state dict + spec)
-    Module_Selector.pth   the selector (state dict + its domain order)
-    embedding_buffer.pth  the stored selector embeddings (the only record of past domains)
+    Module_Selector.pth   the latest selector (state dict + its domain order)
+    selector/after_<domain>.pth   the selector as it was after each step
+    embedding_buffer/<domain>.pth the stored selector embeddings of each domain
+                          (the only record of past domains)
     metrics.json          accuracy matrix, AA/FM/FT per step, selector counts, versions
+    partial/<domain>.pt   the domain in progress, saved after every epoch (for --resume)
     test_metrics.json     written by test.py
 
-Every file is written atomically (temporary file + rename).
+Every file is written atomically (temporary file + rename). A step *commits* by
+rewriting run.json last, with the checksums of what it wrote; files of finished
+steps (modules, buffer parts, selector snapshots) are never rewritten.
 """
+import hashlib
 import json
 import logging
 import platform
@@ -31,7 +38,9 @@ from .selector import ModuleSelector
 
 MANIFEST = "run.json"
 SELECTOR_FILE = "Module_Selector.pth"
-BUFFER_FILE = "embedding_buffer.pth"
+SELECTOR_DIR = "selector"
+BUFFER_DIR = "embedding_buffer"
+PARTIAL_DIR = "partial"
 METRICS_FILE = "metrics.json"
 TEST_METRICS_FILE = "test_metrics.json"
 LOG_FILE = "log.txt"
@@ -135,10 +144,15 @@ def write_config(run_dir: Path, config: Dict[str, Any]) -> None:
     atomic_write_text(Path(run_dir) / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
 
 
-def setup_logging(run_dir: Optional[Path] = None, filename: str = LOG_FILE) -> logging.Logger:
-    """Console + (optionally) ``<run_dir>/<filename>`` logging for the ``samcl`` loggers."""
+def setup_logging(run_dir: Optional[Path] = None, filename: str = LOG_FILE, main: bool = True) -> logging.Logger:
+    """Console + (optionally) ``<run_dir>/<filename>`` logging for the ``samcl`` loggers.
+
+    Other ranks than the main one log warnings and errors to the console only.
+    """
     root = logging.getLogger("samcl")
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.INFO if main else logging.WARNING)
+    if not main:
+        run_dir = None
     for h in list(root.handlers):
         root.removeHandler(h)
         h.close()
@@ -153,3 +167,42 @@ def setup_logging(run_dir: Optional[Path] = None, filename: str = LOG_FILE) -> l
         root.addHandler(fh)
     root.propagate = False
     return root
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def selector_snapshot(domain: str) -> str:
+    return f"{SELECTOR_DIR}/after_{domain}.pth"
+
+
+def buffer_part(domain: str) -> str:
+    return f"{BUFFER_DIR}/{domain}.pth"
+
+
+def verify_files(run_dir: Path, checksums: Dict[str, str], names: Optional[List[str]] = None) -> None:
+    """Compare files with their recorded SHA-256; report every bad one by name, touch nothing."""
+    bad = []
+    for rel in names if names is not None else list(checksums):
+        path = Path(run_dir) / rel
+        if not path.is_file():
+            bad.append(f"{rel} (missing)")
+        elif sha256_file(path) != checksums[rel]:
+            bad.append(f"{rel} (checksum mismatch: truncated or modified)")
+    if bad:
+        raise RunFolderError(
+            f"run folder {run_dir}: {', '.join(bad)}. Nothing was changed. Restore the file(s) from a copy; "
+            f"a file of a finished domain that cannot be restored means retraining from that domain on "
+            f"(a new run folder, or delete that domain's files and later ones and fix run.json).")
+
+
+def checkpoint_identity(path: Optional[Path], random_weights: bool, seed: int) -> Dict[str, Any]:
+    """The backbone weights a run was trained on: the file's name and SHA-256, or the random seed."""
+    if random_weights:
+        return {"random_weights": True, "seed": seed}
+    return {"file": Path(path).name, "sha256": sha256_file(Path(path))}

@@ -70,6 +70,7 @@ class EmbeddingBuffer:
     def __init__(self, capacity: int) -> None:
         self.capacity = int(capacity)
         self.store: Dict[str, torch.Tensor] = {}
+        self.seen: Dict[str, List[int]] = {}  # dataset indices buffered so far, while a domain fills
 
     @property
     def domains(self) -> List[str]:
@@ -79,9 +80,22 @@ class EmbeddingBuffer:
         have = self.store.get(domain)
         return self.capacity - (0 if have is None else have.shape[0])
 
-    def add(self, domain: str, embeddings: torch.Tensor) -> None:
-        """Append the first ``missing(domain)`` rows of (N, d) ``embeddings`` (kept on the CPU)."""
-        take = embeddings[: max(self.missing(domain), 0)].detach().float().cpu()
+    def add(self, domain: str, embeddings: torch.Tensor, indices: Optional[torch.Tensor] = None) -> None:
+        """Append rows of (N, d) ``embeddings`` until the domain holds ``capacity`` (kept on the CPU).
+
+        ``indices`` (N,) are the images' dataset indices: an image already buffered
+        (a distributed sampler's padding repeat) is skipped.
+        """
+        emb = embeddings.detach().float().cpu()
+        if indices is not None:
+            seen = self.seen.setdefault(domain, [])
+            keep = []
+            for row, i in enumerate(indices.tolist()):
+                if i not in seen and len(seen) < self.capacity:
+                    seen.append(i)
+                    keep.append(row)
+            emb = emb[keep]
+        take = emb[: max(self.missing(domain), 0)]
         if take.shape[0] == 0:
             return
         self.store[domain] = take if domain not in self.store else torch.cat([self.store[domain], take])
@@ -97,19 +111,19 @@ class EmbeddingBuffer:
     def size_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.store.values())
 
-    def save(self, path: Path) -> None:
-        atomic_torch_save({"format": "samcl-embedding-buffer", "capacity": self.capacity,
-                           "domains": self.domains, "embeddings": dict(self.store)}, path)
+    def save_part(self, path: Path, domain: str) -> None:
+        """Write one domain's embeddings (written once, when the domain is done)."""
+        atomic_torch_save({"format": "samcl-embedding-buffer", "version": 1, "domain": domain,
+                           "capacity": self.capacity, "embeddings": self.store[domain]}, path)
 
-    @classmethod
-    def load(cls, path: Path) -> "EmbeddingBuffer":
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(data, dict) or data.get("format") != "samcl-embedding-buffer":
-            raise ValueError(f"{path} is not an embedding buffer written by SAMCL")
-        buf = cls(data["capacity"])
-        for name in data["domains"]:
-            buf.store[name] = data["embeddings"][name]
-        return buf
+    def load_part(self, path: Path, domain: str) -> None:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"cannot read buffer file {path} ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict) or data.get("format") != "samcl-embedding-buffer" or data["domain"] != domain:
+            raise ValueError(f"{path} is not the embedding buffer of {domain} written by SAMCL")
+        self.store[domain] = data["embeddings"]
 
 
 def train_selector(selector: ModuleSelector, x: torch.Tensor, y: torch.Tensor, lr: float = 0.01,

@@ -39,11 +39,15 @@ def test_train_then_test_writes_every_promised_file(demo_data, capsys):
     run = cfg.resolved_run_dir()
     assert run.name == "SAMCL_polyp_shadow_lesion_natural_4_1234_training"
     for f in ("run.json", "config.yaml", "log.txt", "polyp.pth", "shadow.pth", "lesion.pth",
-              "Module_Selector.pth", "embedding_buffer.pth", "metrics.json"):
+              "Module_Selector.pth", "metrics.json", *(f"embedding_buffer/{d}.pth" for d in DOMAINS),
+              *(f"selector/after_{d}.pth" for d in DOMAINS)):
         assert (run / f).is_file(), f
     assert not (run / "natural.pth").exists()  # the unseen domain trains no module
 
-    buf = EmbeddingBuffer.load(run / "embedding_buffer.pth")
+    assert not (run / "partial").exists() or not any((run / "partial").iterdir())  # committed steps leave none
+    buf = EmbeddingBuffer(4)
+    for d in DOMAINS:
+        buf.load_part(run / f"embedding_buffer/{d}.pth", d)
     assert buf.domains == DOMAINS and all(buf.store[d].shape == (4, 32) for d in DOMAINS)
 
     saved = json.loads((run / "metrics.json").read_text())

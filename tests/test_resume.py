@@ -1,0 +1,143 @@
+"""Durable run folders: kill and resume, adding domains, corrupt files, foreign setups (issue 7)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from samcl import pipeline
+from samcl.backbones.sam import build_sam
+from samcl.config import CONFIG_DIR, load_config
+from samcl.demo import make_demo_data
+from samcl.points import generate_split_points
+from samcl.run_folder import RunFolderError, load_selector, sha256_file
+from tests.conftest import REPO
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume_data")
+    maps = make_demo_data(root, n_train=8, n_test=3)
+    for split in maps.values():
+        for folder in split.values():
+            generate_split_points(root / folder)
+    return root
+
+
+def settings(root, run_dir, **kw):
+    return {"data_root": str(root), "run_dir": str(run_dir), "epoch": 4, "num_embedding": 4, "batch_size": 4,
+            "val_every": 2, "selector_epochs": 3, "order": "polyp_shadow_natural", "num_workers": 0, **kw}
+
+
+def module_tensors(path):
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def comparable_steps(run_dir):
+    steps = json.loads((run_dir / "metrics.json").read_text())["steps"]
+    for s in steps:
+        s.pop("seconds")
+    return steps
+
+
+def test_sigkill_during_second_domain_then_resume_equals_uninterrupted(data, tmp_path):
+    reference = tmp_path / "uninterrupted"
+    pipeline.train(load_config(CONFIG_DIR / "demo_sam.yaml", settings(data, reference)), CPU)
+
+    killed = tmp_path / "killed"
+    args = [sys.executable, "train.py", "--config", "configs/demo_sam.yaml", "--device", "cpu"]
+    for k, v in settings(data, killed).items():
+        args += [f"--{k}", str(v)]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "partial" / "shadow.pt").exists():  # shadow has finished an epoch
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads((killed / "run.json").read_text())["completed"] == ["polyp"]
+    polyp_bytes = (killed / "polyp.pth").read_bytes()
+
+    r = subprocess.run([sys.executable, "train.py", "--resume", str(killed), "--device", "cpu"], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resuming" in r.stdout and "shadow: resuming after epoch" in r.stdout
+    assert (killed / "polyp.pth").read_bytes() == polyp_bytes  # a finished module is never rewritten
+    for d in ("polyp", "shadow"):
+        a, b = module_tensors(reference / f"{d}.pth"), module_tensors(killed / f"{d}.pth")
+        assert all(torch.equal(a[k], b[k]) for k in a), d
+    assert comparable_steps(killed) == comparable_steps(reference)
+    assert json.loads((killed / "run.json").read_text())["completed"] == ["polyp", "shadow", "natural"]
+
+
+def test_adding_a_domain_to_a_finished_run(data, tmp_path):
+    run = tmp_path / "run"
+    pipeline.train(load_config(CONFIG_DIR / "demo_sam.yaml", settings(data, run, order="polyp_natural")), CPU)
+    before = {f: (run / f).read_bytes() for f in ("polyp.pth", "embedding_buffer/polyp.pth",
+                                                  "embedding_buffer/natural.pth", "selector/after_natural.pth")}
+    old_selector, _ = load_selector(run / "selector/after_natural.pth")
+
+    # the old domains' training images are never needed again: only the buffer
+    hidden = data / "hidden_polyp_train"
+    shutil.move(data / "data/Polyp/train", hidden)
+    try:
+        metrics = pipeline.resume(run, {"order": "polyp_natural_shadow", "data_root": str(data)}, CPU)
+    finally:
+        shutil.move(hidden, data / "data/Polyp/train")
+
+    assert all((run / f).read_bytes() == b for f, b in before.items())
+    selector, domains = load_selector(run / "Module_Selector.pth")
+    assert domains == ["polyp", "natural", "shadow"] and selector.num_domains == old_selector.num_domains + 1 == 3
+    iou = metrics["accuracy_matrix"]["matrix"]["iou"]
+    assert len(iou) == 3 and all(len(row) == 3 for row in iou)
+    assert iou[2][2] is not None and iou[1][2] is not None  # the new domain, and before training it (FT)
+    assert metrics["steps"][1]["evaluation"]["shadow"]["measured_when_added"]
+    assert metrics["steps"][2]["summary"]["iou"]["FT"] is not None
+    assert [s["domain"] for s in metrics["steps"]] == ["polyp", "natural", "shadow"]
+    assert (run / "shadow.pth").is_file()
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["order"] == ["polyp", "natural", "shadow"] and manifest["completed"] == manifest["order"]
+
+
+def test_truncated_module_file_is_reported_by_name_and_nothing_is_touched(data, tmp_path):
+    run = tmp_path / "run"
+    cfg = load_config(CONFIG_DIR / "demo_sam.yaml", settings(data, run, order="polyp_natural", epoch=1))
+    pipeline.train(cfg, CPU)
+    data_bytes = (run / "polyp.pth").read_bytes()
+    (run / "polyp.pth").write_bytes(data_bytes[: len(data_bytes) // 2])
+    def state():  # every file but the logs, which record the refused attempt
+        return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file() and p.suffix != ".txt"}
+
+    snapshot = state()
+    with pytest.raises(RunFolderError, match=r"polyp\.pth \(checksum mismatch: truncated or modified\)"):
+        pipeline.load_run(run, cfg, CPU)
+    with pytest.raises(RunFolderError, match=r"polyp\.pth \(checksum mismatch"):
+        pipeline.resume(run, {"order": "polyp_natural_shadow"}, CPU)
+    assert state() == snapshot
+
+
+def test_resume_with_another_backbone_checkpoint_or_setting_is_refused(data, tmp_path):
+    torch.manual_seed(3)
+    ckpt_a, ckpt_b = tmp_path / "a.pth", tmp_path / "b.pth"
+    torch.save(build_sam("vit_tiny")[0].state_dict(), ckpt_a)
+    torch.save(build_sam("vit_tiny")[0].state_dict(), ckpt_b)
+    run = tmp_path / "run"
+    pipeline.train(load_config(CONFIG_DIR / "demo_sam.yaml", settings(
+        data, run, order="polyp", epoch=1, random_weights=False, ckpt=str(ckpt_a))), CPU)
+    assert json.loads((run / "run.json").read_text())["checkpoint"]["sha256"] == sha256_file(ckpt_a)
+    with pytest.raises(RunFolderError, match=r"cannot resume .*checkpoint: run has .*now"):
+        pipeline.resume(run, {"order": "polyp_shadow", "ckpt": str(ckpt_b)}, CPU)
+    with pytest.raises(RunFolderError, match=r"keeps the run's settings.*vit_name='vit_tiny'"):
+        pipeline.resume(run, {"vit_name": "vit_b"}, CPU)
+    with pytest.raises(RunFolderError, match="must start with the run's order polyp"):
+        pipeline.resume(run, {"order": "shadow_polyp", "ckpt": str(ckpt_a)}, CPU)
+    # the run folder is intact: the same checkpoint resumes (nothing left to do) fine
+    pipeline.resume(run, {"ckpt": str(ckpt_a)}, CPU)
+    assert os.path.exists(run / "polyp.pth")
