@@ -154,6 +154,23 @@ def train_main(family: str, doc: str, argv: Optional[list] = None) -> None:
         distributed.shutdown()
 
 
+RELEASE_FOLDERS = {"sam": "SAM1", "sam2": "SAM2"}
+
+
+def default_test_folder(cfg: Config, family: str):
+    """--run_dir if given; else the run folder train.py makes with the same flags; else, as in the
+    seed README's "simple testing", the authors' release folder checkpoint/SAM1 (SAM2) if present."""
+    from .config import REPO_ROOT
+    from .release import is_release_folder
+
+    run_dir = cfg.resolved_run_dir()
+    release = REPO_ROOT / "checkpoint" / RELEASE_FOLDERS[family]
+    if cfg.run_dir is None and not run_dir.exists() and is_release_folder(release):
+        print(f"no run folder {run_dir}: testing the release modules in {release}")
+        return release
+    return run_dir
+
+
 def test_main(family: str, doc: str, argv: Optional[list] = None) -> None:
     """test.py (family "sam") and test_SAM2.py ("sam2"): route, evaluate, print and write the report."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -167,6 +184,6 @@ def test_main(family: str, doc: str, argv: Optional[list] = None) -> None:
     from .pipeline import test
 
     try:
-        test(cfg.resolved_run_dir(), cfg, device, with_vanilla=not args.no_vanilla, output=args.output)
+        test(default_test_folder(cfg, family), cfg, device, with_vanilla=not args.no_vanilla, output=args.output)
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None

@@ -67,3 +67,21 @@ def test_config_layering_and_validation(tmp_path):
         load_config(None, {"order": "a_b_a"})
     with pytest.raises(ValueError, match="scheduler must be one of"):
         load_config(None, {"scheduler": "linear"})
+
+
+def test_simple_testing_falls_back_to_the_release_folder(tmp_path, monkeypatch):
+    """`python test.py --module SAMCL` tests checkpoint/SAM1 when no training run exists (seed README)."""
+    from samcl import config
+    from samcl.cli import default_test_folder
+    from tests.conftest import RELEASE, require
+
+    release = require(RELEASE / "SAM1")
+    monkeypatch.setattr(config, "REPO_ROOT", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(CONFIG_DIR / "samcl_vit_b.yaml")
+    assert default_test_folder(cfg, "sam") == cfg.resolved_run_dir()  # nothing there: the usual message follows
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "SAM1").symlink_to(release)
+    assert default_test_folder(cfg, "sam") == tmp_path / "checkpoint" / "SAM1"
+    cfg.resolved_run_dir().mkdir(parents=True)  # a training run with these flags wins
+    assert default_test_folder(cfg, "sam") == cfg.resolved_run_dir()
