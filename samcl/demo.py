@@ -105,12 +105,16 @@ DOMAINS: Dict[str, Painter] = {"polyp": paint_polyp, "shadow": paint_shadow, "le
                                "natural": paint_natural}
 
 
-def make_demo_data(root: Path, n_train: int = 48, n_test: int = 12, seed: int = 0) -> Dict[str, Dict[str, str]]:
-    """Write ``root/data/<Domain>/{train,test}`` in the release layout plus the two JSON maps.
+def make_demo_data(root: Path, n_train: int = 48, n_test: int = 12, seed: int = 0,
+                   points: bool = True) -> Dict[str, Dict[str, str]]:
+    """Write ``root/data/<Domain>/{train,test}`` in the release layout plus the two JSON maps
+    and (``points``) every split's ``masks/points.json`` as generate_point.py writes it.
 
     Image sizes vary (non-square); even-numbered files are JPEG, odd ones PNG.
     Returns the two maps.
     """
+    from .points import generate_split_points
+
     root = Path(root)
     maps: Dict[str, Dict[str, str]] = {"train": {}, "test": {}}
     for k, (name, paint) in enumerate(DOMAINS.items()):
@@ -127,6 +131,8 @@ def make_demo_data(root: Path, n_train: int = 48, n_test: int = 12, seed: int = 
                 cv2.imwrite(str(folder / "images" / f"{name}_{i:03d}{ext}"), img)
                 cv2.imwrite(str(folder / "masks" / f"{name}_{i:03d}.png"), mask)
             maps[split][name] = f"data/{name.capitalize()}/{split}"
+            if points:
+                generate_split_points(folder)
     for split in ("train", "test"):
         (root / f"datasets_{split}.json").write_text(json.dumps(maps[split], indent=2))
     return maps
@@ -145,16 +151,11 @@ def main(argv=None) -> None:
     import torch
 
     from .pipeline import test, train
-    from .points import generate_split_points
-
     t0 = time.time()
     out = Path(args.output)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stdout)
     print(f"[demo] 1/3 drawing synthetic domains {list(DOMAINS)} into {out / 'data'}")
-    maps = make_demo_data(out)
-    for split in maps.values():
-        for folder in split.values():
-            generate_split_points(out / folder)
+    make_demo_data(out)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     cfg = load_config(DEMO_CONFIGS[args.backbone],
                       {"data_root": str(out), "output_dir": str(out / LOG_DIRS[args.backbone]), "epoch": args.epoch})

@@ -12,7 +12,6 @@ from samcl.config import CONFIG_DIR, load_config
 from samcl.continual import evaluate_split, make_loader
 from samcl.data import SegmentationSplit, read_domain_map
 from samcl.demo import make_demo_data
-from samcl.points import generate_split_points
 from samcl.selector import EmbeddingBuffer
 from tests.conftest import REPO
 
@@ -30,10 +29,7 @@ def ddp_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     # odd sizes: 7 training images (buffer of 5 from batches of 2 x 2 ranks), 5 test images (the
     # DistributedSampler pads rank 1's share with a repeat that must not be counted)
-    maps = make_demo_data(root, n_train=7, n_test=5)
-    for split in maps.values():
-        for folder in split.values():
-            generate_split_points(root / folder)
+    make_demo_data(root, n_train=7, n_test=5)
     run = root / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),

@@ -9,7 +9,6 @@ import torch
 from samcl.config import CONFIG_DIR, load_config
 from samcl.demo import make_demo_data
 from samcl import pipeline
-from samcl.points import generate_split_points
 from samcl.run_folder import RunFolderError
 from samcl.selector import EmbeddingBuffer
 from tests.conftest import REPO
@@ -20,10 +19,7 @@ DOMAINS = ["polyp", "shadow", "lesion", "natural"]
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    maps = make_demo_data(root, n_train=6, n_test=3)
-    for split in maps.values():
-        for folder in split.values():
-            generate_split_points(root / folder)
+    make_demo_data(root, n_train=6, n_test=3)
     return root
 
 

@@ -444,13 +444,9 @@ def test_export_of_a_trained_tiny_run_reads_back_and_tests(tmp_path):
     from samcl.aug_module import AugModuleSpec
     from samcl.config import CONFIG_DIR, load_config
     from samcl.demo import make_demo_data
-    from samcl.points import generate_split_points
 
     root = tmp_path / "demo"
-    maps = make_demo_data(root, n_train=4, n_test=2)
-    for split in maps.values():
-        for folder in split.values():
-            generate_split_points(root / folder)
+    make_demo_data(root, n_train=4, n_test=2)
     cfg = load_config(CONFIG_DIR / "demo_sam.yaml", {
         "data_root": str(root), "output_dir": str(tmp_path / "log"), "order": "polyp_natural", "unseen": ["natural"],
         "epoch": 1, "num_embedding": 4, "batch_size": 2, "val_every": 0, "selector_epochs": 2})

@@ -14,7 +14,6 @@ from samcl import pipeline
 from samcl.backbones.sam import build_sam
 from samcl.config import CONFIG_DIR, load_config
 from samcl.demo import make_demo_data
-from samcl.points import generate_split_points
 from samcl.run_folder import RunFolderError, load_selector, sha256_file
 from tests.conftest import REPO
 
@@ -24,10 +23,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume_data")
-    maps = make_demo_data(root, n_train=8, n_test=3)
-    for split in maps.values():
-        for folder in split.values():
-            generate_split_points(root / folder)
+    make_demo_data(root, n_train=8, n_test=3)
     return root
 
 

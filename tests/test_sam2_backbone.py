@@ -267,12 +267,8 @@ def test_readme_commands_parse(tmp_path, monkeypatch):
 def test_short_continual_run_on_tiny_hiera(tmp_path):
     from samcl.demo import DEMO_CONFIGS, make_demo_data
     from samcl.pipeline import test, train
-    from samcl.points import generate_split_points
 
-    maps = make_demo_data(tmp_path, n_train=4, n_test=2)
-    for split in maps.values():
-        for folder in split.values():
-            generate_split_points(tmp_path / folder)
+    make_demo_data(tmp_path, n_train=4, n_test=2)
     cfg = load_config(DEMO_CONFIGS["sam2"], {
         "data_root": str(tmp_path), "output_dir": str(tmp_path / "log_sam2"), "order": "polyp_shadow_natural",
         "epoch": 1, "batch_size": 2, "num_embedding": 4, "selector_epochs": 2, "val_every": 1,
