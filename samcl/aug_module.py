@@ -33,8 +33,19 @@ class AugModuleSpec:
     neck_channels: Optional[Tuple[int, int]] = None
     rank: int = 10
 
+    kind = "augmodule"  # class attribute, not a field: the learning-module kind (samcl.model)
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def check(self, backbone) -> None:
+        backbone.check_aug_spec(self)
+
+    def build(self, backbone=None) -> "AugModule":
+        return AugModule(self)
+
+    def describe(self, backbone=None) -> str:
+        return AugModule(self).describe()
 
     @classmethod
     def from_dict(cls, d: dict) -> "AugModuleSpec":
@@ -71,6 +82,10 @@ class AugModule(nn.Module):
     augmented block's attention, ``neck_terms`` around the SAM neck.
     """
 
+    kind = "augmodule"
+    needs_heatmap = True
+    has_unused_parameters = False
+
     def __init__(self, spec: AugModuleSpec) -> None:
         super().__init__()
         self.spec = spec
@@ -103,6 +118,11 @@ class AugModule(nn.Module):
         )
 
     # ------------------------------------------------------------------ maths
+    def segment(self, backbone, prefix, images, heatmap, points, labels, boxes=None):
+        """Suffix with this module + the backbone's decoder (the learning-module interface;
+        ``images`` is unused: the AugModule reads the frozen prefix and the heatmap)."""
+        return backbone.segment(prefix, self, heatmap, points, labels, boxes=boxes)
+
     def heat(self, heatmap: torch.Tensor) -> torch.Tensor:
         """(N, G, G) heatmap, first axis x -> (N, Gx, Gy, r) after extra.layer, norm, ReLU."""
         h = heatmap.unsqueeze(-1).expand(*heatmap.shape, self.spec.rank)

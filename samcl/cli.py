@@ -13,6 +13,13 @@ from . import distributed
 from .config import CHOICES, CONFIG_DIR, Config, load_config
 
 DEFAULT_CONFIG = {"sam": CONFIG_DIR / "samcl_vit_b.yaml", "sam2": CONFIG_DIR / "samcl2_hiera_t.yaml"}
+# --module CAD without --config starts from CAD's own recipe (SPEC §11)
+MODULE_CONFIG = {"CAD": CONFIG_DIR / "cad_vit_b.yaml"}
+
+
+def default_config(family: str, module: Optional[str]) -> str:
+    """The --config used when none is given: the module's own recipe, else the family's."""
+    return str(MODULE_CONFIG.get(module, DEFAULT_CONFIG[family]))
 
 
 class CLIError(SystemExit):
@@ -29,7 +36,9 @@ def add_common_flags(p: argparse.ArgumentParser, family: str = "sam") -> None:
     default = DEFAULT_CONFIG[family].relative_to(CONFIG_DIR.parent)
     p.add_argument("--config", help=f"YAML file of settings (default: {default}); flags override it")
     p.add_argument("--module", choices=CHOICES["module"],
-                   help=f"learning module: SAMCL (SAM) or SAMCL_2 (SAM 2.1) (default {'SAMCL_2' if sam2 else 'SAMCL'})")
+                   help=f"learning module: SAMCL (SAM) or SAMCL_2 (SAM 2.1) (default {'SAMCL_2' if sam2 else 'SAMCL'}); "
+                        f"CAD: convolutional adapter + per-domain decoder (SAM only; without --config it takes "
+                        f"configs/cad_vit_b.yaml, CAD's recipe)")
     p.add_argument("--vit_name", help="SAM size: vit_b (default), vit_l, vit_h, or vit_tiny (tests/demo)")
     p.add_argument("--hiera_name",
                    help="SAM 2.1 size: hiera_t (default), hiera_s, hiera_b+, hiera_l, or hiera_toy (tests/demo)")
@@ -60,12 +69,21 @@ def add_common_flags(p: argparse.ArgumentParser, family: str = "sam") -> None:
                         "bilinear on SAM 2.1 (as its image predictor)")
     p.add_argument("--heat_orientation", choices=CHOICES["heat_orientation"],
                    help="heatmap layout at the SAM neck: reference (quirk Q1, default) or corrected")
+    p.add_argument("--amp", choices=CHOICES["amp"],
+                   help="off: fp32, exact reproduction (default); bf16: bfloat16 autocast for the module's forward "
+                        "in training and for test inference, faster, CUDA only (README, 'Performance')")
 
 
 def add_train_flags(p: argparse.ArgumentParser, family: str = "sam") -> None:
     p.add_argument("--batch_size", type=int,
                    help=f"images per training batch (default {16 if family == 'sam2' else 8})")
-    p.add_argument("--lr", type=float, help="Adam learning rate of the AugModule (default 0.005)")
+    p.add_argument("--lr", type=float, help="learning rate of the module (default 0.005; CAD 2e-4)")
+    p.add_argument("--optimizer", choices=CHOICES["optimizer"], help="adam (SAMCL, default) or adamw (CAD)")
+    p.add_argument("--weight_decay", type=float, help="optimizer weight decay (default 0; CAD 0.01)")
+    p.add_argument("--loss", choices=CHOICES["loss"],
+                   help="samcl: focal + 10 dice + IoU-head MSE (default); bce_iou: CAD's BCE + soft IoU loss")
+    p.add_argument("--prompt", choices=CHOICES["prompt"],
+                   help="points: the static points.json prompts (default); box: CAD's full-image box (--module CAD)")
     p.add_argument("--epoch", type=int, help="epochs per domain (default 20)")
     p.add_argument("--train_json", help="domain -> train split map (default datasets_train.json under --data_root)")
     p.add_argument("--val_every", type=int, help="validate on the domain's test split every N epochs (default 5; 0: never)")
@@ -77,6 +95,13 @@ def add_train_flags(p: argparse.ArgumentParser, family: str = "sam") -> None:
     p.add_argument("--selector_epochs", type=int, help="selector epochs after each domain (default 25)")
     p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
                    help="deterministic algorithms (default on)")
+    p.add_argument("--feature_cache", choices=CHOICES["feature_cache"],
+                   help="keep each training image's frozen encoder prefix from epoch 1 for the later epochs (same "
+                        "results, less compute): auto (default: on the GPU if it fits beside the training step, "
+                        "else pinned host memory), device, cpu, or off (recompute every epoch, as the release)")
+    p.add_argument("--cache_budget_gb", type=float,
+                   help="cap on the feature cache in GB; images beyond it are recomputed every epoch (default: "
+                        "half the available host memory, or what fits on the GPU)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run (from its last finished domain and saved epoch), or add "
@@ -143,7 +168,7 @@ def train_main(family: str, doc: str, argv: Optional[list] = None) -> None:
                 raise CLIError("--resume keeps the run's own settings; drop --config/--overwrite")
             resume(Path(args.resume), explicit_settings(args), device)
         else:
-            train(config_from_args(args, DEFAULT_CONFIG[family]), device, overwrite=args.overwrite)
+            train(config_from_args(args, default_config(family, args.module)), device, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(distributed.rank_prefix() + str(e)) from None
     except BaseException as e:
@@ -180,7 +205,7 @@ def test_main(family: str, doc: str, argv: Optional[list] = None) -> None:
     p.add_argument("--output", help="where to write the report (default <run_dir>/test_metrics.json)")
     args = p.parse_args(argv)
     device = resolve_device(args.cuda, args.device)
-    cfg = config_from_args(args, DEFAULT_CONFIG[family])
+    cfg = config_from_args(args, default_config(family, args.module))
     from .pipeline import test
 
     try:

@@ -12,18 +12,26 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 
 CHOICES = {
-    "module": ("SAMCL", "SAMCL_2"),
+    "module": ("SAMCL", "SAMCL_2", "CAD"),
     "backbone": ("sam", "sam2"),
     "heat_orientation": ("reference", "corrected"),
     "upsample": ("nearest", "bilinear"),
     "mask_binarize": ("threshold", "reference"),
     "iou_target": ("reference", "sigmoid"),
     "scheduler": ("reference", "cosine"),
+    "loss": ("samcl", "bce_iou"),
+    "optimizer": ("adam", "adamw"),
+    "prompt": ("points", "box"),
+    "feature_cache": ("auto", "off", "device", "cpu"),  # speed: samcl.feature_cache
+    "amp": ("off", "bf16"),  # speed: samcl.precision
 }
 # settings that may stay None (the backbone picks its own)
 OPTIONAL_CHOICES = ("upsample",)
-# --module names the reference's module files: SAMCL for SAM (ViT), SAMCL_2 for SAM 2.1
-MODULE_BACKBONE = {"SAMCL": "sam", "SAMCL_2": "sam2"}
+# --module names the reference's module files: SAMCL for SAM (ViT), SAMCL_2 for SAM 2.1;
+# CAD (convolutional adapter + decoder copy, SPEC §11) is SAM (ViT) only
+MODULE_BACKBONE = {"SAMCL": "sam", "SAMCL_2": "sam2", "CAD": "sam"}
+# the learning-module kind each --module trains (samcl.model)
+MODULE_KIND = {"SAMCL": "augmodule", "SAMCL_2": "augmodule", "CAD": "cad"}
 
 
 @dataclass
@@ -46,13 +54,21 @@ class Config:
     mask_threshold: int = 128
     iou_target: str = "reference"  # Q3: 'reference' thresholds raw logits at 0.5; 'sigmoid' at p >= 0.5
     scheduler: str = "reference"  # Q4: cosine T_max=epochs stepped per iteration; 'cosine': one cosine per domain
-    # module training (SPEC §6)
+    # module training (SPEC §6; CAD's recipe, SPEC §11, is configs/cad_vit_b.yaml)
+    loss: str = "samcl"  # 'samcl': focal + 10 dice + IoU-head MSE; 'bce_iou': CAD's BCE + soft-IoU loss
+    optimizer: str = "adam"  # 'adam' (SAMCL) or 'adamw' (CAD)
+    weight_decay: float = 0.0  # of the optimizer (CAD: AdamW's default 0.01)
+    prompt: str = "points"  # 'points' (the static points.json prompts) or 'box' (CAD: full-image box; --module CAD only)
     lr: float = 0.005
     epoch: int = 20
     batch_size: int = 8
     seed: int = 1234
     val_every: int = 5
     deterministic: bool = True
+    # speed (samcl.feature_cache, samcl.precision): the cache never changes results; amp bf16 does (CUDA only)
+    feature_cache: str = "auto"  # frozen-prefix cache over the epochs: auto, off, device, cpu
+    cache_budget_gb: Optional[float] = None  # cap on the cache (None: derived from free memory)
+    amp: str = "off"  # 'off': fp32 (reproduction); 'bf16': bfloat16 autocast on CUDA
     # selector (SPEC §7)
     num_embedding: int = 300
     selector_lr: float = 0.01
@@ -91,6 +107,14 @@ class Config:
                 continue
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.module == "CAD" and self.backbone != "sam":
+            raise ValueError(
+                "--module CAD needs the SAM (ViT) backbone (train.py / test.py): SAM 2's mask decoder also owns "
+                "the high-resolution projections inside its image path, so CAD does not fit it (README, 'CAD')")
+        if self.prompt == "box" and self.module != "CAD":
+            raise ValueError("prompt: box is CAD's recipe (--module CAD); SAMCL's AugModule reads the point heatmap")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if MODULE_BACKBONE[self.module] != self.backbone:
             raise ValueError(
                 f"--module {self.module} is the {'SAM 2.1' if self.module == 'SAMCL_2' else 'SAM (ViT)'} variant, "
@@ -107,6 +131,8 @@ class Config:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
         if not 0 <= self.mask_threshold <= 255:
             raise ValueError(f"mask_threshold must be in 0..255, got {self.mask_threshold}")
+        if self.cache_budget_gb is not None and self.cache_budget_gb < 0:
+            raise ValueError(f"cache_budget_gb must be >= 0, got {self.cache_budget_gb}")
         return self
 
     def to_dict(self) -> Dict[str, Any]:

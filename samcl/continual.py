@@ -1,9 +1,9 @@
 """The continual protocol (SPEC §6-§8): one loop for every backbone.
 
 For step t over the order: fill the buffer with domain t's embeddings, train its
-AugModule (not for an unseen, test-only domain), save it, grow and retrain the
-selector on the buffer, evaluate on domains 0..min(T-1, t+1) with task-agnostic
-routing, and update ``metrics.json``.
+learning module (SAMCL's AugModule, or CAD's adapter + decoder; not for an unseen,
+test-only domain), save it, grow and retrain the selector on the buffer, evaluate on
+domains 0..min(T-1, t+1) with task-agnostic routing, and update ``metrics.json``.
 """
 import json
 import logging
@@ -27,7 +27,7 @@ from . import distributed as dist
 from .aug_module import AugModule
 from .config import Config
 from .data import SegmentationSplit, collate, read_domain_map
-from .losses import samcl_loss
+from .losses import training_loss
 from .metrics import METRICS, AccuracyMatrix, MetricAccumulator, per_image_metrics
 from .model import SAMCLModel
 from .run_folder import (MANIFEST, METRICS_FILE, PARTIAL_DIR, SELECTOR_FILE, RunFolderError, backbone_identity,
@@ -35,11 +35,13 @@ from .run_folder import (MANIFEST, METRICS_FILE, PARTIAL_DIR, SELECTOR_FILE, Run
                          save_module, save_selector, selector_snapshot, sha256_file, verify_files, write_config,
                          write_json)
 from .io import atomic_torch_save
+from .feature_cache import PrefixCache
+from .precision import amp_forward, autocast, check_amp
 from .selector import EmbeddingBuffer, ModuleSelector, train_selector
 
 # Settings a resume may change; every other setting is the run's own.
 RESUMABLE_SETTINGS = ("order", "unseen", "data_root", "train_json", "test_json", "num_workers", "eval_batch_size",
-                      "ckpt", "run_dir", "output_dir")
+                      "ckpt", "run_dir", "output_dir", "feature_cache", "cache_budget_gb")
 
 log = logging.getLogger("samcl.continual")
 
@@ -101,48 +103,62 @@ def progress(iterable, desc: str, **kw):
 
 class SegmentStep(nn.Module):
     """The training forward of one domain as an nn.Module, so that DDP can wrap it
-    (only the AugModule's parameters require gradients)."""
+    (only the learning module's parameters require gradients)."""
 
-    def __init__(self, backbone, module: AugModule) -> None:
+    def __init__(self, backbone, module) -> None:
         super().__init__()
         self.backbone = backbone
         self.module = module
 
-    def forward(self, prefix: Dict[str, torch.Tensor], heat: torch.Tensor, points: torch.Tensor,
-                labels: torch.Tensor):
-        return self.backbone.segment(prefix, self.module, heat, points, labels)
+    def forward(self, prefix: Dict[str, torch.Tensor], heat: Optional[torch.Tensor], points: torch.Tensor,
+                labels: torch.Tensor, images: Optional[torch.Tensor] = None, boxes: Optional[torch.Tensor] = None):
+        return self.module.segment(self.backbone, prefix, images, heat, points, labels, boxes=boxes)
+
+
+def make_optimizer(cfg: Config, module: nn.Module) -> torch.optim.Optimizer:
+    """Adam (SAMCL, SPEC §6) or AdamW (CAD, SPEC §11) over the module's trainable parameters."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 @torch.no_grad()
 def evaluate_split(model: SAMCLModel, loader: DataLoader, device: torch.device, *, routed: bool = True,
-                   module: Optional[AugModule] = None, with_vanilla: bool = False, desc: str = "eval") -> Dict:
+                   module=None, with_vanilla: bool = False, desc: str = "eval", amp: str = "off") -> Dict:
     """Metrics of one test split, every image counted once (also across ranks).
 
     routed=True: every image goes through the selector (task-agnostic); otherwise
     all images use ``module`` (None: vanilla). with_vanilla adds a vanilla pass
-    over the same frozen prefix.
+    over the same frozen prefix. amp="bf16" runs the inference under bfloat16
+    autocast (CUDA; metrics from the float32-cast logits). Per-image results stay
+    on the device until the split is done (no host round trip per batch).
     """
-    was_training = model.backbone.training
-    model.backbone.eval()
+    # eval mode for the backbone and every module involved (CAD's adapter has BatchNorm)
+    parts = [m for m in (model.backbone, module, *model.modules_by_domain.values()) if m is not None]
+    modes = [(m, m.training) for m in parts]
+    for m in parts:
+        m.eval()
     rows = []  # per image: dataset index, choice, iou, f1, mae (, vanilla iou, f1, mae)
     for raw in progress(loader, desc):
         b = to_device(raw, device)
-        prefix = model.backbone.encode_prefix(b.images)
-        if routed:
-            choice = model.route(prefix)
-            logits, _ = model.segment_routed(prefix, choice, b.points, b.labels)
-        else:
-            choice = torch.full((len(b.names),), -1, device=device)
-            logits, _ = model.backbone.segment(prefix, module, model.heatmap(b.points, b.labels) if module else None,
-                                               b.points, b.labels)
-        cols = [raw["index"].double(), choice.double().cpu()]
-        cols += [v.double().cpu() for v in per_image_metrics(logits, b.masks).values()]
+        with autocast(amp, device):
+            prefix = model.backbone.encode_prefix(b.images)
+            if routed:
+                choice = model.route(prefix)
+                logits, _ = model.segment_routed(prefix, choice, b.points, b.labels, images=b.images)
+            else:
+                choice = torch.full((len(b.names),), -1, device=device)
+                logits, _ = model.segment_one(module, prefix, b.points, b.labels, images=b.images)
+            vanilla_logits = model.segment_vanilla(prefix, b.points, b.labels)[0] if with_vanilla else None
+        cols = [raw["index"].to(device).double(), choice.double()]
+        cols += [v.double() for v in per_image_metrics(logits.float(), b.masks).values()]
         if with_vanilla:
-            vanilla = per_image_metrics(model.segment_vanilla(prefix, b.points, b.labels)[0], b.masks)
-            cols += [v.double().cpu() for v in vanilla.values()]
+            cols += [v.double() for v in per_image_metrics(vanilla_logits.float(), b.masks).values()]
         rows.append(torch.stack(cols, 1))
-    model.backbone.train(was_training)
-    table = torch.cat([t for t in dist.all_gather_objects(torch.cat(rows)) if t.numel()])
+    for m, mode in modes:
+        m.train(mode)
+    table = torch.cat([t for t in dist.all_gather_objects(torch.cat(rows).cpu()) if t.numel()])
     _, first = np.unique(table[:, 0].numpy(), return_index=True)  # padding repeats counted once
     table = table[torch.from_numpy(first)]
     out: Dict = {"metrics": _mean_metrics(table[:, 2:5])}
@@ -173,7 +189,9 @@ class ContinualTrainer:
 
     def __init__(self, cfg: Config, model: SAMCLModel, device: torch.device, run_dir: Path,
                  overwrite: bool = False, resume: bool = False, checkpoint: Optional[Dict] = None) -> None:
+        check_amp(cfg.amp, device)  # --amp bf16 only on CUDA, before any file is made
         self.cfg = cfg
+        self.cache_stats: Dict = {}  # the last domain's feature-cache statistics
         self.model = model
         self.device = device
         self.run_dir = Path(run_dir)
@@ -229,7 +247,8 @@ class ContinualTrainer:
         verify_files(self.run_dir, self.checksums, finished)
         for d in self.completed:
             self.buffer.load_part(self.run_dir / buffer_part(d), d)
-            module = None if d in self.unseen else load_module(module_path(self.run_dir, d), self.model.backbone)
+            module = None if d in self.unseen else load_module(module_path(self.run_dir, d), self.model.backbone,
+                                                               self.model.kind)
             self.model.add_domain(d, module)
         if self.completed:
             selector, domains = load_selector(self.run_dir / selector_snapshot(self.completed[-1]))
@@ -275,7 +294,7 @@ class ContinualTrainer:
         if dist.is_main():
             self._write_manifest()
             write_config(self.run_dir, cfg.to_dict())
-        log.info(AugModule(self.model.spec).describe())
+        log.info(self.model.describe_module())
         self._measure_added_domain()
         for t, domain in enumerate(self.domains):
             if domain in self.completed:
@@ -324,7 +343,7 @@ class ContinualTrainer:
     def _partial_path(self, domain: str) -> Path:
         return self.run_dir / PARTIAL_DIR / f"{domain}.pt"
 
-    def _save_partial(self, domain: str, module: AugModule, opt, sched, loader: DataLoader, epoch: int,
+    def _save_partial(self, domain: str, module: nn.Module, opt, sched, loader: DataLoader, epoch: int,
                       history: Dict) -> None:
         if not dist.is_main():
             return
@@ -335,7 +354,7 @@ class ContinualTrainer:
                            "world_size": dist.world_size()},
                           self._partial_path(domain))
 
-    def _load_partial(self, domain: str, module: AugModule, opt, sched, loader: DataLoader) -> Optional[Dict]:
+    def _load_partial(self, domain: str, module: nn.Module, opt, sched, loader: DataLoader) -> Optional[Dict]:
         path = self._partial_path(domain)
         if not path.is_file():
             return None
@@ -359,9 +378,9 @@ class ContinualTrainer:
         log.info("%s: resuming after epoch %d (from %s)", domain, state["epoch"] + 1, path)
         return state
 
-    def _train_module(self, domain: str, module: AugModule, loader: DataLoader) -> Dict:
+    def _train_module(self, domain: str, module: nn.Module, loader: DataLoader) -> Dict:
         cfg, model = self.cfg, self.model
-        opt = torch.optim.Adam(module.parameters(), lr=cfg.lr, weight_decay=0.0)
+        opt = make_optimizer(cfg, module)
         t_max = cfg.epoch if cfg.scheduler == "reference" else cfg.epoch * len(loader)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max, eta_min=1e-7)
         history: Dict[str, list] = {"epoch_loss": [], "lr_end": [], "validation": []}
@@ -372,19 +391,24 @@ class ContinualTrainer:
         val_loader = None
         step = SegmentStep(model.backbone, module)
         if dist.is_distributed():
-            step = DistributedDataParallel(step, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            step = DistributedDataParallel(step, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                           find_unused_parameters=module.has_unused_parameters)
+        step = amp_forward(step, cfg.amp, self.device)  # --amp bf16: autocast forward, fp32 outputs and loss
+        cache = PrefixCache.for_training(cfg, self.device, len(loader.dataset))  # frozen prefix, once per image
         for epoch in progress(range(first, cfg.epoch), f"{domain} epochs"):
             set_epoch(loader, epoch)
+            cache.new_epoch()
             model.backbone.train()
             module.train()
             total, count = 0.0, 0
             for raw in progress(loader, f"{domain} epoch {epoch + 1}/{cfg.epoch}"):
                 b = to_device(raw, self.device)
-                prefix = model.backbone.encode_prefix(b.images)
+                prefix = cache.prefix(model.backbone, b.images, raw["index"])
                 if self.buffer.missing(domain) > 0:
                     self._buffer_batch(domain, prefix, raw["index"])
-                logits, iou = step(prefix, model.heatmap(b.points, b.labels), b.points, b.labels)
-                loss = samcl_loss(logits, iou, b.masks, cfg.iou_target)
+                heat = model.heatmap(b.points, b.labels) if model.needs_heatmap else None
+                logits, iou = step(prefix, heat, b.points, b.labels, b.images, model.boxes(len(b.names)))
+                loss = training_loss(cfg.loss, logits, iou, b.masks, cfg.iou_target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -400,11 +424,12 @@ class ContinualTrainer:
                 val_loader = val_loader or make_loader(self.test_sets[domain], cfg.eval_batch_size, False, 0,
                                                        cfg.num_workers, self.device)
                 res = evaluate_split(model, val_loader, self.device, routed=False, module=module,
-                                     desc=f"{domain} validation")["metrics"]
+                                     desc=f"{domain} validation", amp=cfg.amp)["metrics"]
                 history["validation"].append({"epoch": epoch + 1, **res})
                 log.info("%s validation after epoch %d: IoU %.4f  F1 %.4f  MAE %.4f", domain, epoch + 1,
                          res["iou"], res["f1"], res["mae"])
             self._save_partial(domain, module, opt, sched, loader, epoch, history)
+        self.cache_stats = cache.close()
         module.eval()
         if self.buffer.missing(domain) > 0:
             log.warning("%s has only %d training images: the buffer keeps all of them (num_embedding %d)",
@@ -456,7 +481,7 @@ class ContinualTrainer:
     def _evaluate_domain(self, t: int, j: int) -> Dict:
         d = self.domains[j]
         loader = make_loader(self.test_sets[d], self.cfg.eval_batch_size, False, 0, self.cfg.num_workers, self.device)
-        res = evaluate_split(self.model, loader, self.device, desc=f"test {d}")
+        res = evaluate_split(self.model, loader, self.device, desc=f"test {d}", amp=self.cfg.amp)
         res["selector_accuracy"] = selector_accuracy(res["selector_counts"], d)
         self.matrix.set(t, j, res["metrics"])
         return res
@@ -493,12 +518,18 @@ class ContinualTrainer:
             "config": self.cfg.to_dict(),
             "versions": package_versions(),
             "backbone": backbone_identity(self.model.backbone),
-            "aug_module": {"counted_parameters": AugModule(self.model.spec).counted_parameters(),
-                           "counted_mb": round(AugModule(self.model.spec).counted_size_mb(), 6),
-                           "spec": self.model.spec.to_dict()},
+            **({"aug_module": {"counted_parameters": AugModule(self.model.spec).counted_parameters(),
+                               "counted_mb": round(AugModule(self.model.spec).counted_size_mb(), 6),
+                               "spec": self.model.spec.to_dict()}} if self.model.kind == "augmodule" else {}),
+            "learning_module": self._module_summary(),
             "accuracy_matrix": self.matrix.to_dict(),
             "steps": self.steps,
         }
+
+    def _module_summary(self) -> Dict:
+        if getattr(self, "_summary", None) is None:
+            self._summary = {"module": self.cfg.module, **self.model.module_summary()}
+        return self._summary
 
     def _write_metrics(self) -> None:
         write_json(self.run_dir / METRICS_FILE, self.metrics())

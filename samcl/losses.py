@@ -51,3 +51,38 @@ def samcl_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tenso
         iou = iou_target(logits, target, iou_rule)
     mse = (iou_pred.squeeze(1) - iou) ** 2
     return (focal_loss(logits, target) + 10 * dice_loss(logits, target)).sum() + mse.mean()
+
+
+def soft_iou_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-3) -> torch.Tensor:
+    """Per image: ``1 - (sum(p g) + 1e-3) / (sum p + sum g - sum(p g) + 1e-3)``, p = sigmoid(logits). Returns (N,)."""
+    p = torch.sigmoid(logits.float()).flatten(1)
+    g = target.float().flatten(1)
+    inter = (p * g).sum(1)
+    union = p.sum(1) + g.sum(1) - inter
+    return 1 - (inter + smooth) / (union + smooth)
+
+
+def cad_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """CAD's loss (SPEC §11): per image BCE on p = sigmoid(logits) (mean over pixels) + soft IoU
+    loss, *summed* over the batch like :func:`samcl_loss` (so the loop's loss/image is comparable).
+
+    CAD averages over the batch instead; with Adam(W) that is the same update up to eps
+    (Adam is invariant to the loss scale). BCE is computed from the logits
+    (``binary_cross_entropy_with_logits``: the same value as BCE on sigmoid probabilities,
+    without its log clamp at -100, and safe under autocast).
+    """
+    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none").flatten(1).mean(1)
+    return (bce + soft_iou_loss(logits, target)).sum()
+
+
+LOSSES = ("samcl", "bce_iou")
+
+
+def training_loss(name: str, logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor,
+                  iou_rule: str = "reference") -> torch.Tensor:
+    """The configured training loss: 'samcl' (SPEC §6) or 'bce_iou' (CAD, SPEC §11; no IoU-head term)."""
+    if name == "samcl":
+        return samcl_loss(logits, iou_pred, target, iou_rule)
+    if name == "bce_iou":
+        return cad_loss(logits, target)
+    raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")

@@ -1,45 +1,107 @@
-"""SAMCL at inference: frozen backbone + resident AugModules + Module Selector.
+"""The continual model at inference: frozen backbone + resident per-domain modules + Module Selector.
 
 All modules stay on the device; a batch is routed by the selector and split into
 groups that share a module (SPEC §1, quirk Q8: no copies of SAM, no reloads).
+
+The per-domain *learning module* is pluggable. A module (or its spec) of kind k
+offers what the loop needs:
+
+* spec: ``kind``, ``to_dict()``/``from_dict()``, ``check(backbone)`` (refuse another
+  backbone), ``build(backbone)`` (a fresh module), ``describe(backbone)``;
+* module: ``kind``, ``spec``, ``needs_heatmap``, ``has_unused_parameters`` (for DDP),
+  ``counted_parameters()``, ``describe()`` and
+  ``segment(backbone, prefix, images, heatmap, points, labels, boxes=None)`` ->
+  (logits (N, 1, S, S), iou (N, 1)).
+
+Kinds: ``augmodule`` (SAMCL's AugModule, :mod:`samcl.aug_module`, ``--module SAMCL``/
+``SAMCL_2``) and ``cad`` (the convolutional adapter + a decoder copy, :mod:`samcl.cad`,
+``--module CAD``). A test-only domain has no module: vanilla SAM.
 """
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .aug_module import AugModule, AugModuleSpec
 from .backbones.base import Backbone, Features, index_features
+from .cad import CADModule, CADSpec
 from .heatmap import points_to_heatmap
 from .selector import ModuleSelector
 
+ModuleSpec = Union[AugModuleSpec, CADSpec]
+LearningModule = Union[AugModule, CADModule]
+SPEC_CLASSES = {"augmodule": AugModuleSpec, "cad": CADSpec}
+KIND_NAMES = {"augmodule": "SAMCL AugModule", "cad": "CAD (convolutional adapter + mask decoder)"}
+PROMPTS = ("points", "box")
+
+
+def full_image_boxes(n: int, size: int, device: torch.device) -> torch.Tensor:
+    """(n, 4) box prompts covering the whole S x S input: CAD's prompt (x0, y0, x1, y1) = (0, 0, S, S)."""
+    return torch.tensor([[0.0, 0.0, float(size), float(size)]], device=device).expand(n, 4)
+
+
+def segment_with(module: Optional[LearningModule], backbone: Backbone, prefix: Features,
+                 images: Optional[torch.Tensor], heatmap: Optional[torch.Tensor], points: torch.Tensor,
+                 labels: torch.Tensor, boxes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One group of images through ``module`` (None: vanilla SAM)."""
+    if module is None:
+        return backbone.segment(prefix, None, None, points, labels, boxes=boxes)
+    return module.segment(backbone, prefix, images, heatmap, points, labels, boxes=boxes)
+
 
 class SAMCLModel(nn.Module):
-    """``domains[k]`` is the domain of selector output k; ``modules[name]`` its AugModule,
-    absent for a test-only (unseen) domain, which is vanilla SAM."""
+    """``domains[k]`` is the domain of selector output k; ``modules[name]`` its learning module,
+    absent for a test-only (unseen) domain, which is vanilla SAM. ``spec`` says which kind of
+    module every domain gets; ``prompt`` is "points" (SAMCL) or "box" (CAD's full-image box)."""
 
-    def __init__(self, backbone: Backbone, spec: AugModuleSpec) -> None:
+    def __init__(self, backbone: Backbone, spec: ModuleSpec, prompt: str = "points") -> None:
         super().__init__()
-        backbone.check_aug_spec(spec)
+        if prompt not in PROMPTS:
+            raise ValueError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
+        spec.check(backbone)
         self.backbone = backbone
         self.spec = spec
+        self.prompt = prompt
         self.modules_by_domain = nn.ModuleDict()
         self.domains: List[str] = []
         self.selector: Optional[ModuleSelector] = None
 
     # ------------------------------------------------------------ building
-    def new_module(self) -> AugModule:
-        return AugModule(self.spec).to(self.device)
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
 
-    def add_domain(self, name: str, module: Optional[AugModule]) -> None:
+    @property
+    def needs_heatmap(self) -> bool:
+        return self.kind == "augmodule"
+
+    def new_module(self) -> LearningModule:
+        return self.spec.build(self.backbone).to(self.device)
+
+    def describe_module(self) -> str:
+        return self.spec.describe(self.backbone)
+
+    def module_summary(self) -> Dict:
+        """Kind, counted parameters and size of one module of this model (built aside, RNG untouched)."""
+        with torch.random.fork_rng(devices=[]):
+            m = self.spec.build(self.backbone)
+        return {"kind": self.kind, "counted_parameters": m.counted_parameters(),
+                "counted_mb": round(m.counted_size_mb(), 6), "spec": self.spec.to_dict()}
+
+    def add_domain(self, name: str, module: Optional[LearningModule]) -> None:
         if name in self.domains:
             raise ValueError(f"domain {name!r} is already in the model")
+        if module is not None:
+            if getattr(module, "kind", None) != self.kind:
+                got = KIND_NAMES.get(getattr(module, "kind", None), type(module).__name__)
+                raise ValueError(f"domain {name!r}: this model takes {KIND_NAMES[self.kind]} modules, "
+                                 f"got a {got} module")
+            module.spec.check(self.backbone)
         self.domains.append(name)
         if module is not None:
-            self.backbone.check_aug_spec(module.spec)
             self.modules_by_domain[name] = module.to(self.device)
 
-    def module_for(self, name: str) -> Optional[AugModule]:
+    def module_for(self, name: str) -> Optional[LearningModule]:
         return self.modules_by_domain[name] if name in self.modules_by_domain else None
 
     @property
@@ -50,6 +112,10 @@ class SAMCLModel(nn.Module):
     def heatmap(self, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return points_to_heatmap(points, self.backbone.grid_size, self.backbone.img_size, labels)
 
+    def boxes(self, n: int) -> Optional[torch.Tensor]:
+        """Box prompts of a batch of ``n`` (prompt "box"), or None (point prompts)."""
+        return full_image_boxes(n, self.backbone.img_size, self.device) if self.prompt == "box" else None
+
     def route(self, prefix: Features) -> torch.Tensor:
         """(N,) selector choice per image; with a single domain there is nothing to choose."""
         if self.selector is None or len(self.domains) == 1:
@@ -58,18 +124,22 @@ class SAMCLModel(nn.Module):
         return self.selector.route(self.backbone.selector_embedding(prefix))
 
     def segment_routed(self, prefix: Features, choice: torch.Tensor, points: torch.Tensor,
-                       labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Suffix + decoder with each image's chosen module, one pass per chosen domain.
+                       labels: torch.Tensor, images: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Each image with its chosen module, one pass per chosen domain.
 
+        ``images`` (N, 3, S, S) are needed by modules that read the image (CAD).
         Returns logits (N, 1, S, S) and predicted IoU (N, 1), in input order.
         """
-        heat = self.heatmap(points, labels)
+        heat = self.heatmap(points, labels) if self.needs_heatmap else None
+        boxes = self.boxes(choice.shape[0])
         logits: Optional[torch.Tensor] = None
         iou: Optional[torch.Tensor] = None
         for k in torch.unique(choice).tolist():
             idx = (choice == k).nonzero().squeeze(1)
             module = self.module_for(self.domains[k])
-            lg, io = self.backbone.segment(index_features(prefix, idx), module, heat[idx], points[idx], labels[idx])
+            lg, io = segment_with(module, self.backbone, index_features(prefix, idx),
+                                  None if images is None else images[idx], None if heat is None else heat[idx],
+                                  points[idx], labels[idx], None if boxes is None else boxes[idx])
             if logits is None:
                 logits = lg.new_empty((choice.shape[0],) + lg.shape[1:])
                 iou = io.new_empty((choice.shape[0],) + io.shape[1:])
@@ -77,13 +147,19 @@ class SAMCLModel(nn.Module):
             iou[idx] = io
         return logits, iou
 
+    def segment_one(self, module: Optional[LearningModule], prefix: Features, points: torch.Tensor,
+                    labels: torch.Tensor, images: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Every image with ``module`` (None: vanilla), e.g. to validate a module being trained."""
+        heat = self.heatmap(points, labels) if module is not None and module.needs_heatmap else None
+        return segment_with(module, self.backbone, prefix, images, heat, points, labels, self.boxes(points.shape[0]))
+
     def segment_vanilla(self, prefix: Features, points: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.backbone.segment(prefix, None, None, points, labels)
+        return self.backbone.segment(prefix, None, None, points, labels, boxes=self.boxes(points.shape[0]))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, points: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Task-agnostic inference: route every image, segment with its module."""
         prefix = self.backbone.encode_prefix(images)
         choice = self.route(prefix)
-        logits, iou = self.segment_routed(prefix, choice, points, labels)
+        logits, iou = self.segment_routed(prefix, choice, points, labels, images=images)
         return {"logits": logits, "iou": iou, "choice": choice}

@@ -9,8 +9,10 @@ import torch
 from . import distributed as dist
 from .aug_module import AugModuleSpec
 from .backbones import build_backbone
-from .config import Config
+from .cad import CADSpec
+from .config import MODULE_KIND, Config
 from .continual import RESUMABLE_SETTINGS, ContinualTrainer, evaluate_split, make_loader, seed_everything, selector_accuracy
+from .precision import check_amp
 from .data import SegmentationSplit, read_domain_map
 from .metrics import METRICS
 from .model import SAMCLModel
@@ -21,13 +23,16 @@ log = logging.getLogger("samcl.pipeline")
 
 
 def build_model(cfg: Config, device: torch.device) -> SAMCLModel:
-    """Backbone with its weights, an empty module bank, on ``device``."""
+    """Backbone with its weights, an empty module bank of ``cfg.module``'s kind, on ``device``."""
     seed_everything(cfg.seed, cfg.deterministic)
     backbone = build_backbone(cfg)
-    spec = backbone.default_aug_spec(cfg.rank)
-    if cfg.aug_layers is not None:
-        spec = AugModuleSpec(spec.dim, tuple(cfg.aug_layers), spec.neck_channels, spec.rank)
-    return SAMCLModel(backbone, spec).to(device)
+    if MODULE_KIND[cfg.module] == "cad":
+        spec = CADSpec.for_backbone(backbone)
+    else:
+        spec = backbone.default_aug_spec(cfg.rank)
+        if cfg.aug_layers is not None:
+            spec = AugModuleSpec(spec.dim, tuple(cfg.aug_layers), spec.neck_channels, spec.rank)
+    return SAMCLModel(backbone, spec, prompt=cfg.prompt).to(device)
 
 
 def _checkpoint_identity(cfg: Config) -> Dict:
@@ -57,7 +62,7 @@ def resume_config(run_dir: Path, overrides: Dict) -> Config:
     """
     stored = read_manifest(run_dir)["config"]
     changed = {k: v for k, v in overrides.items() if v is not None and k not in RESUMABLE_SETTINGS
-               and stored.get(k) != v}
+               and stored.get(k, getattr(Config, k, None)) != v}  # a setting newer than the run: its default
     if changed:
         raise RunFolderError(f"a resume keeps the run's settings; {run_dir} was trained with "
                              + ", ".join(f"{k}={stored.get(k)!r}" for k in changed)
@@ -105,7 +110,7 @@ def load_run(run_dir: Path, cfg: Config, device: torch.device) -> SAMCLModel:
     model = build_model(run_cfg, device)
     selector, sel_domains = load_selector(Path(run_dir) / snapshot)
     for d in sel_domains:
-        model.add_domain(d, None if d in unseen else load_module(module_path(run_dir, d), model.backbone))
+        model.add_domain(d, None if d in unseen else load_module(module_path(run_dir, d), model.backbone, model.kind))
     model.selector = selector.to(device)
     if len(completed) < len(manifest["order"]):
         log.warning("%s is unfinished: only %s of %s are done (train.py --resume %s continues it)", run_dir,
@@ -133,6 +138,7 @@ def test(run_dir: Path, cfg: Config, device: torch.device, with_vanilla: bool = 
     run_dir = Path(run_dir)
     manifest, report_dir = run_info(run_dir, cfg)
     setup_logging(report_dir, "test_log.txt")
+    check_amp(cfg.amp, device)
     model = load_run(run_dir, cfg, device)
     test_map = read_domain_map(Path(cfg.test_json), Path(cfg.data_root))
     order = manifest["order"]
@@ -143,7 +149,7 @@ def test(run_dir: Path, cfg: Config, device: torch.device, with_vanilla: bool = 
     for d in order:
         ds = SegmentationSplit(test_map[d], model.backbone.img_size, cfg.mask_binarize, cfg.mask_threshold, d)
         loader = make_loader(ds, cfg.eval_batch_size, False, 0, cfg.num_workers, device)
-        res = evaluate_split(model, loader, device, with_vanilla=with_vanilla, desc=f"test {d}")
+        res = evaluate_split(model, loader, device, with_vanilla=with_vanilla, desc=f"test {d}", amp=cfg.amp)
         res["selector_accuracy"] = selector_accuracy(res["selector_counts"], d)
         res["trained"] = d in model.modules_by_domain
         results[d] = res

@@ -689,6 +689,9 @@ def _read_own_module(path: Path) -> Tuple[AugModule, Dict[str, Any]]:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise RunFolderError(f"cannot read module file {path} ({str(e).splitlines()[0]})") from None
+    if isinstance(data, dict) and data.get("format") == "samcl-cad":
+        raise RunFolderError(f"{path} holds a CAD module: the release format has AugModules only "
+                             f"(only --module SAMCL/SAMCL_2 runs can be exported)")
     if not isinstance(data, dict) or data.get("format") != "samcl-augmodule":
         raise RunFolderError(f"{path} is not an AugModule file written by this project")
     with torch.random.fork_rng(devices=[]):

@@ -6,7 +6,8 @@ Layout (``log_sam1/<module>_<order>_<num_embedding>_<seed>_training/``)::
                           domains done, package versions, SHA-256 of every file below
     config.yaml           the resolved configuration
     log.txt               the log
-    <domain>.pth          one AugModule per trained domain (plain state dict + spec)
+    <domain>.pth          one module per trained domain (plain state dict + kind + spec):
+                          an AugModule (--module SAMCL/SAMCL_2) or a CAD module (--module CAD)
     Module_Selector.pth   the latest selector (state dict + its domain order)
     selector/after_<domain>.pth   the selector as it was after each step
     embedding_buffer/<domain>.pth the stored selector embeddings of each domain
@@ -31,7 +32,6 @@ from typing import Any, Dict, List, Optional
 import torch
 import yaml
 
-from .aug_module import AugModule, AugModuleSpec
 from .backbones.base import Backbone
 from .io import atomic_torch_save, atomic_write_text
 from .selector import ModuleSelector
@@ -71,31 +71,46 @@ def backbone_identity(backbone: Backbone) -> Dict[str, Any]:
             "selector_layer": backbone.selector_layer, "selector_dim": backbone.selector_dim}
 
 
-def save_module(module: AugModule, backbone: Backbone, domain: str, path: Path) -> None:
-    atomic_torch_save({"format": "samcl-augmodule", "version": 1, "domain": domain,
+# module file format per learning-module kind (samcl.model); the format names the kind
+MODULE_FORMATS = {"augmodule": "samcl-augmodule", "cad": "samcl-cad"}
+MODULE_FLAGS = {"augmodule": "--module SAMCL (SAM) / SAMCL_2 (SAM 2.1)", "cad": "--module CAD"}
+
+
+def save_module(module, backbone: Backbone, domain: str, path: Path) -> None:
+    """A per-domain module as a plain state dict with its kind, spec and backbone."""
+    atomic_torch_save({"format": MODULE_FORMATS[module.kind], "version": 1, "kind": module.kind, "domain": domain,
                        "backbone": backbone_identity(backbone), "spec": module.spec.to_dict(),
                        "state_dict": module.state_dict()}, path)
 
 
-def load_module(path: Path, backbone: Backbone) -> AugModule:
-    """Load a module file, refusing one written for another backbone (both are named)."""
+def load_module(path: Path, backbone: Backbone, kind: str = "augmodule"):
+    """Load a module file of ``kind``, refusing one of another kind or written for another
+    backbone (both are named)."""
+    from .model import KIND_NAMES, SPEC_CLASSES
+
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise RunFolderError(f"cannot read module file {path} ({str(e).splitlines()[0]}); it is corrupt or "
                              f"truncated: retrain that domain or restore the file") from None
-    if not isinstance(data, dict) or data.get("format") != "samcl-augmodule":
-        raise RunFolderError(f"{path} is not an AugModule file written by this project "
+    fmt = data.get("format") if isinstance(data, dict) else None
+    found = {v: k for k, v in MODULE_FORMATS.items()}.get(fmt)
+    if found is None:
+        raise RunFolderError(f"{path} is not a module file written by this project "
                              f"(for the authors' release files see README, 'Using the authors' release')")
+    if found != kind:
+        raise RunFolderError(f"{path} holds a {KIND_NAMES[found]} module, but this run uses {KIND_NAMES[kind]} "
+                             f"modules; a run folder holds one kind ({MODULE_FLAGS[found]} made this file)")
     ident = data["backbone"]
     if (ident["family"], ident["arch"]) != (backbone.family, backbone.arch):
         raise RunFolderError(f"{path} was trained on {ident['family']}/{ident['arch']} but the backbone is "
                              f"{backbone.family}/{backbone.arch}; pass the matching --vit_name/--ckpt")
-    spec = AugModuleSpec.from_dict(data["spec"])
-    backbone.check_aug_spec(spec)
-    module = AugModule(spec)
+    spec = SPEC_CLASSES[kind].from_dict(data["spec"])
+    spec.check(backbone)
+    with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten below
+        module = spec.build(backbone)
     module.load_state_dict(data["state_dict"])
-    return module
+    return module.eval()
 
 
 def save_selector(selector: ModuleSelector, domains: List[str], path: Path) -> None:

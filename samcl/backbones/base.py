@@ -157,9 +157,14 @@ class Backbone(nn.Module):
         heatmap: Optional[torch.Tensor],
         points: torch.Tensor,
         labels: torch.Tensor,
+        boxes: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Suffix + decoder for one group of images sharing a module."""
-        return self.decode(self.encode_suffix(prefix, module, heatmap), points, labels)
+        """Suffix + decoder for one group of images sharing a module (``boxes``: (N, 4) box
+        prompts instead of the points, SAM only)."""
+        features = self.encode_suffix(prefix, module, heatmap)
+        if boxes is None:
+            return self.decode(features, points, labels)
+        return self.decode(features, points, labels, boxes=boxes)
 
     def freeze(self) -> "Backbone":
         """No parameter of the backbone trains; train/eval mode still follows the caller

@@ -190,15 +190,21 @@ class SAMBackbone(Backbone):
             x = blk(x)
         return {"image_embeddings": enc.neck(x.permute(0, 3, 1, 2))}
 
-    def decode(self, features: Features, points: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, features: Features, points: torch.Tensor, labels: torch.Tensor,
+               boxes: Optional[torch.Tensor] = None,
+               mask_decoder: Optional[torch.nn.Module] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``boxes`` (N, 4) (x0, y0, x1, y1) prompt instead of the points; ``mask_decoder``
+        replaces SAM's own (a CAD module's fine-tuned copy)."""
         pe = self.sam.prompt_encoder
-        sparse, dense = pe(points=(points, labels), boxes=None, masks=None)
+        decoder = self.sam.mask_decoder if mask_decoder is None else mask_decoder
+        prompt = {"points": None, "boxes": boxes} if boxes is not None else {"points": (points, labels), "boxes": None}
+        sparse, dense = pe(**prompt, masks=None)
         image_pe = pe.get_dense_pe()
         emb = features["image_embeddings"]
         # The stock decoder repeats each image embedding for every prompt in the
         # batch; one call per image keeps one prompt set per image (SPEC §5).
         outs = [
-            self.sam.mask_decoder(
+            decoder(
                 image_embeddings=emb[i : i + 1],
                 image_pe=image_pe,
                 sparse_prompt_embeddings=sparse[i : i + 1],

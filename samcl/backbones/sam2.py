@@ -276,7 +276,8 @@ class SAM2Backbone(Backbone):
             out[f"high_res_{k}"] = f
         return out
 
-    def decode(self, features: Features, points: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, features: Features, points: torch.Tensor, labels: torch.Tensor,
+               boxes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """As ``SAM2ImagePredictor._predict`` with one prompt set per image, batched.
 
         Args:
@@ -285,6 +286,8 @@ class SAM2Backbone(Backbone):
         Returns:
             mask logits (N, 1, S, S) (bilinear from the decoder's 4G x 4G) and IoU (N, 1).
         """
+        if boxes is not None:
+            raise ValueError("box prompts (prompt: box) are CAD's recipe, for SAM (ViT) backbones only")
         model = self.sam2
         pe = model.sam_prompt_encoder
         # the predictor normalises coordinates by the image frame, then scales to image_size
