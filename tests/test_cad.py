@@ -16,7 +16,6 @@ from samcl.config import CONFIG_DIR, load_config
 from samcl.demo import make_demo_data
 from samcl.losses import cad_loss, soft_iou_loss
 from samcl.model import SAMCLModel
-from samcl.points import generate_split_points
 from samcl.run_folder import RunFolderError, load_module, save_module
 from tests.conftest import REPO
 
@@ -138,10 +137,7 @@ def test_module_cad_defaults_to_cads_own_recipe():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("cad_data")
-    maps = make_demo_data(root, n_train=5, n_test=3)
-    for split in maps.values():
-        for folder in split.values():
-            generate_split_points(root / folder)
+    make_demo_data(root, n_train=5, n_test=3)
     return root
 
 

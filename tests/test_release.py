@@ -381,60 +381,47 @@ def _sample_subset(root: Path, per_domain: int = 1) -> Path:
 E2E_SIZE = os.environ.get("SAMCL_RELEASE_E2E_SIZE", "512")
 
 
-def test_test_py_runs_on_the_release_sam1_folder(tmp_path):
-    """test.py on the authors' SAM1 folder + one sample image per domain, seeded random ViT-B, CPU."""
-    folder = release_dir("SAM1")
+def _run_release_test(script: str, folder: str, tmp_path: Path):
+    """``script`` on the authors' ``folder`` + one sample image per domain, seeded random backbone, CPU."""
     data = _sample_subset(tmp_path / "data")
     report = tmp_path / "report.json"
-    cmd = [sys.executable, "test.py", "--run_dir", str(folder), "--data_root", str(data), "--random_weights",
+    cmd = [sys.executable, script, "--run_dir", str(release_dir(folder)), "--data_root", str(data), "--random_weights",
            "--device", "cpu", "--no_vanilla", "--num_workers", "0", "--output_dir", str(tmp_path / "out"),
            "--output", str(report), "--img_size", E2E_SIZE]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = json.loads(report.read_text())
     assert out["domains"] == list(RELEASE_ORDER) and out["unseen"] == ["COCO"]
-    assert out["selector_domains"] == list(RELEASE_ORDER) and out["config"]["vit_name"] == "vit_b"
     for d in RELEASE_ORDER:
         r = out["results"][d]
         assert r["trained"] is (d != "COCO")  # COCO has no module: routed there means vanilla SAM
         assert r["metrics"]["n"] == 1 and all(0.0 <= r["metrics"][m] <= 1.0 for m in ("iou", "f1", "mae"))
         assert list(r["selector_counts"]) == list(RELEASE_ORDER) and sum(r["selector_counts"].values()) == 1
-    assert (tmp_path / "out" / "release_SAM1" / "test_log.txt").is_file()
-    assert "RANDOM WEIGHTS" in res.stdout + res.stderr
-    for d in RELEASE_ORDER:
         assert any(line.startswith(d) for line in res.stdout.splitlines()), res.stdout
+    assert (tmp_path / "out" / f"release_{folder}" / "test_log.txt").is_file()
+    assert "RANDOM WEIGHTS" in res.stdout + res.stderr
+    return out
+
+
+def test_test_py_runs_on_the_release_sam1_folder(tmp_path):
+    out = _run_release_test("test.py", "SAM1", tmp_path)
+    assert out["selector_domains"] == list(RELEASE_ORDER) and out["config"]["vit_name"] == "vit_b"
+
+
+def test_test_sam2_py_runs_on_the_release_sam2_folder(tmp_path):
+    out = _run_release_test("test_SAM2.py", "SAM2", tmp_path)
+    assert out["config"]["backbone"] == "sam2"
 
 
 @pytest.mark.parametrize("script,folder,wrong,right", [("test.py", "SAM2", "SAM 2.1 (Hiera)", "test_SAM2.py"),
                                                         ("test_SAM2.py", "SAM1", "SAM (ViT)", "test.py")])
 def test_a_release_folder_of_the_other_family_is_refused_by_the_script(script, folder, wrong, right, tmp_path):
-    if not (REPO / script).is_file():
-        pytest.skip(f"{script} is not in this checkout")
     cmd = [sys.executable, script, "--run_dir", str(release_dir(folder)), "--random_weights", "--device", "cpu",
            "--output_dir", str(tmp_path)]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert f"holds {wrong} modules" in res.stderr and f"test it with {right}" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
-
-
-def test_test_sam2_py_runs_on_the_release_sam2_folder(tmp_path):
-    if not (REPO / "samcl" / "backbones" / "sam2.py").is_file() or not (REPO / "test_SAM2.py").is_file():
-        pytest.skip("the SAM 2 backbone (samcl/backbones/sam2.py) and test_SAM2.py are not in this checkout yet")
-    folder = release_dir("SAM2")
-    data = _sample_subset(tmp_path / "data")
-    report = tmp_path / "report.json"
-    cmd = [sys.executable, "test_SAM2.py", "--run_dir", str(folder), "--data_root", str(data), "--random_weights",
-           "--device", "cpu", "--no_vanilla", "--num_workers", "0", "--output_dir", str(tmp_path / "out"),
-           "--output", str(report), "--img_size", E2E_SIZE]
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    out = json.loads(report.read_text())
-    assert out["domains"] == list(RELEASE_ORDER) and out["results"]["COCO"]["trained"] is False
-    assert out["config"]["backbone"] == "sam2"
-    for d in RELEASE_ORDER:
-        assert sum(out["results"][d]["selector_counts"].values()) == 1
-        assert out["results"][d]["metrics"]["n"] == 1
 
 
 # ----------------------------------------------------------------------------- export of a trained run

@@ -20,7 +20,6 @@ from samcl.data import SegmentationSplit
 from samcl.demo import make_demo_data
 from samcl.feature_cache import PrefixCache
 from samcl.model import SAMCLModel
-from samcl.points import generate_split_points
 from samcl.precision import amp_forward, autocast, check_amp
 from samcl.run_folder import load_module
 from samcl.selector import ModuleSelector
@@ -32,10 +31,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("speed")
-    maps = make_demo_data(root, n_train=6, n_test=4)
-    for split in maps.values():
-        for folder in split.values():
-            generate_split_points(root / folder)
+    make_demo_data(root, n_train=6, n_test=4)
     return root
 
 
