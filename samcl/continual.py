@@ -79,7 +79,10 @@ def to_device(batch: dict, device: torch.device) -> Batch:
 def make_loader(ds: SegmentationSplit, batch_size: int, shuffle: bool, seed: int, num_workers: int,
                 device: torch.device) -> DataLoader:
     """Seeded loader; under torchrun each rank reads its share through a DistributedSampler
-    (which pads the last share with repeats: evaluation removes them by dataset index)."""
+    (which pads the last share with repeats: evaluation removes them by dataset index).
+    Workers are capped at the CPUs this process may use (shared among a machine's ranks)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    num_workers = min(num_workers, max(cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1))
     sampler = None
     if dist.is_distributed():
         sampler = DistributedSampler(ds, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=shuffle,
