@@ -1,8 +1,9 @@
-"""Crash-safe file writes: a temporary file in the same folder, flushed, then renamed."""
+"""Crash-safe file writes (a temporary file in the same folder, flushed, then renamed) and
+restricted reads of the files this project writes."""
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection, Dict, Type
 
 import torch
 
@@ -29,3 +30,16 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     _atomic(path, lambda f: torch.save(obj, f), "wb")
+
+
+def load_tagged(path: Path, formats: Collection[str], what: str, error: Type[Exception] = ValueError) -> Dict[str, Any]:
+    """A file this project wrote, read with torch's restricted unpickler (``weights_only``);
+    its ``format`` tag must be one of ``formats``. Failures raise ``error`` naming the file."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise error(f"cannot read {what} {path} ({str(e).splitlines()[0]}); it is corrupt or truncated: "
+                    f"restore it or recreate it") from None
+    if not isinstance(data, dict) or data.get("format") not in formats:
+        raise error(f"{path} is not a valid {what} written by this project")
+    return data

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from .aug_module import AugModule, AugModuleSpec
-from .io import atomic_torch_save, atomic_write_text
+from .io import atomic_torch_save, atomic_write_text, load_tagged
 from .run_folder import (MANIFEST, SELECTOR_FILE, RunFolderError, load_selector, package_versions,
                          read_manifest, save_selector, selector_snapshot, sha256_file, verify_files, write_json)
 from .selector import ModuleSelector
@@ -685,15 +685,10 @@ def save_release_module(module: AugModule, family: str, path: Path, cnt: int = 0
 
 
 def _read_own_module(path: Path) -> Tuple[AugModule, Dict[str, Any]]:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RunFolderError(f"cannot read module file {path} ({str(e).splitlines()[0]})") from None
-    if isinstance(data, dict) and data.get("format") == "samcl-cad":
+    data = load_tagged(path, ("samcl-augmodule", "samcl-cad"), "module file", RunFolderError)
+    if data["format"] == "samcl-cad":
         raise RunFolderError(f"{path} holds a CAD module: the release format has AugModules only "
                              f"(only --module SAMCL/SAMCL_2 runs can be exported)")
-    if not isinstance(data, dict) or data.get("format") != "samcl-augmodule":
-        raise RunFolderError(f"{path} is not an AugModule file written by this project")
     with torch.random.fork_rng(devices=[]):
         module = AugModule(AugModuleSpec.from_dict(data["spec"]))
     module.load_state_dict(data["state_dict"])

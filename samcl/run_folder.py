@@ -33,7 +33,7 @@ import torch
 import yaml
 
 from .backbones.base import Backbone
-from .io import atomic_torch_save, atomic_write_text
+from .io import atomic_torch_save, atomic_write_text, load_tagged
 from .selector import ModuleSelector
 
 MANIFEST = "run.json"
@@ -88,16 +88,9 @@ def load_module(path: Path, backbone: Backbone, kind: str = "augmodule"):
     backbone (both are named)."""
     from .model import KIND_NAMES, SPEC_CLASSES
 
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RunFolderError(f"cannot read module file {path} ({str(e).splitlines()[0]}); it is corrupt or "
-                             f"truncated: retrain that domain or restore the file") from None
-    fmt = data.get("format") if isinstance(data, dict) else None
-    found = {v: k for k, v in MODULE_FORMATS.items()}.get(fmt)
-    if found is None:
-        raise RunFolderError(f"{path} is not a module file written by this project "
-                             f"(for the authors' release files see README, 'Using the authors' release')")
+    data = load_tagged(path, MODULE_FORMATS.values(), "module file (for the authors' release files see README, "
+                       "'Using the authors' release')", RunFolderError)
+    found = {v: k for k, v in MODULE_FORMATS.items()}[data["format"]]
     if found != kind:
         raise RunFolderError(f"{path} holds a {KIND_NAMES[found]} module, but this run uses {KIND_NAMES[kind]} "
                              f"modules; a run folder holds one kind ({MODULE_FLAGS[found]} made this file)")
@@ -120,12 +113,7 @@ def save_selector(selector: ModuleSelector, domains: List[str], path: Path) -> N
 
 def load_selector(path: Path) -> tuple:
     """-> (ModuleSelector in eval mode, its domain order)."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RunFolderError(f"cannot read selector file {path} ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict) or data.get("format") != "samcl-selector":
-        raise RunFolderError(f"{path} is not a selector file written by this project")
+    data = load_tagged(path, ("samcl-selector",), "selector file", RunFolderError)
     sel = ModuleSelector(data["dim"], len(data["domains"]))
     sel.load_state_dict(data["state_dict"])
     return sel.eval(), list(data["domains"])

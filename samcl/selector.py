@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .io import atomic_torch_save
+from .io import atomic_torch_save, load_tagged
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +117,9 @@ class EmbeddingBuffer:
                            "capacity": self.capacity, "embeddings": self.store[domain]}, path)
 
     def load_part(self, path: Path, domain: str) -> None:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"cannot read buffer file {path} ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict) or data.get("format") != "samcl-embedding-buffer" or data["domain"] != domain:
-            raise ValueError(f"{path} is not the embedding buffer of {domain} written by SAMCL")
+        data = load_tagged(path, ("samcl-embedding-buffer",), f"embedding buffer of {domain}")
+        if data["domain"] != domain:
+            raise ValueError(f"{path} is not the embedding buffer of {domain} (it holds {data['domain']})")
         self.store[domain] = data["embeddings"]
 
 
