@@ -403,7 +403,7 @@ class ContinualTrainer:
             cache.new_epoch()
             model.backbone.train()
             module.train()
-            total, count = 0.0, 0
+            total, count = torch.zeros((), device=self.device), 0  # summed on the device: no sync per step
             for raw in progress(loader, f"{domain} epoch {epoch + 1}/{cfg.epoch}"):
                 b = to_device(raw, self.device)
                 prefix = cache.prefix(model.backbone, b.images, raw["index"])
@@ -416,9 +416,9 @@ class ContinualTrainer:
                 loss.backward()
                 opt.step()
                 sched.step()  # per iteration, as the reference does (quirk Q4)
-                total += loss.item()
+                total += loss.detach()
                 count += len(b.names)
-            total, count = (sum(v) for v in zip(*dist.all_gather_objects((total, count))))
+            total, count = (sum(v) for v in zip(*dist.all_gather_objects((total.item(), count))))
             history["epoch_loss"].append(total / max(count, 1))
             history["lr_end"].append(opt.param_groups[0]["lr"])
             log.info("%s epoch %d/%d  loss/image %.4f  lr %.3g", domain, epoch + 1, cfg.epoch,
