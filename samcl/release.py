@@ -607,15 +607,9 @@ def convert(src: Path, dst: Path, family: Optional[str] = None, order: Sequence[
 
 
 def _official_checkpoint(family: str, arch: str) -> Optional[str]:
-    if family == "sam":
-        from .backbones.sam import sam_architectures
+    from .backbones.build import backbone_family
 
-        return sam_architectures().get(arch, {}).get("checkpoint")
-    try:
-        from .backbones.sam2 import sam2_architectures
-    except ImportError:
-        return None
-    return sam2_architectures().get(arch, {}).get("checkpoint")
+    return backbone_family(family).architectures().get(arch, {}).get("checkpoint")
 
 
 # ----------------------------------------------------------------------------- export

@@ -25,6 +25,7 @@ from torch import nn
 from ..aug_module import AugModule, AugModuleSpec, token_heat, window_heat
 
 Features = Dict[str, torch.Tensor]
+UPSAMPLE_MODES = ("nearest", "bilinear")
 
 
 @dataclass
@@ -58,10 +59,21 @@ class Backbone(nn.Module):
     selector_layer: int
     selector_dim: int
 
-    def __init__(self, heat_orientation: str = "reference") -> None:
+    def __init__(self, arch: str, heat_orientation: str = "reference", upsample: str = "nearest") -> None:
         super().__init__()
+        if upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
+        self.arch = arch
         self.heat_orientation = heat_orientation
+        self.upsample = upsample
         self._active: Optional[_Active] = None
+
+    def _resolve_selector_layer(self, requested: Optional[int], default: int, depth: int) -> int:
+        """The selector block: ``requested`` or the backbone's ``default``; at least one block must follow."""
+        layer = default if requested is None else int(requested)
+        if not 0 <= layer < depth - 1:
+            raise ValueError(f"selector layer {layer} must leave at least one of the {depth} blocks after it")
+        return layer
 
     # -------------------------------------------------------------- contract
     def default_aug_spec(self, rank: int = 10) -> AugModuleSpec:

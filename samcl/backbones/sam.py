@@ -11,7 +11,6 @@ from ..aug_module import AugModuleSpec
 from ..config import load_model_table
 from .base import Backbone, Features
 
-UPSAMPLE_MODES = ("nearest", "bilinear")
 
 
 def sam_architectures() -> dict:
@@ -121,19 +120,13 @@ class SAMBackbone(Backbone):
         heat_orientation: str = "reference",
         upsample: str = "nearest",
     ) -> None:
-        super().__init__(heat_orientation)
-        if upsample not in UPSAMPLE_MODES:
-            raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
+        super().__init__(arch, heat_orientation, upsample)
         self.sam = sam
-        self.arch = arch
-        self.upsample = upsample
         enc = sam.image_encoder
         self.img_size = enc.img_size
         self.grid_size = enc.img_size // enc.patch_embed.proj.kernel_size[0]
         self.depth = len(enc.blocks)
-        self.selector_layer = self.depth // 2 if selector_layer is None else int(selector_layer)
-        if not 0 <= self.selector_layer < self.depth - 1:
-            raise ValueError(f"selector layer {self.selector_layer} must leave at least one block after it")
+        self.selector_layer = self._resolve_selector_layer(selector_layer, self.depth // 2, self.depth)
         self.selector_dim = enc.pos_embed.shape[-1] if enc.pos_embed is not None else enc.blocks[0].norm1.normalized_shape[0]
         self.embed_dim = self.selector_dim
         self.out_chans = enc.neck[0].out_channels
@@ -218,3 +211,11 @@ class SAMBackbone(Backbone):
         kwargs = {"align_corners": False} if self.upsample == "bilinear" else {}
         masks = F.interpolate(low_res, size=(self.img_size, self.img_size), mode=self.upsample, **kwargs)
         return masks, iou
+
+
+# The family's entry points for backbones.build (same names in every backbone module).
+architectures = sam_architectures
+build_model = build_sam
+load_weights = load_sam_weights
+BACKBONE = SAMBackbone
+DEFAULT_UPSAMPLE = "nearest"  # the release's choice (quirk Q6)

@@ -25,7 +25,6 @@ from .base import Backbone, Features
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-UPSAMPLE_MODES = ("nearest", "bilinear")
 OFFICIAL_SIZES = {(96, 12): "hiera_t", (96, 16): "hiera_s", (112, 24): "hiera_b+", (144, 48): "hiera_l"}
 
 
@@ -161,19 +160,12 @@ class SAM2Backbone(Backbone):
         heat_orientation: str = "reference",
         upsample: str = "bilinear",
     ) -> None:
-        super().__init__(heat_orientation)
-        if upsample not in UPSAMPLE_MODES:
-            raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
+        super().__init__(arch, heat_orientation, upsample)
         self.sam2 = model
-        self.arch = arch
-        self.upsample = upsample
         trunk = model.image_encoder.trunk
         self.depth = len(trunk.blocks)
         self.img_size = int(model.image_size)
-        self.selector_layer = self._default_selector(trunk) if selector_layer is None else int(selector_layer)
-        if not 0 <= self.selector_layer < self.depth - 1:
-            raise ValueError(f"selector layer {self.selector_layer} must leave at least one of the "
-                             f"{self.depth} trunk blocks after it")
+        self.selector_layer = self._resolve_selector_layer(selector_layer, self._default_selector(trunk), self.depth)
         self.selector_dim = trunk.blocks[self.selector_layer].dim_out
         self.grid_size = _grid_after(trunk, self.img_size, self.selector_layer)
         # trunk outputs (stage ends) the FPN neck takes, as Hiera.forward collects them
@@ -306,3 +298,11 @@ class SAM2Backbone(Backbone):
         kwargs = {"align_corners": False} if self.upsample == "bilinear" else {}
         masks = F.interpolate(low_res.float(), size=(self.img_size, self.img_size), mode=self.upsample, **kwargs)
         return masks, iou
+
+
+# The family's entry points for backbones.build (same names in every backbone module).
+architectures = sam2_architectures
+build_model = build_sam2_model
+load_weights = load_sam2_weights
+BACKBONE = SAM2Backbone
+DEFAULT_UPSAMPLE = "bilinear"  # as SAM 2's image predictor
