@@ -571,8 +571,8 @@ def main(argv=None) -> Dict:
         "ours fp32 test IoU equals the reference-style": abs(ours["test_mean_iou"] - rows[0]["test_mean_iou"]) <= 1e-4,
     }
     lines.append("-" * len(head))
-    lines.append(f"reference-style: fp32, prefix recomputed every epoch; test batch 1 + deepcopy + module reload "
-                 f"from disk + CPU heatmap + full forward")
+    lines.append("reference-style: fp32, prefix recomputed every epoch; test batch 1 + deepcopy + module reload "
+                 "from disk + CPU heatmap + full forward")
     lines.append(f"ours: feature cache ({ours['cache_location']}, hit rate "
                  f"{100 * train['ours']['cache'].get('hit_rate', 0):.0f}%), test batch {args.eval_batch_size} "
                  f"routed by group, resident modules, device heatmaps"

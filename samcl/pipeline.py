@@ -1,4 +1,5 @@
 """What train.py and test.py do, as functions (the scripts only parse flags)."""
+import json
 import logging
 import math
 from pathlib import Path
@@ -9,15 +10,18 @@ import torch
 from . import distributed as dist
 from .aug_module import AugModuleSpec
 from .backbones import build_backbone
+from .backbones.build import default_checkpoint
 from .cad import CADSpec
 from .config import MODULE_KIND, Config
-from .continual import RESUMABLE_SETTINGS, ContinualTrainer, evaluate_split, make_loader, seed_everything, selector_accuracy
-from .precision import check_amp
+from .continual import (RESUMABLE_SETTINGS, ContinualTrainer, evaluate_split, make_loader, seed_everything,
+                        selector_accuracy)
 from .data import SegmentationSplit, read_domain_map
 from .metrics import METRICS
 from .model import SAMCLModel
-from .run_folder import (SELECTOR_FILE, checkpoint_identity, selector_snapshot, verify_files, TEST_METRICS_FILE, RunFolderError, load_module, load_selector,
-                         module_path, package_versions, read_manifest, setup_logging, write_json)
+from .precision import check_amp
+from .run_folder import (METRICS_FILE, TEST_METRICS_FILE, RunFolderError, checkpoint_identity, load_module,
+                         load_selector, module_path, package_versions, read_manifest, selector_snapshot,
+                         setup_logging, verify_files, write_json)
 
 log = logging.getLogger("samcl.pipeline")
 
@@ -36,23 +40,26 @@ def build_model(cfg: Config, device: torch.device) -> SAMCLModel:
 
 
 def _checkpoint_identity(cfg: Config) -> Dict:
-    from .backbones.build import default_checkpoint
-
     path = None if cfg.random_weights else (Path(cfg.ckpt) if cfg.ckpt else default_checkpoint(cfg))
     return checkpoint_identity(path, cfg.random_weights, cfg.seed)
 
 
-def train(cfg: Config, device: torch.device, overwrite: bool = False) -> Dict:
-    """A new continual run into ``cfg``'s run folder."""
-    run_dir = cfg.resolved_run_dir()
-    setup_logging(None, main=dist.is_main())  # the folder is made only once the backbone and data check out
+def _run_continual(cfg: Config, device: torch.device, run_dir: Path, **trainer_options) -> Dict:
+    """Build the model and run the protocol into ``run_dir``; the log file is opened only once
+    the backbone, the data and the folder check out (a failed start leaves nothing behind)."""
+    setup_logging(None, main=dist.is_main())
     model = build_model(cfg, device)
-    trainer = ContinualTrainer(cfg, model, device, run_dir, overwrite=overwrite, checkpoint=_checkpoint_identity(cfg))
+    trainer = ContinualTrainer(cfg, model, device, run_dir, checkpoint=_checkpoint_identity(cfg), **trainer_options)
     setup_logging(run_dir, main=dist.is_main())
     log.info("run folder %s on %s (%d process(es))", run_dir, device, dist.world_size())
     metrics = trainer.run()
     log.info("done: %s", run_dir)
     return metrics
+
+
+def train(cfg: Config, device: torch.device, overwrite: bool = False) -> Dict:
+    """A new continual run into ``cfg``'s run folder."""
+    return _run_continual(cfg, device, cfg.resolved_run_dir(), overwrite=overwrite)
 
 
 def resume_config(run_dir: Path, overrides: Dict) -> Config:
@@ -73,15 +80,7 @@ def resume_config(run_dir: Path, overrides: Dict) -> Config:
 
 def resume(run_dir: Path, overrides: Dict, device: torch.device) -> Dict:
     """Continue an interrupted run, or add the new domains of a longer ``--order`` to a finished one."""
-    cfg = resume_config(run_dir, overrides)
-    setup_logging(run_dir, main=dist.is_main())
-    log.info("resuming run folder %s on %s", run_dir, device)
-    model = build_model(cfg, device)
-    trainer = ContinualTrainer(cfg, model, device, Path(run_dir), resume=True,
-                               checkpoint=_checkpoint_identity(cfg))
-    metrics = trainer.run()
-    log.info("done: %s", run_dir)
-    return metrics
+    return _run_continual(resume_config(run_dir, overrides), device, Path(run_dir), resume=True)
 
 
 def load_run(run_dir: Path, cfg: Config, device: torch.device) -> SAMCLModel:
@@ -162,9 +161,6 @@ def test(run_dir: Path, cfg: Config, device: torch.device, with_vanilla: bool = 
 
 
 def _train_summary(run_dir: Path) -> Optional[Dict]:
-    from .run_folder import METRICS_FILE
-    import json
-
     p = Path(run_dir) / METRICS_FILE
     if not p.is_file():
         return None

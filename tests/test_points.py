@@ -6,7 +6,6 @@ import sys
 
 import cv2
 import numpy as np
-import pytest
 
 from samcl.data import load_mask
 from samcl.points import generate_split_points, sample_points
