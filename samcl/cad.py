@@ -24,7 +24,7 @@ autograd" does not fit that backbone's split without re-plumbing its image path
 import copy
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -172,6 +172,20 @@ class CADSpec:
             return self.build(backbone).describe()
 
 
+FROZEN_EMBEDDING = "cad_frozen_embedding"
+
+
+@torch.no_grad()
+def frozen_features(backbone, images: Optional[torch.Tensor], prefix: Optional[Dict[str, torch.Tensor]] = None
+                    ) -> Dict[str, torch.Tensor]:
+    """Everything of the frozen encoder that CAD reads: the prefix (the selector needs it) and the
+    whole encoder embedding (N, C, G, G), computed without autograd. Under CAD the entire encoder is
+    frozen, so the training cache keeps both and later epochs skip the encoder altogether."""
+    prefix = dict(backbone.encode_prefix(images) if prefix is None else prefix)
+    prefix[FROZEN_EMBEDDING] = backbone.encode_suffix(prefix, None, None)["image_embeddings"]
+    return prefix
+
+
 class CADModule(nn.Module):
     """The trainable module of one domain: a :class:`ConvAdapter` and its own copy of SAM's
     mask decoder (the backbone's prompt encoder and image encoder stay frozen and shared)."""
@@ -209,9 +223,15 @@ class CADModule(nn.Module):
         """(frozen encoder embedding without autograd, adapter output), both (N, C, G, G)."""
         if images is None:
             raise ValueError("a CAD module needs the batch's images (the adapter reads them)")
-        with torch.no_grad():
-            frozen = backbone.encode_suffix(prefix, None, None)["image_embeddings"]
+        frozen = prefix.get(FROZEN_EMBEDDING)  # present when the training cache holds it
+        if frozen is None:
+            frozen = frozen_features(backbone, None, prefix)[FROZEN_EMBEDDING]
         return frozen, self.adapter(high_frequency(images, self.spec.in_side))
+
+    @staticmethod
+    def frozen_features(backbone, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """What the training cache keeps for CAD: the prefix and the whole frozen embedding."""
+        return frozen_features(backbone, images)
 
     def segment(self, backbone, prefix, images: Optional[torch.Tensor], heatmap: Optional[torch.Tensor],
                 points: torch.Tensor, labels: torch.Tensor, boxes: Optional[torch.Tensor] = None):

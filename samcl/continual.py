@@ -397,7 +397,9 @@ class ContinualTrainer:
             step = DistributedDataParallel(step, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                                            find_unused_parameters=module.has_unused_parameters)
         step = amp_forward(step, cfg.amp, self.device)  # --amp bf16: autocast forward, fp32 outputs and loss
-        cache = PrefixCache.for_training(cfg, self.device, len(loader.dataset))  # frozen prefix, once per image
+        # the frozen features, once per image: the prefix, or (CAD) the whole frozen embedding too
+        cache = PrefixCache.for_training(cfg, self.device, len(loader.dataset),
+                                         encode=getattr(module, "frozen_features", None))
         for epoch in progress(range(first, cfg.epoch), f"{domain} epochs"):
             set_epoch(loader, epoch)
             cache.new_epoch()

@@ -28,7 +28,7 @@ image (keyed by its dataset index) and hands the stored copy back in later epoch
 """
 import logging
 import os
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -96,12 +96,15 @@ class PrefixCache:
         budget_gb: cap on the bytes held (None: derived, see the module doc).
     """
 
-    def __init__(self, mode: str, device: torch.device, n_items: int, budget_gb: Optional[float] = None) -> None:
+    def __init__(self, mode: str, device: torch.device, n_items: int, budget_gb: Optional[float] = None,
+                 encode: Optional[Callable[[Any, torch.Tensor], Features]] = None) -> None:
         if mode not in CACHE_MODES:
             raise ValueError(f"feature_cache must be one of {CACHE_MODES}, got {mode!r}")
         if budget_gb is not None and budget_gb < 0:
             raise ValueError(f"cache_budget_gb must be >= 0, got {budget_gb}")
         self.mode = mode
+        # what is frozen and worth keeping: the prefix, or more (CAD adds the whole frozen embedding)
+        self.encode = encode or (lambda backbone, images: backbone.encode_prefix(images))
         self.device = torch.device(device)
         self.n_items = int(n_items)
         self.budget_gb = budget_gb
@@ -125,9 +128,12 @@ class PrefixCache:
             torch.cuda.reset_peak_memory_stats(self.device)  # auto measures the first epoch's peak
 
     @classmethod
-    def for_training(cls, cfg, device: torch.device, n_items: int) -> "PrefixCache":
-        """The cache a training run's settings ask for (``feature_cache``, ``cache_budget_gb``)."""
-        return cls(getattr(cfg, "feature_cache", "auto"), device, n_items, getattr(cfg, "cache_budget_gb", None))
+    def for_training(cls, cfg, device: torch.device, n_items: int,
+                     encode: Optional[Callable[[Any, torch.Tensor], Features]] = None) -> "PrefixCache":
+        """The cache a training run's settings ask for (``feature_cache``, ``cache_budget_gb``);
+        ``encode(backbone, images)`` computes the frozen features (default: the prefix)."""
+        return cls(getattr(cfg, "feature_cache", "auto"), device, n_items, getattr(cfg, "cache_budget_gb", None),
+                   encode)
 
     # ------------------------------------------------------------ sizes
     @property
@@ -192,7 +198,7 @@ class PrefixCache:
         """The frozen prefix of a batch: stored entries where present, computed (and stored while
         the budget lasts) otherwise. ``index``: (N,) dataset indices of the batch."""
         if not self.enabled:
-            return backbone.encode_prefix(images)
+            return self.encode(backbone, images)
         index = index.detach().long().cpu()
         slots = self.slot[index]
         hit = slots >= 0
@@ -209,7 +215,7 @@ class PrefixCache:
         computed = self._compute(backbone, images[miss.to(images.device)])
         self._store(index[miss], computed)
         if not self.enabled:  # switched itself off: compute the rest too
-            return backbone.encode_prefix(images)
+            return self.encode(backbone, images)
         cached = self._gather(slots[hit])
         hit_pos = hit.nonzero().squeeze(1).to(self.device)
         miss_pos = miss.to(self.device)
@@ -237,13 +243,13 @@ class PrefixCache:
 
     def _compute(self, backbone, images: torch.Tensor) -> Features:
         if self._checked:
-            return backbone.encode_prefix(images)
+            return self.encode(backbone, images)
         # first call: watch for layers that would make the prefix random in training mode
         fired = []
         handles = [m.register_forward_pre_hook(lambda mod, _inp: fired.append(mod) if mod.training else None)
                    for m in backbone.modules() if _stochastic(m)]
         try:
-            out = backbone.encode_prefix(images)
+            out = self.encode(backbone, images)
         finally:
             for h in handles:
                 h.remove()

@@ -11,7 +11,8 @@ offers what the loop needs:
 * module: ``kind``, ``spec``, ``needs_heatmap``, ``has_unused_parameters`` (for DDP),
   ``counted_parameters()``, ``describe()`` and
   ``segment(backbone, prefix, images, heatmap, points, labels, boxes=None)`` ->
-  (logits (N, 1, S, S), iou (N, 1)).
+  (logits (N, 1, S, S), iou (N, 1)); optionally ``frozen_features(backbone, images)``, the
+  frozen features the training cache should keep (default: the prefix).
 
 Kinds: ``augmodule`` (SAMCL's AugModule, :mod:`samcl.aug_module`, ``--module SAMCL``/
 ``SAMCL_2``) and ``cad`` (the convolutional adapter + a decoder copy, :mod:`samcl.cad`,

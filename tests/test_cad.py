@@ -206,6 +206,22 @@ def test_continual_run_with_module_cad_writes_run_folder_tests_and_resumes(data,
                for k, v in before.items())
 
 
+def test_cad_training_with_the_cache_equals_without(data, tmp_path):
+    """Under CAD the whole encoder is frozen: the cache keeps its embedding, results stay bit-identical."""
+    runs = {}
+    for mode in ("off", "auto"):
+        cfg = cad_cfg(data, tmp_path / mode, order="polyp", epoch=3, feature_cache=mode)
+        runs[mode] = (cfg, pipeline.train(cfg, CPU))
+    (cfg_off, m_off), (cfg_on, m_on) = runs["off"], runs["auto"]
+    assert m_off["steps"][0]["training"]["epoch_loss"] == m_on["steps"][0]["training"]["epoch_loss"]
+    assert m_off["steps"][0]["evaluation"] == m_on["steps"][0]["evaluation"]
+    model = pipeline.build_model(cfg_off, CPU)
+    a = load_module(cfg_off.resolved_run_dir() / "polyp.pth", model.backbone, "cad").state_dict()
+    b = load_module(cfg_on.resolved_run_dir() / "polyp.pth", model.backbone, "cad").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "hit rate 66.7%" in (cfg_on.resolved_run_dir() / "log.txt").read_text()  # epochs 2-3 skip the encoder
+
+
 def test_single_domain_mode_with_box_prompt(data, tmp_path):
     run = tmp_path / "single"
     cfg = cad_cfg(data, run, config="cad_single_domain.yaml", order="shadow", vit_name="vit_tiny",
