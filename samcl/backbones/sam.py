@@ -194,20 +194,18 @@ class SAMBackbone(Backbone):
         sparse, dense = pe(**prompt, masks=None)
         image_pe = pe.get_dense_pe()
         emb = features["image_embeddings"]
-        # The stock decoder repeats each image embedding for every prompt in the
-        # batch; one call per image keeps one prompt set per image (SPEC §5).
-        outs = [
-            decoder(
-                image_embeddings=emb[i : i + 1],
-                image_pe=image_pe,
-                sparse_prompt_embeddings=sparse[i : i + 1],
-                dense_prompt_embeddings=dense[i : i + 1],
-                multimask_output=False,
-            )
-            for i in range(emb.shape[0])
-        ]
-        low_res = torch.cat([o[0] for o in outs])
-        iou = torch.cat([o[1] for o in outs])
+        # One call for the whole batch, one prompt set per image (SPEC §5). The stock
+        # decoder repeats its image embedding once per prompt set (images x prompts), so
+        # it gets a single zero image and each image's embedding rides in the dense
+        # prompt term it adds next: src = repeat(0) + (emb_i + dense_i) = emb_i + dense_i,
+        # the same values as one call per image.
+        low_res, iou = decoder(
+            image_embeddings=emb.new_zeros((1,) + emb.shape[1:]),
+            image_pe=image_pe,
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=emb + dense,
+            multimask_output=False,
+        )
         kwargs = {"align_corners": False} if self.upsample == "bilinear" else {}
         masks = F.interpolate(low_res, size=(self.img_size, self.img_size), mode=self.upsample, **kwargs)
         return masks, iou
