@@ -8,10 +8,11 @@ same device, data, weights and seed.
     python bench/speed.py --device cuda --vit_name vit_b --img_size 1024   # the real size on a GPU
 
 What is measured (random backbone weights: speed does not depend on them). The
-paths run in one process, each in its own thread, and take turns batch by batch
-(one training batch, loading + step; one test batch or image): only one path
-computes at any moment and all of them meet the same background load, so the
-ratios hold on a shared machine, where absolute images/s may wander.
+paths run in one process, each in its own thread, and take turns pass by pass
+(one training epoch; one test split) or, with ``--turns batch``, batch by batch:
+only one path computes at any moment and all of them meet the same background
+load, so the ratios hold on a shared machine, where absolute images/s may
+wander. Only a path's own batches (loading + work) count in its time.
 
 * Training, one domain, the real ``ContinualTrainer._train_module``:
   - reference-style: fp32, the frozen encoder prefix recomputed for every batch
@@ -113,6 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--no_amp", action="store_true", help="on CUDA, skip the --amp bf16 rows")
+    p.add_argument("--turns", choices=("pass", "batch"), default="pass",
+                   help="the paths alternate per loader pass (an epoch, a test split; default) or per batch")
     p.add_argument("--out", help="JSON path (default bench/results/speed_<device>.json)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -173,11 +176,18 @@ class Turns:
     """Lets the measured pieces of several threads run one at a time, in alternation (first come,
     first served), so that every path meets the same background load on a shared machine.
 
-    Each path runs in its own thread; a piece (one training batch: loading + step; one test
-    batch) runs while its thread holds the turn, and only its own pieces count in its time.
+    Each path runs in its own thread; a piece runs while its thread holds the turn, and only its
+    own batches (loading + work) count in its time. ``granularity`` "pass": a piece is a whole
+    pass over a loader (one training epoch, one test split); "batch": one batch. Batch turns
+    follow background load more closely but make the paths disturb each other (caches, the
+    allocator's free lists, one OpenMP pool per thread waking up): on 2 CPU cores they cost the
+    batched path up to half its measured speed on a tiny backbone.
     """
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, granularity: str = "pass") -> None:
+        if granularity not in ("pass", "batch"):
+            raise ValueError(f"granularity must be 'pass' or 'batch', got {granularity!r}")
+        self.granularity = granularity
         self.cond = threading.Condition()
         self.queue: deque = deque()
         self.holder: Optional[str] = None
@@ -219,8 +229,9 @@ class Turns:
 class TurnLoader:
     """A DataLoader whose batches are handed out only while its thread holds the turn.
 
-    The turn is held from fetching a batch until the consumer asks for the next one, so
-    ``seconds[e]`` (per pass e) counts data loading and the consumer's work on the batch. Pass
+    The turn is held for the whole pass, or (batch turns) from fetching a batch until the
+    consumer asks for the next one; ``seconds[e]`` (per pass e) counts data loading and the
+    consumer's work on each batch. Pass
     ``memory_pass`` runs in one turn after all threads reached it, and measures the peak memory.
     """
 
@@ -246,19 +257,27 @@ class TurnLoader:
             return
         it = iter(self._loader)
         total = 0.0
-        while True:
+        whole_pass = self.turns.granularity == "pass"
+        if whole_pass:
             self.turns.acquire(self.name)
-            t0 = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                self.turns.release(self.name)
-                break
-            try:
-                yield batch
-                sync(self.device)
-            finally:
-                total += time.perf_counter() - t0
+        try:
+            while True:
+                if not whole_pass:
+                    self.turns.acquire(self.name)
+                t0 = time.perf_counter()
+                try:
+                    try:
+                        batch = next(it)
+                    except StopIteration:
+                        break
+                    yield batch
+                    sync(self.device)
+                    total += time.perf_counter() - t0
+                finally:
+                    if not whole_pass:
+                        self.turns.release(self.name)
+        finally:
+            if whole_pass:
                 self.turns.release(self.name)
         self.seconds.append(total)
 
@@ -292,9 +311,9 @@ class TurnLoader:
         self.seconds.append(float("nan"))
 
 
-def run_interleaved(jobs: Dict[str, Callable[[Turns], Dict]]) -> Dict[str, Dict]:
+def run_interleaved(jobs: Dict[str, Callable[[Turns], Dict]], granularity: str = "pass") -> Dict[str, Dict]:
     """Run every job in its own thread under one Turns; re-raise the first failure."""
-    turns = Turns(len(jobs))
+    turns = Turns(len(jobs), granularity)
     results: Dict[str, Dict] = {}
     errors: Dict[str, BaseException] = {}
 
@@ -433,38 +452,65 @@ def cpu_heatmap(points: np.ndarray, labels: np.ndarray, grid: int, frame: int) -
     return cv2.GaussianBlur(g, (9, 9), 0) * 255
 
 
+class Laps:
+    """Seconds per named part of a loop body (synchronised on CUDA, so each part gets its own kernels)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: Dict[str, float] = {}
+        self.t = time.perf_counter()
+
+    def start(self) -> None:
+        sync(self.device)
+        self.t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        sync(self.device)
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.t
+        self.t = now
+
+
 def test_job_reference(model, paths: Dict[str, Path], test_sets, domains, device, workers: int):
     bb = model.backbone
 
     @torch.no_grad()
     def run(turns: Turns) -> Dict:
         n, seconds, ious, counts = 0, 0.0, {}, {}
+        laps = Laps(device)
         for d in domains:
             loader = TurnLoader(make_loader(test_sets[d], 1, False, 0, workers, device), turns, "reference", device)
             vals, routed = [], {}
             for raw in loader:  # one image at a time, as the release
+                laps.start()
                 b = to_device(raw, device)
                 k = int(model.route(bb.encode_prefix(b.images))[0])  # selector input: the prefix
                 chosen = model.domains[k]
                 routed[chosen] = routed.get(chosen, 0) + 1
+                laps.lap("selector (encoder prefix + MLP)")
                 sam_copy = copy.deepcopy(bb)  # the release copies the whole SAM for every image ...
+                laps.lap("deepcopy of SAM")
                 module = None
                 if chosen in paths:  # ... and reloads the chosen module from its file
                     module = load_module(paths[chosen], bb).to(device).eval()
+                laps.lap("module reload from disk")
                 heat = None
                 if module is not None:  # heatmap on the CPU, per image, with cv2
                     heat = torch.from_numpy(cpu_heatmap(raw["points"][0].numpy(), raw["labels"][0].numpy(),
                                                         bb.grid_size, bb.img_size))[None].to(device)
+                laps.lap("CPU heatmap")
                 prefix = bb.encode_prefix(b.images)  # the copy runs the whole encoder
                 logits, _ = segment_with(module, bb, prefix, b.images, heat, b.points, b.labels)
                 vals.append(float(per_image_metrics(logits, b.masks)["iou"][0]))
+                laps.lap("full forward + metrics")
                 del sam_copy, module
             n += len(vals)
             seconds += sum(loader.seconds)
             ious[d] = float(np.mean(vals))
             counts[d] = routed
         return {"images": n, "seconds": seconds, "images_per_s": n / seconds, "mean_iou": ious, "routed": counts,
-                "batch_size": 1, "amp": "off"}
+                "batch_size": 1, "amp": "off",
+                "ms_per_image": {k: round(1000 * v / n, 2) for k, v in laps.seconds.items()}}
 
     return run
 
@@ -505,18 +551,18 @@ def main(argv=None) -> Dict:
 
         warm_up(cfg, device)
 
-        # ---- training: the paths alternate batch by batch (each in its own thread)
+        # ---- training: the paths take turns (each in its own thread)
         runs = [("reference", "off", "off"), ("ours", "auto", "off")] + ([("ours_bf16", "auto", "bf16")] if amp_rows else [])
         print(f"[bench] training {', '.join(r[0] for r in runs)} (interleaved) ...", flush=True)
         train = run_interleaved({label: train_job(label, cfg, device, root / "runs", args.epochs, feature_cache=fc,
-                                                  amp=amp) for label, fc, amp in runs})
+                                                  amp=amp) for label, fc, amp in runs}, args.turns)
         train = {label: train[label] for label, _, _ in runs}
         ref_losses, our_losses = train["reference"]["epoch_loss"], train["ours"]["epoch_loss"]
         loss_diff = max(abs(a - b) for a, b in zip(ref_losses, our_losses))
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-        # ---- testing: the paths alternate batch by batch
+        # ---- testing: the paths take turns
         splits = {name: read_domain_map(Path(getattr(cfg, f"{name}_json")), root) for name in ("train", "test")}
         sets = {name: {d: SegmentationSplit(m[d], args.img_size, domain=d) for d in cfg.domains}
                 for name, m in splits.items()}
@@ -530,7 +576,7 @@ def main(argv=None) -> Dict:
             jobs["ours_bf16"] = test_job_ours(model, test_sets, domains, device, args.eval_batch_size,
                                               args.num_workers, "bf16", "ours_bf16")
         print(f"[bench] testing {', '.join(jobs)} (interleaved) ...", flush=True)
-        test = run_interleaved(jobs)
+        test = run_interleaved(jobs, args.turns)
 
     # ---- table
     rt, rtest = train["reference"], test["reference"]
@@ -577,6 +623,8 @@ def main(argv=None) -> Dict:
                  f"{100 * train['ours']['cache'].get('hit_rate', 0):.0f}%), test batch {args.eval_batch_size} "
                  f"routed by group, resident modules, device heatmaps"
                  + ("; ours_bf16: the same with --amp bf16" if amp_rows else ""))
+    lines.append("reference-style test, ms per image: " + ", ".join(
+        f"{k} {v:.1f}" for k, v in rtest["ms_per_image"].items()) + f" (the rest, {1000 / rtest['images_per_s'] - sum(rtest['ms_per_image'].values()):.1f}, is data loading)")
     lines.append(f"max |loss difference| ours vs reference-style over {len(ref_losses)} epochs: {loss_diff:.3g}")
     for name, ok in checks.items():
         lines.append(f"target: {name}: {'MET' if ok else 'NOT MET'}")

@@ -90,6 +90,8 @@ def make_loader(ds: SegmentationSplit, batch_size: int, shuffle: bool, seed: int
     return DataLoader(
         ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, num_workers=num_workers,
         collate_fn=collate, generator=torch.Generator().manual_seed(seed) if shuffle and sampler is None else None,
+        # Not persistent: a persistent iterator skips the per-epoch seed draw from the loader's
+        # generator, so the shuffle order of epochs 2.. would depend on num_workers.
         pin_memory=device.type == "cuda", persistent_workers=False,
     )
 

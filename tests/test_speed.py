@@ -5,9 +5,11 @@ Routed batched inference equal to per-image inference at the model level is
 tests/test_sam_backbone.py::test_routed_batch_equals_per_image; here the same
 holds for the whole evaluation loop (evaluate_split at batch 4 vs batch 1).
 """
+import importlib.util
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -227,3 +229,44 @@ def test_bench_quick_runs_and_reports(tmp_path):
         assert r["train_ratio"] > 0 and r["test_ratio"] > 0 and r["train_step_peak_bytes"] > 0
     assert result["loss_max_abs_diff"] == 0.0  # the cache changes no loss
     assert result["train"]["ours"]["cache"]["hit_rate"] > 0
+    ref = result["test"]["reference"]
+    assert set(ref["ms_per_image"]) == {"selector (encoder prefix + MLP)", "deepcopy of SAM", "module reload from disk",
+                                        "CPU heatmap", "full forward + metrics"}
+    assert 0 < sum(ref["ms_per_image"].values()) <= 1000 / ref["images_per_s"]  # parts of the timed batches
+    assert "reference-style test, ms per image: selector" in proc.stdout
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("samcl_bench_speed", REPO / "bench" / "speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.parametrize("granularity", ["pass", "batch"])
+def test_bench_paths_take_turns_per_pass_or_per_batch(granularity):
+    bench = load_bench()
+    events = []
+
+    def job(name):
+        def run(turns):
+            loader = bench.TurnLoader([1, 2, 3], turns, name, CPU)
+            for _ in range(2):
+                for item in loader:
+                    events.append((name, item))
+                    time.sleep(0.02)  # the other thread is queued by now
+            return {"seconds": loader.seconds}
+        return run
+
+    res = bench.run_interleaved({"a": job("a"), "b": job("b")}, granularity)
+    assert sorted(events) == sorted((n, i) for n in "ab" for i in (1, 2, 3) for _ in range(2))
+    for r in res.values():  # one entry per pass, each its own 3 batches only
+        assert len(r["seconds"]) == 2 and all(0.06 <= t < 1.0 for t in r["seconds"])
+    names = [n for n, _ in events]
+    switches = sum(x != y for x, y in zip(names, names[1:]))
+    if granularity == "pass":  # every pass runs in one piece: 1, 2, 3 of one path
+        assert [i for _, i in events] == [1, 2, 3] * 4 and switches == 3
+    else:  # first come, first served, batch by batch
+        assert switches == 11
+    with pytest.raises(ValueError, match="granularity"):
+        bench.Turns(2, "epoch")
