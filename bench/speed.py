@@ -17,8 +17,9 @@ wander. Only a path's own batches (loading + work) count in its time.
 * Training, one domain, the real ``ContinualTrainer._train_module``:
   - reference-style: fp32, the frozen encoder prefix recomputed for every batch
     of every epoch (``--feature_cache off``; what the release computes);
-  - ours: the default settings (``--feature_cache auto``, fp32), and on CUDA also
-    ``--amp bf16``.
+  - ours: the default settings (``--feature_cache auto``, fp32), and also
+    ``--amp bf16`` where it runs (CUDA; CPUs with native bfloat16: AVX512-BF16 or
+    AMX) as the row ``ours_bf16``.
   Throughput = training images per second over epochs 2..N (epoch 1 fills the
   cache; it is reported apart). Peak memory of the training step is measured
   during one more epoch (N+1), which each path runs alone once all paths have
@@ -34,7 +35,7 @@ wander. Only a path's own batches (loading + work) count in its time.
   (modules with non-zero weights, a selector fitted on training embeddings):
   - ours: ``evaluate_split`` (batches of ``--eval_batch_size``, one frozen prefix
     per image, the batch split into groups per chosen module, all modules
-    resident, heatmaps built on the device), fp32 and on CUDA also bf16;
+    resident, heatmaps built on the device), fp32 and, where it runs, bf16;
   - reference-style, per image (batch 1): the prefix for the selector, then, as
     the release does for every image, ``copy.deepcopy`` of the whole backbone, the
     chosen module reloaded from its file on disk, the point heatmap built on the
@@ -83,6 +84,7 @@ from samcl.demo import make_demo_data  # noqa: E402
 from samcl.metrics import per_image_metrics  # noqa: E402
 from samcl.model import segment_with  # noqa: E402
 from samcl.pipeline import build_model  # noqa: E402
+from samcl.precision import amp_available, autocast  # noqa: E402
 from samcl.points import generate_split_points  # noqa: E402
 from samcl.run_folder import load_module, package_versions, save_module  # noqa: E402
 from samcl.selector import ModuleSelector, train_selector  # noqa: E402
@@ -113,7 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_workers", type=int, help="DataLoader workers (both paths)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    p.add_argument("--no_amp", action="store_true", help="on CUDA, skip the --amp bf16 rows")
+    p.add_argument("--no_amp", action="store_true", help="skip the --amp bf16 rows (CUDA, bfloat16 CPUs)")
     p.add_argument("--turns", choices=("pass", "batch"), default="pass",
                    help="the paths alternate per loader pass (an epoch, a test split; default) or per batch")
     p.add_argument("--out", help="JSON path (default bench/results/speed_<device>.json)")
@@ -369,23 +371,26 @@ def train_job(label: str, base_cfg, device: torch.device, run_root: Path, n_epoc
     return run
 
 
-def warm_up(cfg, device: torch.device) -> None:
-    """One untimed training step and one test batch, so that one-time costs (thread pools,
-    kernel selection, first page faults, CUDA handles) fall on neither measured path."""
+def warm_up(cfg, device: torch.device, amps) -> None:
+    """One untimed training step and one test batch per precision, so that one-time costs (thread
+    pools, kernel selection and JIT, first page faults, CUDA handles) fall on no measured path."""
     from samcl.losses import samcl_loss
 
     model = build_model(cfg, device)
     module = model.new_module()
     s = model.backbone.img_size
     gen = torch.Generator().manual_seed(0)
-    for n in (cfg.batch_size, 1):
-        images = (torch.rand(n, 3, s, s, generator=gen) * 255).to(device)
-        points = (torch.rand(n, 3, 2, generator=gen) * s).to(device)
-        labels = torch.ones(n, 3, dtype=torch.long, device=device)
-        masks = (torch.rand(n, 1, s, s, generator=gen) > 0.5).float().to(device)
-        prefix = model.backbone.encode_prefix(images)
-        logits, iou = segment_with(module, model.backbone, prefix, images, model.heatmap(points, labels), points, labels)
-        samcl_loss(logits, iou, masks).backward()
+    for amp in amps:
+        for n in sorted({cfg.batch_size, cfg.eval_batch_size, 1}):
+            images = (torch.rand(n, 3, s, s, generator=gen) * 255).to(device)
+            points = (torch.rand(n, 3, 2, generator=gen) * s).to(device)
+            labels = torch.ones(n, 3, dtype=torch.long, device=device)
+            masks = (torch.rand(n, 1, s, s, generator=gen) > 0.5).float().to(device)
+            prefix = model.backbone.encode_prefix(images)
+            with autocast(amp, device):
+                logits, iou = segment_with(module, model.backbone, prefix, images, model.heatmap(points, labels),
+                                           points, labels)
+            samcl_loss(logits.float(), iou.float(), masks).backward()
     del model, module
     sync(device)
     if device.type != "cuda":  # start torch.profiler once in the main thread (kineto registers it here)
@@ -533,7 +538,7 @@ def main(argv=None) -> Dict:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     os.environ.setdefault("TQDM_DISABLE", "1")
-    amp_rows = device.type == "cuda" and not args.no_amp
+    amp_rows = amp_available(device) and not args.no_amp  # CUDA, or a CPU with native bfloat16
     t_start = time.time()
     with tempfile.TemporaryDirectory(prefix="samcl_bench_") as tmp:
         root = Path(tmp)
@@ -549,7 +554,7 @@ def main(argv=None) -> Dict:
               f"train {args.n_train} images x {args.epochs} timed epochs, batch {args.batch_size} | "
               f"test {args.domains} domains x {args.n_test} images", flush=True)
 
-        warm_up(cfg, device)
+        warm_up(cfg, device, ("off", "bf16") if amp_rows else ("off",))
 
         # ---- training: the paths take turns (each in its own thread)
         runs = [("reference", "off", "off"), ("ours", "auto", "off")] + ([("ours_bf16", "auto", "bf16")] if amp_rows else [])

@@ -71,7 +71,8 @@ def add_common_flags(p: argparse.ArgumentParser, family: str = "sam") -> None:
                    help="heatmap layout at the SAM neck: reference (quirk Q1, default) or corrected")
     p.add_argument("--amp", choices=CHOICES["amp"],
                    help="off: fp32, exact reproduction (default); bf16: bfloat16 autocast for the module's forward "
-                        "in training and for test inference, faster, CUDA only (README, 'Performance')")
+                        "in training and for test inference, faster; CUDA GPUs and CPUs with native bfloat16 "
+                        "(AVX512-BF16/AMX) (README, 'Performance')")
 
 
 def add_train_flags(p: argparse.ArgumentParser, family: str = "sam") -> None:

@@ -65,10 +65,10 @@ class Config:
     seed: int = 1234
     val_every: int = 5
     deterministic: bool = True
-    # speed (samcl.feature_cache, samcl.precision): the cache never changes results; amp bf16 does (CUDA only)
+    # speed (samcl.feature_cache, samcl.precision): the cache never changes results; amp bf16 does
     feature_cache: str = "auto"  # frozen-prefix cache over the epochs: auto, off, device, cpu
     cache_budget_gb: Optional[float] = None  # cap on the cache (None: derived from free memory)
-    amp: str = "off"  # 'off': fp32 (reproduction); 'bf16': bfloat16 autocast on CUDA
+    amp: str = "off"  # 'off': fp32 (reproduction); 'bf16': bfloat16 autocast (CUDA, bf16 CPUs)
     # selector (SPEC §7)
     num_embedding: int = 300
     selector_lr: float = 0.01

@@ -144,10 +144,19 @@ def test_speed_settings_are_validated_and_resumable():
 
 
 # ------------------------------------------------------------ mixed precision
-def test_amp_is_refused_on_the_cpu_with_the_fix():
+def test_amp_runs_on_a_bfloat16_cpu_and_is_refused_elsewhere_with_the_fix(monkeypatch):
+    from samcl import precision
+
     check_amp("off", CPU)
-    with pytest.raises(ValueError, match="CUDA GPUs only.*drop --amp"):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(ValueError, match="no native bfloat16.*slower than fp32; drop --amp"):
         check_amp("bf16", CPU)
+    assert not precision.amp_available(CPU)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    check_amp("bf16", CPU)
+    assert precision.amp_available(CPU)
+    with pytest.raises(ValueError, match="amp must be one of"):
+        check_amp("fp16", CPU)
     from samcl.cli import CLIError, config_from_args
     import argparse
 
@@ -223,7 +232,9 @@ def test_bench_quick_runs_and_reports(tmp_path):
     assert "train img/s" in proc.stdout and "test img/s" in proc.stdout and "target:" in proc.stdout
     result = json.loads(out.read_text())
     rows = {r["path"]: r for r in result["rows"]}
-    assert set(rows) == {"reference", "ours"}
+    from samcl.precision import amp_available
+
+    assert set(rows) == {"reference", "ours"} | ({"ours_bf16"} if amp_available(CPU) else set())
     for r in rows.values():
         assert r["train_images_per_s"] > 0 and r["test_images_per_s"] > 0
         assert r["train_ratio"] > 0 and r["test_ratio"] > 0 and r["train_step_peak_bytes"] > 0
