@@ -233,8 +233,8 @@ class TurnLoader:
 
     The turn is held for the whole pass, or (batch turns) from fetching a batch until the
     consumer asks for the next one; ``seconds[e]`` (per pass e) counts data loading and the
-    consumer's work on each batch. Pass
-    ``memory_pass`` runs in one turn after all threads reached it, and measures the peak memory.
+    consumer's work on each batch. Pass ``memory_pass`` runs in one turn after all threads
+    reached it, and measures the peak memory.
     """
 
     def __init__(self, loader, turns: Turns, name: str, device: torch.device,
