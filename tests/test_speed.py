@@ -22,7 +22,7 @@ from samcl.data import SegmentationSplit
 from samcl.demo import make_demo_data
 from samcl.feature_cache import PrefixCache
 from samcl.model import SAMCLModel
-from samcl.precision import amp_forward, autocast, check_amp
+from samcl.precision import amp_available, amp_forward, autocast, check_amp
 from samcl.run_folder import load_module
 from samcl.selector import ModuleSelector
 from tests.conftest import REPO
@@ -130,6 +130,31 @@ def test_training_with_and_without_the_cache_is_identical(data):
     assert "feature cache" not in (cfg_off.resolved_run_dir() / "log.txt").read_text()
 
 
+@pytest.mark.skipif(not amp_available(CPU), reason="this CPU has no native bfloat16 (AVX512-BF16 or AMX): "
+                                                  "--amp bf16 is refused here")
+def test_a_whole_run_under_bf16_on_a_bfloat16_cpu_stays_close_to_fp32(data):
+    """--amp bf16 end to end on the CPU: training, selector, routed test; the buffer (fp32 prefix)
+    is the fp32 one exactly, losses and metrics move only a little."""
+    runs = {amp: pipeline.train(cfg_for(data, f"amp_{amp}", amp=amp), CPU) for amp in ("off", "bf16")}
+    steps = list(zip(runs["off"]["steps"], runs["bf16"]["steps"]))
+    assert len(steps) == 2 and all(len(s32["evaluation"]) == 2 for s32, _ in steps)
+    assert steps[0][0]["training"]["epoch_loss"] != steps[0][1]["training"]["epoch_loss"]  # bf16 did run
+    for s32, s16 in steps:
+        assert s16["training"]["epoch_loss"] == pytest.approx(s32["training"]["epoch_loss"], rel=1e-2)
+        for d, ev in s32["evaluation"].items():
+            assert ev["selector_counts"] == s16["evaluation"][d]["selector_counts"]
+            assert s16["evaluation"][d]["metrics"]["iou"] == pytest.approx(ev["metrics"]["iou"], abs=0.05)
+    from samcl.selector import EmbeddingBuffer
+
+    stores = []
+    for amp in ("off", "bf16"):
+        buf = EmbeddingBuffer(4)
+        buf.load_part(cfg_for(data, f"amp_{amp}", amp=amp).resolved_run_dir() / "embedding_buffer" / "polyp.pth",
+                      "polyp")
+        stores.append(buf.store["polyp"])
+    assert torch.equal(*stores)
+
+
 def test_speed_settings_are_validated_and_resumable():
     with pytest.raises(ValueError, match="feature_cache must be one of"):
         load_config(None, {"feature_cache": "ram"})
@@ -232,8 +257,6 @@ def test_bench_quick_runs_and_reports(tmp_path):
     assert "train img/s" in proc.stdout and "test img/s" in proc.stdout and "target:" in proc.stdout
     result = json.loads(out.read_text())
     rows = {r["path"]: r for r in result["rows"]}
-    from samcl.precision import amp_available
-
     assert set(rows) == {"reference", "ours"} | ({"ours_bf16"} if amp_available(CPU) else set())
     for r in rows.values():
         assert r["train_images_per_s"] > 0 and r["test_images_per_s"] > 0
