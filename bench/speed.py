@@ -53,6 +53,7 @@ training-step memory not above the reference-style.
 The results go to ``bench/results/speed_<device>.json`` (or ``--out``).
 """
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -210,6 +211,18 @@ class Turns:
                 self.holder = None
             self.cond.notify_all()
 
+    @contextlib.contextmanager
+    def held(self, name: str, active: bool = True):
+        """The turn for the enclosed block (nothing when not ``active``)."""
+        if not active:
+            yield
+            return
+        self.acquire(name)
+        try:
+            yield
+        finally:
+            self.release(name)
+
     def barrier(self) -> None:
         """Wait until every live thread got here (the memory epochs run after all timed epochs)."""
         with self.cond:
@@ -259,34 +272,22 @@ class TurnLoader:
             return
         it = iter(self._loader)
         total = 0.0
-        whole_pass = self.turns.granularity == "pass"
-        if whole_pass:
-            self.turns.acquire(self.name)
-        try:
+        per_batch = self.turns.granularity == "batch"
+        with self.turns.held(self.name, not per_batch):  # the whole pass ...
             while True:
-                if not whole_pass:
-                    self.turns.acquire(self.name)
-                t0 = time.perf_counter()
-                try:
-                    try:
-                        batch = next(it)
-                    except StopIteration:
+                with self.turns.held(self.name, per_batch):  # ... or each batch
+                    t0 = time.perf_counter()
+                    batch = next(it, None)
+                    if batch is None:
                         break
                     yield batch
                     sync(self.device)
                     total += time.perf_counter() - t0
-                finally:
-                    if not whole_pass:
-                        self.turns.release(self.name)
-        finally:
-            if whole_pass:
-                self.turns.release(self.name)
         self.seconds.append(total)
 
     def _memory_pass(self):
         self.turns.barrier()
-        self.turns.acquire(self.name)
-        try:
+        with self.turns.held(self.name):
             sync(self.device)
             cpu_peak = None
             if self.device.type == "cuda":
@@ -308,8 +309,6 @@ class TurnLoader:
                                "method": "torch.profiler CPU allocator 'Total Allocated' peak over the epoch "
                                          "- its value at the start"}
             self.memory["epoch_seconds"] = round(dt, 4)
-        finally:
-            self.turns.release(self.name)
         self.seconds.append(float("nan"))
 
 
