@@ -118,10 +118,10 @@ class AugModule(nn.Module):
         )
 
     # ------------------------------------------------------------------ maths
-    def segment(self, backbone, prefix, images, heatmap, points, labels, boxes=None):
+    def segment(self, backbone, prefix, images, heatmap, points, labels, boxes=None, low_res=False):
         """Suffix with this module + the backbone's decoder (the learning-module interface;
         ``images`` is unused: the AugModule reads the frozen prefix and the heatmap)."""
-        return backbone.segment(prefix, self, heatmap, points, labels, boxes=boxes)
+        return backbone.segment(prefix, self, heatmap, points, labels, boxes=boxes, low_res=low_res)
 
     def heat(self, heatmap: torch.Tensor) -> torch.Tensor:
         """(N, G, G) heatmap, first axis x -> (N, Gx, Gy, r) after extra.layer, norm, ReLU."""

@@ -234,8 +234,11 @@ class CADModule(nn.Module):
         return frozen_features(backbone, images)
 
     def segment(self, backbone, prefix, images: Optional[torch.Tensor], heatmap: Optional[torch.Tensor],
-                points: torch.Tensor, labels: torch.Tensor, boxes: Optional[torch.Tensor] = None):
-        """Logits (N, 1, S, S) and predicted IoU (N, 1) with this domain's adapter and decoder."""
+                points: torch.Tensor, labels: torch.Tensor, boxes: Optional[torch.Tensor] = None,
+                low_res: bool = False):
+        """Logits (N, 1, S, S) (``low_res``: the decoder's own) and predicted IoU (N, 1) with this
+        domain's adapter and decoder."""
         frozen, adapted = self.embedding(backbone, prefix, images)
         emb = frozen + self.spec.scale * adapted
-        return backbone.decode({"image_embeddings": emb}, points, labels, boxes=boxes, mask_decoder=self.decoder)
+        return backbone.decode({"image_embeddings": emb}, points, labels, boxes=boxes, low_res=low_res,
+                               mask_decoder=self.decoder)

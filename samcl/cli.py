@@ -93,6 +93,17 @@ def add_train_flags(p: argparse.ArgumentParser, family: str = "sam") -> None:
                         "cosine: one cosine over the domain's iterations")
     p.add_argument("--iou_target", choices=CHOICES["iou_target"],
                    help="IoU-head target: reference thresholds raw logits at 0.5 (quirk Q3, default); sigmoid at p >= 0.5")
+    p.add_argument("--focal", choices=CHOICES["focal"],
+                   help="focal term: reference: BCE on sigmoid probabilities as the release (its log is clamped at "
+                        "-100, so saturated wrong pixels cost 100 and pass no gradient; default); logits: BCE from "
+                        "logits (unbounded, full gradient)")
+    p.add_argument("--train_mode", choices=CHOICES["train_mode"],
+                   help="backbone train/eval mode during training: reference: train mode once per domain, eval mode "
+                        "from the first validation on, as the release (matters for SAM 2's decoder, which picks its "
+                        "mask by stability in eval mode; default); every_epoch: train mode in every epoch")
+    p.add_argument("--module_init", choices=CHOICES["module_init"],
+                   help="shared: every domain's module starts from the same random draw, as the release (default); "
+                        "per_domain: a new draw per domain")
     p.add_argument("--selector_epochs", type=int, help="selector epochs after each domain (default 25)")
     p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
                    help="deterministic algorithms (default on)")

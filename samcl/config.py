@@ -19,6 +19,9 @@ CHOICES = {
     "mask_binarize": ("threshold", "reference"),
     "iou_target": ("reference", "sigmoid"),
     "scheduler": ("reference", "cosine"),
+    "focal": ("reference", "logits"),
+    "train_mode": ("reference", "every_epoch"),
+    "module_init": ("shared", "per_domain"),
     "loss": ("samcl", "bce_iou"),
     "optimizer": ("adam", "adamw"),
     "prompt": ("points", "box"),
@@ -54,6 +57,9 @@ class Config:
     mask_threshold: int = 128
     iou_target: str = "reference"  # Q3: 'reference' thresholds raw logits at 0.5; 'sigmoid' at p >= 0.5
     scheduler: str = "reference"  # Q4: cosine T_max=epochs stepped per iteration; 'cosine': one cosine per domain
+    focal: str = "reference"  # focal loss on BCE of sigmoid probabilities (log clamped at -100); 'logits': from logits
+    train_mode: str = "reference"  # backbone in train mode once per domain, eval after the first validation
+    module_init: str = "shared"  # every domain's module starts from one draw; 'per_domain': a draw per domain
     # module training (SPEC §6; CAD's recipe, SPEC §11, is configs/cad_vit_b.yaml)
     loss: str = "samcl"  # 'samcl': focal + 10 dice + IoU-head MSE; 'bce_iou': CAD's BCE + soft-IoU loss
     optimizer: str = "adam"  # 'adam' (SAMCL) or 'adamw' (CAD)

@@ -313,9 +313,7 @@ class ContinualTrainer:
                 self._collect_embeddings(domain, loader)
                 self.model.add_domain(domain, None)
             else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(cfg.seed + t)
-                    module = self.model.new_module()
+                module = self.initial_module(t)
                 step["training"] = self._train_module(domain, module, loader)
                 if dist.is_main():
                     save_module(module, self.model.backbone, domain, module_path(self.run_dir, domain))
@@ -331,6 +329,14 @@ class ContinualTrainer:
             self._log_step(t)
             self._commit(domain)
         return self.metrics()
+
+    def initial_module(self, t: int) -> nn.Module:
+        """A fresh module for step t. module_init "shared" (the release: one module built once and
+        copied for every domain) draws it from the same seed at every step, so every domain starts
+        from identical parameters; "per_domain" draws it from seed + t."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed + (t if self.cfg.module_init == "per_domain" else 0))
+            return self.model.new_module()
 
     def _commit(self, domain: str) -> None:
         """Record the step: metrics.json, then run.json with the checksums (the commit point)."""
@@ -402,10 +408,14 @@ class ContinualTrainer:
         # the frozen features, once per image: the prefix, or (CAD) the whole frozen embedding too
         cache = PrefixCache.for_training(cfg, self.device, len(loader.dataset),
                                          encode=getattr(module, "frozen_features", None))
+        # The release sets train mode once per domain; its validation switches to eval mode and
+        # never back, so every epoch after the first validation trains in eval mode (train_mode
+        # "reference"). Only SAM 2's decoder behaves differently (mask choice by stability).
+        backbone_training = cfg.train_mode == "every_epoch" or not history["validation"]
         for epoch in progress(range(first, cfg.epoch), f"{domain} epochs"):
             set_epoch(loader, epoch)
             cache.new_epoch()
-            model.backbone.train()
+            model.backbone.train(backbone_training)
             module.train()
             total, count = torch.zeros((), device=self.device), 0  # summed on the device: no sync per step
             for raw in progress(loader, f"{domain} epoch {epoch + 1}/{cfg.epoch}"):
@@ -415,7 +425,7 @@ class ContinualTrainer:
                     self._buffer_batch(domain, prefix, raw["index"])
                 heat = model.heatmap(b.points, b.labels) if model.needs_heatmap else None
                 logits, iou = step(prefix, heat, b.points, b.labels, b.images, model.boxes(len(b.names)))
-                loss = training_loss(cfg.loss, logits, iou, b.masks, cfg.iou_target)
+                loss = training_loss(cfg.loss, logits, iou, b.masks, cfg.iou_target, cfg.focal)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -433,6 +443,7 @@ class ContinualTrainer:
                 res = evaluate_split(model, val_loader, self.device, routed=False, module=module,
                                      desc=f"{domain} validation", amp=cfg.amp)["metrics"]
                 history["validation"].append({"epoch": epoch + 1, **res})
+                backbone_training = cfg.train_mode == "every_epoch"
                 log.info("%s validation after epoch %d: IoU %.4f  F1 %.4f  MAE %.4f", domain, epoch + 1,
                          res["iou"], res["f1"], res["mae"])
             self._save_partial(domain, module, opt, sched, loader, epoch, history)

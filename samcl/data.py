@@ -2,18 +2,23 @@
 
 ``<split>/images/<name>.<ext>``, ``<split>/masks/<name>.<ext>`` and
 ``<split>/masks/points.json``; ``datasets_{train,test}.json`` map domain keys to
-split folders. Images and masks are paired by file stem. A sample is the image
-resized to S x S (bilinear, aspect ratio ignored, uint8 0..255, CHW), its mask
-resized with nearest neighbour and binarised, and its static prompt points
-scaled from the 1024 x 1024 frame of ``points.json`` to the S x S frame.
+split folders. Images and masks are paired by file stem.
+
+A sample is prepared exactly as the release prepares it: the image decoded by PIL
+(``convert('RGB')``) and resized to S x S with PIL's bilinear filter (aspect ratio
+ignored; PIL antialiases when it shrinks), uint8 0..255, CHW; the mask decoded by
+PIL (``convert('L')``), resized with PIL's nearest neighbour (pixel-centre
+sampling) and binarised; the static prompt points scaled from the 1024 x 1024
+frame of ``points.json`` to the S x S frame.
 """
+import io
 import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import cv2
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -68,22 +73,40 @@ def pair_split(split_dir: Path) -> List[Tuple[Path, Path]]:
     return [(images[s], masks[s]) for s in sorted(images)]
 
 
-def read_image(path: Path, gray: bool = False) -> np.ndarray:
-    """Decode an image file strictly -> HxWx3 RGB or HxW uint8 (pixels as stored, EXIF ignored).
+def read_image(path: Path, gray: bool = False) -> Image.Image:
+    """Decode an image file strictly -> a PIL image in mode "RGB" (or "L" with ``gray``).
 
-    Corrupt files and truncated ones (a JPEG without its end-of-image marker,
-    which OpenCV would otherwise fill with grey) raise a DataError naming the file.
+    As the release: ``Image.open(path).convert('RGB' | 'L')`` (EXIF orientation is not
+    applied; alpha is dropped; palette images are expanded; PIL's own conversions for
+    16-bit files). Corrupt files, truncated ones (PIL refuses those, and a JPEG without
+    its end-of-image marker, which decoders would fill with grey, is refused here) and
+    decompression bombs raise a DataError naming the file.
     """
     data = Path(path).read_bytes()
-    flags = (cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR) | cv2.IMREAD_IGNORE_ORIENTATION
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), flags) if data else None
     # JPEG scan data never holds 0xFFD9 (byte stuffing), so a complete file has its
     # end-of-image marker after the last start-of-scan, even with a trailer behind it.
     truncated_jpeg = data[:2] == b"\xff\xd8" and data.find(b"\xff\xd9", data.rfind(b"\xff\xda")) < 0
-    if img is None or truncated_jpeg:
-        raise DataError(f"{path}: cannot decode the image ({'truncated JPEG' if truncated_jpeg else 'unreadable'}); "
-                        f"it is corrupt or truncated. Re-export it, or remove it together with its pair.")
-    return img if gray else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    reason = "truncated JPEG" if truncated_jpeg else ""
+    if not reason:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                return im.convert("L" if gray else "RGB")
+        except Image.DecompressionBombError as e:
+            reason = f"too large to decode safely: {e}"
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for unreadable and truncated files
+            reason = f"unreadable: {e}" if data else "empty file"
+    raise DataError(f"{path}: cannot decode the image ({reason}); it is corrupt or truncated. "
+                    f"Re-export it, or remove it together with its pair.")
+
+
+def resize_image(image: Image.Image, size: int) -> np.ndarray:
+    """PIL image -> size x size x C uint8 with PIL's bilinear filter (torchvision ``Resize`` on a PIL image)."""
+    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
+
+
+def resize_mask(mask: Image.Image, size: int) -> np.ndarray:
+    """PIL "L" mask -> size x size uint8 with PIL's nearest neighbour (pixel-centre sampling)."""
+    return np.asarray(mask.resize((size, size), Image.Resampling.NEAREST))
 
 
 def binarize_mask(mask: np.ndarray, rule: str = "threshold", threshold: int = 128) -> np.ndarray:
@@ -96,9 +119,8 @@ def binarize_mask(mask: np.ndarray, rule: str = "threshold", threshold: int = 12
 
 
 def load_mask(path: Path, size: int, rule: str = "threshold", threshold: int = 128) -> np.ndarray:
-    """Mask file -> size x size {0, 1} uint8 (nearest neighbour, then binarised)."""
-    m = cv2.resize(read_image(path, gray=True), (size, size), interpolation=cv2.INTER_NEAREST)
-    return binarize_mask(m, rule, threshold)
+    """Mask file -> size x size {0, 1} uint8 (decoded and resized as the release, then binarised)."""
+    return binarize_mask(resize_mask(read_image(path, gray=True), size), rule, threshold)
 
 
 def read_points(split_dir: Path) -> Dict[str, list]:
@@ -155,16 +177,15 @@ class SegmentationSplit(Dataset):
         img_path, mask_path = self.pairs[i]
         img = read_image(img_path)
         raw_mask = read_image(mask_path, gray=True)
-        if raw_mask.shape != img.shape[:2]:
-            raise DataError(f"{mask_path} is {raw_mask.shape[1]}x{raw_mask.shape[0]} but its image {img_path} is "
-                            f"{img.shape[1]}x{img.shape[0]}; a mask must have its image's size")
+        if raw_mask.size != img.size:
+            raise DataError(f"{mask_path} is {raw_mask.width}x{raw_mask.height} but its image {img_path} is "
+                            f"{img.width}x{img.height}; a mask must have its image's size")
         s = self.img_size
-        img = cv2.resize(img, (s, s), interpolation=cv2.INTER_LINEAR)
-        mask = binarize_mask(cv2.resize(raw_mask, (s, s), interpolation=cv2.INTER_NEAREST),
-                             self.mask_binarize, self.mask_threshold)
+        image = resize_image(img, s)
+        mask = binarize_mask(resize_mask(raw_mask, s), self.mask_binarize, self.mask_threshold)
         coords, labels = parse_points_entry(self.points[i], f"{mask_path.name} in {self.split_dir / 'masks' / POINTS_FILE}")
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
             "mask": torch.from_numpy(mask).float().unsqueeze(0),
             "points": coords * (s / POINTS_FRAME),
             "labels": labels,

@@ -1,7 +1,9 @@
 """Point heatmaps: the prompt-location prior that the AugModule consumes (SPEC §4).
 
 A heatmap is built once per image from its prompt points, on the same device as
-the model, in one batched call (no CPU round trip, no per-image loop).
+the model, in one batched call (no CPU round trip, no per-image loop). As in the
+release, the blur and the scaling by 255 run in float64 and the result is cast to
+float32 (the release blurs a float64 NumPy grid with OpenCV).
 """
 from functools import lru_cache
 from typing import Optional
@@ -48,19 +50,19 @@ def point_grid(points: torch.Tensor, grid_size: int, frame_size: int, valid: Opt
 
 
 def blur_grid(grid: torch.Tensor, ksize: int = BLUR_KSIZE) -> torch.Tensor:
-    """``cv2.GaussianBlur(grid, (ksize, ksize), 0) * 255`` for a batch, on grid's device.
+    """``float32(cv2.GaussianBlur(float64 grid, (ksize, ksize), 0) * 255)`` for a batch, on grid's device.
 
     Args:
-        grid: (N, G, G) float.
+        grid: (N, G, G).
     Returns:
-        (N, G, G) float; OpenCV's default border (reflect-101) is torch's 'reflect'.
+        (N, G, G) float32; OpenCV's default border (reflect-101) is torch's 'reflect'.
     """
-    k = torch.tensor(_opencv_kernel(ksize), device=grid.device, dtype=grid.dtype)
+    k = torch.tensor(_opencv_kernel(ksize), device=grid.device, dtype=torch.float64)
     pad = ksize // 2
-    x = F.pad(grid.unsqueeze(1), (pad, pad, pad, pad), mode="reflect")
+    x = F.pad(grid.to(torch.float64).unsqueeze(1), (pad, pad, pad, pad), mode="reflect")
     x = F.conv2d(x, k.view(1, 1, 1, ksize))  # along the second axis
     x = F.conv2d(x, k.view(1, 1, ksize, 1))  # along the first axis
-    return x.squeeze(1) * 255.0
+    return (x.squeeze(1) * 255.0).float()
 
 
 def points_to_heatmap(points: torch.Tensor, grid_size: int, frame_size: int,

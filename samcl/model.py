@@ -34,6 +34,7 @@ LearningModule = Union[AugModule, CADModule]
 SPEC_CLASSES = {"augmodule": AugModuleSpec, "cad": CADSpec}
 KIND_NAMES = {"augmodule": "SAMCL AugModule", "cad": "CAD (convolutional adapter + mask decoder)"}
 PROMPTS = ("points", "box")
+VANILLA = "vanilla"  # the domain name that means "no module": the frozen backbone
 
 
 def full_image_boxes(n: int, size: int, device: torch.device) -> torch.Tensor:
@@ -43,11 +44,12 @@ def full_image_boxes(n: int, size: int, device: torch.device) -> torch.Tensor:
 
 def segment_with(module: Optional[LearningModule], backbone: Backbone, prefix: Features,
                  images: Optional[torch.Tensor], heatmap: Optional[torch.Tensor], points: torch.Tensor,
-                 labels: torch.Tensor, boxes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One group of images through ``module`` (None: vanilla SAM)."""
+                 labels: torch.Tensor, boxes: Optional[torch.Tensor] = None,
+                 low_res: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One group of images through ``module`` (None: vanilla SAM); ``low_res``: the decoder's logits."""
     if module is None:
-        return backbone.segment(prefix, None, None, points, labels, boxes=boxes)
-    return module.segment(backbone, prefix, images, heatmap, points, labels, boxes=boxes)
+        return backbone.segment(prefix, None, None, points, labels, boxes=boxes, low_res=low_res)
+    return module.segment(backbone, prefix, images, heatmap, points, labels, boxes=boxes, low_res=low_res)
 
 
 class SAMCLModel(nn.Module):
@@ -117,19 +119,34 @@ class SAMCLModel(nn.Module):
         """Box prompts of a batch of ``n`` (prompt "box"), or None (point prompts)."""
         return full_image_boxes(n, self.backbone.img_size, self.device) if self.prompt == "box" else None
 
-    def route(self, prefix: Features) -> torch.Tensor:
-        """(N,) selector choice per image; with a single domain there is nothing to choose."""
-        if self.selector is None or len(self.domains) == 1:
+    def route_probabilities(self, prefix: Features) -> torch.Tensor:
+        """(N, K) the selector's softmax over ``domains``; with a single domain (or no selector
+        yet) there is nothing to choose and the one domain has probability 1."""
+        if self.selector is None or len(self.domains) <= 1:
             n = next(iter(prefix.values())).shape[0]
-            return torch.zeros(n, dtype=torch.long, device=self.device)
-        return self.selector.route(self.backbone.selector_embedding(prefix))
+            return torch.ones(n, max(len(self.domains), 1), device=self.device)
+        return self.selector.probabilities(self.backbone.selector_embedding(prefix))
+
+    def route(self, prefix: Features) -> torch.Tensor:
+        """(N,) selector choice per image: the argmax of :meth:`route_probabilities`."""
+        return self.route_probabilities(prefix).argmax(dim=1)
+
+    def domain_index(self, domain: str) -> int:
+        """Index of ``domain`` in ``domains``, or -1 for "vanilla" (no module)."""
+        if domain == VANILLA:
+            return -1
+        if domain not in self.domains:
+            raise ValueError(f"unknown domain {domain!r}; this model has {self.domains} (or {VANILLA!r}: no module)")
+        return self.domains.index(domain)
 
     def segment_routed(self, prefix: Features, choice: torch.Tensor, points: torch.Tensor,
-                       labels: torch.Tensor, images: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Each image with its chosen module, one pass per chosen domain.
+                       labels: torch.Tensor, images: Optional[torch.Tensor] = None,
+                       low_res: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Each image with its chosen module, one pass per chosen domain (choice -1: vanilla).
 
         ``images`` (N, 3, S, S) are needed by modules that read the image (CAD).
-        Returns logits (N, 1, S, S) and predicted IoU (N, 1), in input order.
+        Returns logits (N, 1, S, S) (``low_res``: the decoder's (N, 1, 4G, 4G)) and
+        predicted IoU (N, 1), in input order.
         """
         heat = self.heatmap(points, labels) if self.needs_heatmap else None
         boxes = self.boxes(choice.shape[0])
@@ -137,10 +154,10 @@ class SAMCLModel(nn.Module):
         iou: Optional[torch.Tensor] = None
         for k in torch.unique(choice).tolist():
             idx = (choice == k).nonzero().squeeze(1)
-            module = self.module_for(self.domains[k])
+            module = self.module_for(self.domains[k]) if k >= 0 else None
             lg, io = segment_with(module, self.backbone, index_features(prefix, idx),
                                   None if images is None else images[idx], None if heat is None else heat[idx],
-                                  points[idx], labels[idx], None if boxes is None else boxes[idx])
+                                  points[idx], labels[idx], None if boxes is None else boxes[idx], low_res)
             if logits is None:
                 logits = lg.new_empty((choice.shape[0],) + lg.shape[1:])
                 iou = io.new_empty((choice.shape[0],) + io.shape[1:])
@@ -158,9 +175,25 @@ class SAMCLModel(nn.Module):
         return self.backbone.segment(prefix, None, None, points, labels, boxes=self.boxes(points.shape[0]))
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, points: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Task-agnostic inference: route every image, segment with its module."""
+    def predict(self, images: torch.Tensor, points: torch.Tensor, labels: torch.Tensor,
+                domain: Optional[str] = None) -> Dict[str, torch.Tensor]:
+        """Segment a batch: task-agnostic (``domain`` None: every image goes to the module the
+        selector picks), or every image with one domain's module (``domain`` a name in
+        ``domains``), or with none ("vanilla").
+
+        Args:
+            images: (N, 3, S, S) float 0..255; points: (N, P, 2) (x, y) in the S x S frame; labels: (N, P).
+        Returns:
+            "logits" (N, 1, S, S), "low_res_logits" (N, 1, 4G, 4G), "iou" (N, 1), "choice" (N,)
+            (index into ``domains``; -1: vanilla) and "probabilities" (N, K), the selector's
+            softmax over ``domains`` (computed also when ``domain`` forces the choice).
+        """
         prefix = self.backbone.encode_prefix(images)
-        choice = self.route(prefix)
-        logits, iou = self.segment_routed(prefix, choice, points, labels, images=images)
-        return {"logits": logits, "iou": iou, "choice": choice}
+        probs = self.route_probabilities(prefix)
+        if domain is None:
+            choice = probs.argmax(dim=1)
+        else:
+            choice = torch.full((images.shape[0],), self.domain_index(domain), dtype=torch.long, device=self.device)
+        low, iou = self.segment_routed(prefix, choice, points, labels, images=images, low_res=True)
+        return {"logits": self.backbone.upsample_logits(low), "low_res_logits": low, "iou": iou, "choice": choice,
+                "probabilities": probs}

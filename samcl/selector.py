@@ -42,13 +42,17 @@ class ModuleSelector(nn.Module):
         return self.layer4(x)
 
     @torch.no_grad()
-    def route(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """(N, d) -> (N,) index of the chosen domain, in eval mode (running BN stats)."""
+    def probabilities(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(N, d) -> (N, K) softmax of the logits in eval mode (running BN stats)."""
         was_training = self.training
         self.eval()
-        choice = self(embeddings).argmax(dim=1)
+        probs = F.softmax(self(embeddings), dim=1)
         self.train(was_training)
-        return choice
+        return probs
+
+    def route(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(N, d) -> (N,) index of the chosen domain: the argmax of the softmax, as the release."""
+        return self.probabilities(embeddings).argmax(dim=1)
 
     def grow(self, num_domains: int) -> None:
         """Widen the head to ``num_domains`` outputs; existing rows are kept bit for bit."""

@@ -32,7 +32,8 @@ def test_iou_target_reference_thresholds_raw_logits_at_half():
     assert iou_target(logits, target, "reference").item() == pytest.approx(1 / 3)
     # sigmoid >= 0.5 <=> logits >= 0 -> {0.2, 0.7, 3.0}: inter 2, union 3
     assert iou_target(logits, target, "sigmoid").item() == pytest.approx(2 / 3)
-    assert iou_target(img([[-1.0]]), img([[0]]), "reference").item() == 1.0  # both empty
+    # both empty: the release's 0 / (0 + 1e-7) = 0 (the metrics count such an image as IoU 1)
+    assert iou_target(img([[-1.0]]), img([[0]]), "reference").item() == 0.0
 
 
 def test_batch_loss_sums_per_image_terms_and_averages_the_iou_mse():

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..aug_module import AugModule, AugModuleSpec, token_heat, window_heat
@@ -33,6 +34,12 @@ class _Active:
     module: AugModule
     heat: torch.Tensor  # (N, Gx, Gy, r)
     batch: int
+
+
+def grid_mean(tokens: torch.Tensor) -> torch.Tensor:
+    """(N, rows, cols, C) tokens -> (N, C) mean over the grid, reduced as the release does it
+    (channels first, then the mean over columns and then over rows: the same float rounding)."""
+    return tokens.permute(0, 3, 1, 2).mean(-1).mean(-1)
 
 
 def index_features(features: Features, index: torch.Tensor) -> Features:
@@ -91,15 +98,24 @@ class Backbone(nn.Module):
         """Blocks after the selector layer and the neck, with whatever module is active."""
         raise NotImplementedError
 
-    def decode(self, features: Features, points: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, features: Features, points: torch.Tensor, labels: torch.Tensor,
+               boxes: Optional[torch.Tensor] = None, low_res: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """One prompt set per image.
 
         Args:
             points: (N, P, 2) (x, y) in the S x S input frame; labels: (N, P).
+            boxes: (N, 4) box prompts (x0, y0, x1, y1) instead of the points, where supported.
+            low_res: return the decoder's own low-resolution logits (N, 1, 4G, 4G) instead.
         Returns:
-            mask logits (N, 1, S, S) and predicted IoU (N, 1).
+            mask logits (N, 1, S, S) (see :meth:`upsample_logits`) and predicted IoU (N, 1).
         """
         raise NotImplementedError
+
+    def upsample_logits(self, low_res: torch.Tensor) -> torch.Tensor:
+        """(N, 1, 4G, 4G) decoder logits -> (N, 1, S, S) float, by ``self.upsample``
+        (nearest on SAM as the release, quirk Q6; bilinear on SAM 2 as its predictor)."""
+        kwargs = {"align_corners": False} if self.upsample == "bilinear" else {}
+        return F.interpolate(low_res.float(), size=(self.img_size, self.img_size), mode=self.upsample, **kwargs)
 
     # -------------------------------------------------------------- shared
     def check_aug_spec(self, spec: AugModuleSpec) -> None:
@@ -170,13 +186,11 @@ class Backbone(nn.Module):
         points: torch.Tensor,
         labels: torch.Tensor,
         boxes: Optional[torch.Tensor] = None,
+        low_res: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Suffix + decoder for one group of images sharing a module (``boxes``: (N, 4) box
-        prompts instead of the points, SAM only)."""
-        features = self.encode_suffix(prefix, module, heatmap)
-        if boxes is None:
-            return self.decode(features, points, labels)
-        return self.decode(features, points, labels, boxes=boxes)
+        prompts instead of the points, SAM only; ``low_res``: see :meth:`decode`)."""
+        return self.decode(self.encode_suffix(prefix, module, heatmap), points, labels, boxes=boxes, low_res=low_res)
 
     def freeze(self) -> "Backbone":
         """No parameter of the backbone trains; train/eval mode still follows the caller

@@ -9,7 +9,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 
 from ..aug_module import AugModuleSpec
 from ..config import load_model_table
-from .base import Backbone, Features
+from .base import Backbone, Features, grid_mean
 
 
 
@@ -174,7 +174,7 @@ class SAMBackbone(Backbone):
         return {"tokens": x}
 
     def selector_embedding(self, prefix: Features) -> torch.Tensor:
-        return prefix["tokens"].mean(dim=(1, 2))
+        return grid_mean(prefix["tokens"])
 
     def _run_suffix(self, prefix: Features) -> Features:
         enc = self.sam.image_encoder
@@ -184,10 +184,11 @@ class SAMBackbone(Backbone):
         return {"image_embeddings": enc.neck(x.permute(0, 3, 1, 2))}
 
     def decode(self, features: Features, points: torch.Tensor, labels: torch.Tensor,
-               boxes: Optional[torch.Tensor] = None,
+               boxes: Optional[torch.Tensor] = None, low_res: bool = False,
                mask_decoder: Optional[torch.nn.Module] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """``boxes`` (N, 4) (x0, y0, x1, y1) prompt instead of the points; ``mask_decoder``
-        replaces SAM's own (a CAD module's fine-tuned copy)."""
+        replaces SAM's own (a CAD module's fine-tuned copy); ``low_res``: the decoder's
+        (N, 1, 256, 256) logits, not upsampled."""
         pe = self.sam.prompt_encoder
         decoder = self.sam.mask_decoder if mask_decoder is None else mask_decoder
         prompt = {"points": None, "boxes": boxes} if boxes is not None else {"points": (points, labels), "boxes": None}
@@ -199,16 +200,14 @@ class SAMBackbone(Backbone):
         # it gets a single zero image and each image's embedding rides in the dense
         # prompt term it adds next: src = repeat(0) + (emb_i + dense_i) = emb_i + dense_i,
         # the same values as one call per image.
-        low_res, iou = decoder(
+        logits, iou = decoder(
             image_embeddings=emb.new_zeros((1,) + emb.shape[1:]),
             image_pe=image_pe,
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=emb + dense,
             multimask_output=False,
         )
-        kwargs = {"align_corners": False} if self.upsample == "bilinear" else {}
-        masks = F.interpolate(low_res, size=(self.img_size, self.img_size), mode=self.upsample, **kwargs)
-        return masks, iou
+        return (logits if low_res else self.upsample_logits(logits)), iou
 
 
 # The family's entry points for backbones.build (same names in every backbone module).

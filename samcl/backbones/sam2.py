@@ -21,7 +21,7 @@ from sam2.modeling.sam2_base import SAM2Base
 
 from ..aug_module import AugModuleSpec
 from ..config import load_model_table
-from .base import Backbone, Features
+from .base import Backbone, Features, grid_mean
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -229,7 +229,7 @@ class SAM2Backbone(Backbone):
 
     def selector_embedding(self, prefix: Features) -> torch.Tensor:
         """-> (N, selector_dim), the selector-block output averaged over its grid."""
-        return prefix["tokens"].mean(dim=(1, 2))
+        return grid_mean(prefix["tokens"])
 
     def _run_suffix(self, prefix: Features) -> Features:
         """Remaining trunk blocks, FPN neck, and set_image's feature preparation.
@@ -269,14 +269,15 @@ class SAM2Backbone(Backbone):
         return out
 
     def decode(self, features: Features, points: torch.Tensor, labels: torch.Tensor,
-               boxes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+               boxes: Optional[torch.Tensor] = None, low_res: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """As ``SAM2ImagePredictor._predict`` with one prompt set per image, batched.
 
         Args:
             features: from :meth:`encode_suffix`; points: (N, P, 2) (x, y) in the S x S
                 frame; labels: (N, P) (1 foreground, 0 background, -1 padding).
         Returns:
-            mask logits (N, 1, S, S) (bilinear from the decoder's 4G x 4G) and IoU (N, 1).
+            mask logits (N, 1, S, S) (bilinear from the decoder's 4G x 4G; ``low_res``: those
+            4G x 4G logits) and IoU (N, 1).
         """
         if boxes is not None:
             raise ValueError("box prompts (prompt: box) are CAD's recipe, for SAM (ViT) backbones only")
@@ -286,7 +287,7 @@ class SAM2Backbone(Backbone):
         coords = points.float() / self.img_size * model.image_size
         sparse, dense = pe(points=(coords, labels), boxes=None, masks=None)
         high_res = [features[f"high_res_{k}"] for k in range(sum(k.startswith("high_res_") for k in features))]
-        low_res, iou, _, _ = model.sam_mask_decoder(
+        logits, iou, _, _ = model.sam_mask_decoder(
             image_embeddings=features["image_embed"],
             image_pe=pe.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
@@ -295,9 +296,7 @@ class SAM2Backbone(Backbone):
             repeat_image=False,  # one prompt set per image: no cross-multiplication
             high_res_features=high_res or None,
         )
-        kwargs = {"align_corners": False} if self.upsample == "bilinear" else {}
-        masks = F.interpolate(low_res.float(), size=(self.img_size, self.img_size), mode=self.upsample, **kwargs)
-        return masks, iou
+        return (logits.float() if low_res else self.upsample_logits(logits)), iou
 
 
 # The family's entry points for backbones.build (same names in every backbone module).
