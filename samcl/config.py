@@ -28,6 +28,9 @@ CHOICES = {
     "feature_cache": ("auto", "off", "device", "cpu"),  # speed: samcl.feature_cache
     "amp": ("off", "bf16"),  # speed: samcl.precision
 }
+# Settings newer than some run folders, with the value that reproduces how such older runs
+# were made: a run folder whose stored configuration lacks one resumes (and reports) with it.
+LEGACY_SETTINGS = {"focal": "logits", "train_mode": "every_epoch", "module_init": "per_domain"}
 # settings that may stay None (the backbone picks its own)
 OPTIONAL_CHOICES = ("upsample",)
 # --module names the reference's module files: SAMCL for SAM (ViT), SAMCL_2 for SAM 2.1;
@@ -143,6 +146,11 @@ class Config:
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+
+def stored_settings(stored: Dict[str, Any]) -> Dict[str, Any]:
+    """A run folder's stored configuration, completed with :data:`LEGACY_SETTINGS` where it predates them."""
+    return {**LEGACY_SETTINGS, **stored}
 
 
 def config_fields() -> Dict[str, Any]:

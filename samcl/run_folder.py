@@ -33,6 +33,7 @@ import torch
 import yaml
 
 from .backbones.base import Backbone
+from .config import stored_settings
 from .io import atomic_torch_save, atomic_write_text, load_tagged
 from .selector import ModuleSelector
 
@@ -138,9 +139,12 @@ def read_manifest(run_dir: Path) -> Dict[str, Any]:
     if not path.is_file():
         raise RunFolderError(f"{run_dir} has no {MANIFEST}: it is not a finished or started SAMCL run folder")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise RunFolderError(f"{path} is corrupt ({e})") from None
+    if isinstance(manifest.get("config"), dict):
+        manifest["config"] = stored_settings(manifest["config"])
+    return manifest
 
 
 def write_config(run_dir: Path, config: Dict[str, Any]) -> None:

@@ -137,3 +137,27 @@ def test_resume_with_another_backbone_checkpoint_or_setting_is_refused(data, tmp
     # the run folder is intact: the same checkpoint resumes (nothing left to do) fine
     pipeline.resume(run, {"ckpt": str(ckpt_a)}, CPU)
     assert os.path.exists(run / "polyp.pth")
+
+
+def test_run_folder_made_before_the_release_defaults_resumes_as_it_was_trained(data, tmp_path):
+    """A run.json whose config predates the focal / train_mode / module_init settings was trained
+    with BCE from logits, train mode every epoch and a module draw per domain: it resumes so."""
+    old = {"focal": "logits", "train_mode": "every_epoch", "module_init": "per_domain"}
+    kw = dict(epoch=2, val_every=1)
+    whole = tmp_path / "whole"
+    pipeline.train(load_config(CONFIG_DIR / "demo_sam.yaml", settings(data, whole, order="polyp_shadow", **kw, **old)),
+                   CPU)
+    run = tmp_path / "old"
+    pipeline.train(load_config(CONFIG_DIR / "demo_sam.yaml", settings(data, run, order="polyp", **kw, **old)), CPU)
+    manifest = json.loads((run / "run.json").read_text())
+    for k in old:
+        del manifest["config"][k]
+    (run / "run.json").write_text(json.dumps(manifest))
+    with pytest.raises(RunFolderError, match=r"keeps the run's settings.*focal='logits'"):
+        pipeline.resume(run, {"focal": "reference"}, CPU)
+    pipeline.resume(run, {"order": "polyp_shadow"}, CPU)
+    for k, v in old.items():
+        assert json.loads((run / "run.json").read_text())["config"][k] == v
+    for f in ("polyp.pth", "shadow.pth"):
+        a, b = module_tensors(whole / f), module_tensors(run / f)
+        assert all(torch.equal(a[k], b[k]) for k in a), f

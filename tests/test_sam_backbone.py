@@ -116,6 +116,39 @@ def test_routed_batch_equals_per_image(tiny_sam):
         assert out["choice"].shape == (5,) and int(out["choice"].max()) < 3
 
 
+def test_predict_exposes_scores_low_res_logits_and_forced_domains(tiny_sam):
+    images, points, labels = batch(4)
+    model = SAMCLModel(tiny_sam, tiny_sam.default_aug_spec())
+    model.add_domain("a", trained_like(model.spec, 1))
+    model.add_domain("b", trained_like(model.spec, 2))
+    model.add_domain("u", None)
+    model.selector = ModuleSelector(32, 3)
+    model.selector(torch.randn(8, 32))  # non-trivial BatchNorm running statistics
+    with torch.no_grad():
+        prefix = tiny_sam.encode_prefix(images)
+        routed = model.predict(images, points, labels)
+        probs = routed["probabilities"]
+        assert probs.shape == (4, 3) and torch.allclose(probs.sum(1), torch.ones(4))
+        assert torch.equal(routed["choice"], probs.argmax(1)) and torch.equal(routed["choice"], model.route(prefix))
+        # low-res logits are the decoder's (N, 1, 4G, 4G); the full-size ones are their nearest upsampling
+        g = tiny_sam.grid_size
+        assert routed["low_res_logits"].shape == (4, 1, 4 * g, 4 * g)
+        assert torch.equal(routed["logits"], torch.nn.functional.interpolate(
+            routed["low_res_logits"], size=(tiny_sam.img_size,) * 2, mode="nearest"))
+        want, want_iou = model.segment_routed(prefix, routed["choice"], points, labels)
+        assert torch.equal(routed["logits"], want) and torch.equal(routed["iou"], want_iou)
+        # a forced domain runs its module on every image; "vanilla" runs none; routing scores stay
+        forced = model.predict(images, points, labels, domain="b")
+        assert forced["choice"].tolist() == [1] * 4 and torch.equal(forced["probabilities"], probs)
+        b_logits, _ = model.segment_one(model.module_for("b"), prefix, points, labels)
+        assert torch.equal(forced["logits"], b_logits)
+        vanilla = model.predict(images, points, labels, domain="vanilla")
+        assert vanilla["choice"].tolist() == [-1] * 4
+        assert torch.equal(vanilla["logits"], model.segment_vanilla(prefix, points, labels)[0])
+    with pytest.raises(ValueError, match=r"unknown domain 'c'; this model has \['a', 'b', 'u'\]"):
+        model.predict(images, points, labels, domain="c")
+
+
 def test_module_for_another_backbone_is_refused(tiny_sam):
     with pytest.raises(ValueError, match=r"sam/vit_tiny.*width 384 \(this backbone: 32\)"):
         SAMCLModel(tiny_sam, AugModuleSpec(dim=384, layers=(6, 7, 8, 9), neck_channels=None))
