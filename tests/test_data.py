@@ -105,3 +105,30 @@ def test_release_sample_loads_as_it_ships():
         item = ds[0]
         assert item["image"].shape == (3, 256, 256) and item["mask"].shape == (1, 256, 256)
         assert item["points"].shape == (3, 2) and (item["points"] >= 0).all() and (item["points"] < 256).all()
+
+
+def test_awkward_files_are_read_as_pil_reads_them(tmp_path):
+    """EXIF orientation is not applied, alpha is dropped, palettes are expanded and 16-bit values
+    above 255 are clipped (PIL's convert, as the release); the README's data section says so."""
+    from PIL import Image
+
+    from samcl.data import read_image
+
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[:, :10] = (200, 10, 10)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° to display"
+    Image.fromarray(rgb).save(tmp_path / "exif.jpg", exif=exif, quality=95)
+    img = read_image(tmp_path / "exif.jpg")
+    assert img.mode == "RGB" and img.size == (30, 20)  # as stored, not rotated
+    rgba = np.dstack([rgb, np.full((20, 30), 7, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    assert np.array_equal(np.asarray(read_image(tmp_path / "rgba.png")), rgb)  # alpha dropped, not composited
+    pal = Image.fromarray(np.tile(np.arange(3, dtype=np.uint8), (4, 2)), "P")
+    pal.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * 759)
+    pal.save(tmp_path / "pal.png")
+    assert np.asarray(read_image(tmp_path / "pal.png"))[0, :3].tolist() == [[0, 0, 0], [255, 0, 0], [0, 0, 255]]
+    m16 = np.zeros((4, 6), np.uint16)
+    m16[0, :3] = (65535, 300, 1)
+    cv2.imwrite(str(tmp_path / "m16.png"), m16)
+    assert np.asarray(read_image(tmp_path / "m16.png", gray=True))[0, :4].tolist() == [255, 255, 1, 0]
