@@ -101,9 +101,21 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
         loader.sampler.set_epoch(epoch)
 
 
-def progress(iterable, desc: str, **kw):
-    """tqdm on rank 0's terminal, silent otherwise (logs carry the numbers)."""
-    return tqdm(iterable, desc=desc, dynamic_ncols=True, disable=None if dist.is_main() else True, leave=False, **kw)
+def progress(iterable=None, desc: str = "", **kw):
+    """tqdm on rank 0's terminal, silent otherwise (logs carry the numbers); it vanishes when done
+    unless ``leave=True``."""
+    kw.setdefault("leave", False)
+    kw.setdefault("disable", None if dist.is_main() else True)
+    return tqdm(iterable, desc=desc, dynamic_ncols=True, **kw)
+
+
+def image_progress(loader: DataLoader, desc: str, **kw):
+    """Batches of ``loader`` with a bar that counts images (this process's share under torchrun)."""
+    bar = progress(total=len(loader.sampler), desc=desc, unit="img", **kw)
+    with bar:
+        for batch in loader:
+            yield batch
+            bar.update(len(batch["name"]))
 
 
 class SegmentStep(nn.Module):
@@ -145,7 +157,7 @@ def evaluate_split(model: SAMCLModel, loader: DataLoader, device: torch.device, 
     for m in parts:
         m.eval()
     rows = []  # per image: dataset index, choice, iou, f1, mae (, vanilla iou, f1, mae)
-    for raw in progress(loader, desc):
+    for raw in image_progress(loader, desc):
         b = to_device(raw, device)
         with autocast(amp, device):
             prefix = model.backbone.encode_prefix(b.images)
@@ -206,6 +218,7 @@ class ContinualTrainer:
         self.buffer = EmbeddingBuffer(cfg.num_embedding)
         self.matrix = AccuracyMatrix(self.domains, self.unseen)
         self.steps: List[Dict] = []
+        self.run_bar = tqdm(disable=True)  # the whole run's bar, made by run()
         self.checksums: Dict[str, str] = {}
         self.completed: List[str] = []
         if resume:
@@ -301,9 +314,14 @@ class ContinualTrainer:
             write_config(self.run_dir, cfg.to_dict())
         log.info(self.model.describe_module())
         self._measure_added_domain()
+        todo = [d for d in self.domains if d not in self.completed]
+        # the whole run at a glance (domain t of T, epochs done, time left), above the epoch's own bar
+        self.run_bar = progress(total=cfg.epoch * sum(d not in self.unseen for d in todo), desc="run", unit="epoch",
+                                leave=True, position=0)
         for t, domain in enumerate(self.domains):
             if domain in self.completed:
                 continue
+            self.run_bar.set_description(f"run: domain {t + 1}/{len(self.domains)} {domain}")
             step_start = time.time()
             log.info("=== step %d/%d: %s ===", t + 1, len(self.domains), domain)
             loader = make_loader(self.train_sets[domain], cfg.batch_size, True, cfg.seed + t, cfg.num_workers,
@@ -328,6 +346,7 @@ class ContinualTrainer:
             self.steps.append(step)
             self._log_step(t)
             self._commit(domain)
+        self.run_bar.close()
         return self.metrics()
 
     def initial_module(self, t: int) -> nn.Module:
@@ -350,6 +369,8 @@ class ContinualTrainer:
         partial = self._partial_path(domain)
         if partial.exists():
             partial.unlink()
+        if partial.parent.is_dir() and not any(partial.parent.iterdir()):
+            partial.parent.rmdir()  # a finished run folder keeps no empty partial/
 
     def _partial_path(self, domain: str) -> Path:
         return self.run_dir / PARTIAL_DIR / f"{domain}.pt"
@@ -412,13 +433,14 @@ class ContinualTrainer:
         # never back, so every epoch after the first validation trains in eval mode (train_mode
         # "reference"). Only SAM 2's decoder behaves differently (mask choice by stability).
         backbone_training = cfg.train_mode == "every_epoch" or not history["validation"]
-        for epoch in progress(range(first, cfg.epoch), f"{domain} epochs"):
+        self.run_bar.update(first)  # epochs done before a resume
+        for epoch in range(first, cfg.epoch):
             set_epoch(loader, epoch)
             cache.new_epoch()
             model.backbone.train(backbone_training)
             module.train()
             total, count = torch.zeros((), device=self.device), 0  # summed on the device: no sync per step
-            for raw in progress(loader, f"{domain} epoch {epoch + 1}/{cfg.epoch}"):
+            for raw in progress(loader, f"{domain} epoch {epoch + 1}/{cfg.epoch}", unit="batch"):
                 b = to_device(raw, self.device)
                 prefix = cache.prefix(model.backbone, b.images, raw["index"])
                 if self.buffer.missing(domain) > 0:
@@ -447,6 +469,7 @@ class ContinualTrainer:
                 log.info("%s validation after epoch %d: IoU %.4f  F1 %.4f  MAE %.4f", domain, epoch + 1,
                          res["iou"], res["f1"], res["mae"])
             self._save_partial(domain, module, opt, sched, loader, epoch, history)
+            self.run_bar.update(1)
         self.cache_stats = cache.close()
         module.eval()
         if self.buffer.missing(domain) > 0:

@@ -40,7 +40,7 @@ def test_train_then_test_writes_every_promised_file(demo_data, capsys):
         assert (run / f).is_file(), f
     assert not (run / "natural.pth").exists()  # the unseen domain trains no module
 
-    assert not (run / "partial").exists() or not any((run / "partial").iterdir())  # committed steps leave none
+    assert not (run / "partial").exists()  # committed steps leave no partial state, nor its folder
     buf = EmbeddingBuffer(4)
     for d in DOMAINS:
         buf.load_part(run / f"embedding_buffer/{d}.pth", d)
@@ -102,3 +102,16 @@ def test_scripts_run_from_the_command_line(demo_data):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "polyp" in r.stdout and "natural" in r.stdout
     assert "vanilla" not in json.loads((demo_data / "cli" / "test_metrics.json").read_text())["results"]["polyp"]
+
+
+def test_evaluation_progress_counts_images(demo_data):
+    import io
+
+    from samcl.continual import image_progress, make_loader
+    from samcl.data import SegmentationSplit
+
+    ds = SegmentationSplit(demo_data / "data" / "Polyp" / "test", 64)
+    out = io.StringIO()
+    batches = list(image_progress(make_loader(ds, 2, False, 0, 0, torch.device("cpu")), "test polyp",
+                                  disable=False, file=out, leave=True, mininterval=0))
+    assert len(batches) == 2 and "3/3" in out.getvalue() and "img" in out.getvalue()
