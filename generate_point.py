@@ -6,7 +6,7 @@ pixels uniformly with replacement, shuffle. A mask with no foreground gets negat
 points (label 0) spread over the image and is reported by name.
 
     python generate_point.py                       # data/ per datasets_train.json + datasets_test.json
-    python generate_point.py --data_root demo_data --num_points 3 --seed 1234
+    python generate_point.py --data_root demo_output --num_points 3 --seed 1234
 """
 import argparse
 import logging

@@ -57,7 +57,7 @@ def add_common_flags(p: argparse.ArgumentParser, family: str = "sam") -> None:
     p.add_argument("--device", help="explicit torch device, e.g. cpu or cuda:1 (overrides --cuda)")
     p.add_argument("--data_root", help="folder the JSON maps' paths are relative to (default: .)")
     p.add_argument("--test_json", help="domain -> test split map (default datasets_test.json under --data_root)")
-    p.add_argument("--num_workers", type=int, help="data-loading worker processes (default 2)")
+    p.add_argument("--num_workers", type=int, help="data-loading worker processes (default 4; capped at the CPUs available)")
     p.add_argument("--eval_batch_size", type=int, help="images per evaluation batch (default 8)")
     p.add_argument("--output_dir", help=f"parent of run folders (default {'log_sam2' if sam2 else 'log_sam1'})")
     p.add_argument("--run_dir", help="run folder (default <output_dir>/<module>_<order>_<num_embedding>_<seed>_training)")

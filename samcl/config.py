@@ -89,7 +89,7 @@ class Config:
     data_root: str = "."
     train_json: str = "datasets_train.json"
     test_json: str = "datasets_test.json"
-    num_workers: int = 2
+    num_workers: int = 4
     eval_batch_size: int = 8
     # output
     output_dir: str = "log_sam1"
