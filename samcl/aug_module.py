@@ -1,4 +1,4 @@
-"""AugModule: the per-domain learning module of SAMCL (SPEC §4).
+"""AugModule: the per-domain learning module of SAMCL.
 
 One shared low-rank projection ``A`` (dim -> r), and per augmented encoder block
 an up-projection ``B_l`` (r -> dim) with two LayerNorms. The point heatmap

@@ -1,4 +1,4 @@
-"""CAD: the memory-efficient convolutional adapter (SPEC §11), as a per-domain learning module.
+"""CAD: the memory-efficient convolutional adapter, as a per-domain learning module.
 
 A small convolutional network runs *beside* the frozen image encoder on the image
 and its high-frequency part; its output is added to the encoder's embedding
@@ -60,7 +60,7 @@ def high_pass(x: torch.Tensor, tau: float = TAU) -> torch.Tensor:
 
 
 def high_frequency(images: torch.Tensor, side: int = 512, tau: float = TAU) -> torch.Tensor:
-    """CAD's adapter input (SPEC §11).
+    """CAD's adapter input.
 
     The image is resized to ``side`` x ``side`` (bilinear), kept as float 0..255, and its
     high-frequency part (:func:`high_pass`) is appended -> 6 channels; every channel is

@@ -1,4 +1,4 @@
-"""Frozen-prefix feature cache for module training (speed, issue 8).
+"""Frozen-prefix feature cache for module training.
 
 The encoder prefix (blocks up to the selector layer, :meth:`Backbone.encode_prefix`)
 is frozen and the training data carry no random augmentation, so an image's prefix

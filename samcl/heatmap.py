@@ -1,4 +1,4 @@
-"""Point heatmaps: the prompt-location prior that the AugModule consumes (SPEC §4).
+"""Point heatmaps: the prompt-location prior that the AugModule consumes.
 
 A heatmap is built once per image from its prompt points, on the same device as
 the model, in one batched call (no CPU round trip, no per-image loop). As in the

@@ -1,4 +1,4 @@
-"""The SAMCL training loss (SPEC §6): focal + 10 * dice + IoU-head MSE, as the release computes it."""
+"""The SAMCL training loss: focal + 10 * dice + IoU-head MSE, as the release computes it."""
 from functools import reduce
 from operator import add
 
@@ -99,7 +99,7 @@ def soft_iou_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e
 
 
 def cad_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """CAD's loss (SPEC §11): per image BCE on p = sigmoid(logits) (mean over pixels) + soft IoU
+    """CAD's loss: per image BCE on p = sigmoid(logits) (mean over pixels) + soft IoU
     loss, *summed* over the batch like :func:`samcl_loss` (so the loop's loss/image is comparable).
 
     CAD averages over the batch instead; with Adam(W) that is the same update up to eps
@@ -116,7 +116,7 @@ LOSSES = ("samcl", "bce_iou")
 
 def training_loss(name: str, logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor,
                   iou_rule: str = "reference", focal: str = "reference") -> torch.Tensor:
-    """The configured training loss: 'samcl' (SPEC §6) or 'bce_iou' (CAD, SPEC §11; no IoU-head term)."""
+    """The configured training loss: 'samcl' or 'bce_iou' (CAD; no IoU-head term)."""
     if name == "samcl":
         return samcl_loss(logits, iou_pred, target, iou_rule, focal)
     if name == "bce_iou":

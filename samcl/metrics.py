@@ -1,4 +1,4 @@
-"""Segmentation metrics and the continual-learning accuracy matrix (SPEC §8)."""
+"""Segmentation metrics and the continual-learning accuracy matrix."""
 import math
 from typing import Dict, List, Optional, Sequence
 

@@ -1,7 +1,7 @@
 """The continual model at inference: frozen backbone + resident per-domain modules + Module Selector.
 
 All modules stay on the device; a batch is routed by the selector and split into
-groups that share a module (SPEC §1, quirk Q8: no copies of SAM, no reloads).
+groups that share a module (quirk Q8: no copies of SAM, no reloads).
 
 The per-domain *learning module* is pluggable. A module (or its spec) of kind k
 offers what the loop needs:

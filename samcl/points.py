@@ -1,4 +1,4 @@
-"""Static prompt points: what ``generate_point.py`` writes (SPEC §2).
+"""Static prompt points: what ``generate_point.py`` writes.
 
 For each mask: resize to 1024 x 1024 (nearest), binarise, draw ``n`` foreground
 pixels uniformly *with replacement*, shuffle, store ``[[x, y], ...]`` with label

@@ -1,4 +1,4 @@
-"""Mixed precision (``--amp``, speed, issue 8).
+"""Mixed precision (``--amp``).
 
 ``off`` (default) is fp32 everywhere, as the release, for exact reproduction.
 ``bf16`` runs the training forward after the frozen prefix

@@ -1,4 +1,4 @@
-"""Module Selector and its embedding buffer (SPEC §7)."""
+"""Module Selector and its embedding buffer."""
 import logging
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple

@@ -1,6 +1,6 @@
 """The one interface the continual loop sees of a frozen segmentation backbone.
 
-A backbone splits its image encoder at the *selector layer* (SPEC §3):
+A backbone splits its image encoder at the *selector layer*:
 
 * :meth:`Backbone.encode_prefix` runs the frozen blocks up to and including the
   selector layer, once per image, without autograd. Its result is a dict of
@@ -145,7 +145,7 @@ class Backbone(nn.Module):
         The attention input t is (N, G, G, C) in a global block or (N * nw, w, w, C)
         in a windowed one (``window`` = w > 0); while a module is active and lists
         ``layer``, the hook adds ``module.branch(layer, t, H)`` to the attention
-        output, with H laid out like t (SPEC §4, quirk Q2 for windows).
+        output, with H laid out like t (quirk Q2 for windows).
         """
 
         def hook(_module, inputs, output):
@@ -194,7 +194,7 @@ class Backbone(nn.Module):
 
     def freeze(self) -> "Backbone":
         """No parameter of the backbone trains; train/eval mode still follows the caller
-        (it matters for SAM 2's decoder, SPEC §6)."""
+        (it matters for SAM 2's decoder)."""
         for p in self.parameters():
             p.requires_grad_(False)
         return self

@@ -1,4 +1,4 @@
-"""SAM (ViT) backbone over the installed ``segment_anything`` package (SPEC §3, §5)."""
+"""SAM (ViT) backbone over the installed ``segment_anything`` package."""
 from functools import partial
 from pathlib import Path
 from typing import Optional, Tuple
@@ -195,7 +195,7 @@ class SAMBackbone(Backbone):
         sparse, dense = pe(**prompt, masks=None)
         image_pe = pe.get_dense_pe()
         emb = features["image_embeddings"]
-        # One call for the whole batch, one prompt set per image (SPEC §5). The stock
+        # One call for the whole batch, one prompt set per image. The stock
         # decoder repeats its image embedding once per prompt set (images x prompts), so
         # it gets a single zero image and each image's embedding rides in the dense
         # prompt term it adds next: src = repeat(0) + (emb_i + dense_i) = emb_i + dense_i,

@@ -1,4 +1,4 @@
-"""SAM 2.1 (Hiera) backbone over the installed ``sam2`` package (SPEC §2-§5).
+"""SAM 2.1 (Hiera) backbone over the installed ``sam2`` package.
 
 The model is the package's own ``SAM2Base``, built by ``sam2.build_sam.build_sam2``
 from the package's hydra configs (``configs/models/sam2.yaml`` names them). The
@@ -8,7 +8,7 @@ runs the remaining blocks, the FPN neck and exactly what
 ``SAM2ImagePredictor.set_image_batch`` does after it (scalp, ``conv_s0``/``conv_s1``
 on the high-resolution levels, the no-memory embedding). The AugModule acts only
 through forward hooks on the attention modules of the augmented blocks; SAM 2 has
-no neck injection (SPEC §4).
+no neck injection.
 """
 import math
 from pathlib import Path
@@ -209,7 +209,7 @@ class SAM2Backbone(Backbone):
 
     # -------------------------------------------------------------- forward
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) float 0..255 -> 0..1, ImageNet mean/std normalised (SAM2Transforms, SPEC §2)."""
+        """(N, 3, S, S) float 0..255 -> 0..1, ImageNet mean/std normalised (SAM2Transforms)."""
         return (images.float() / 255.0 - self.pixel_mean) / self.pixel_std
 
     @torch.no_grad()
