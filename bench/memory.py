@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Training memory, step time and storage of one step per learning module (issue 6).
+"""Training memory, step time and storage of one step per learning module.
 
     python bench/memory.py                                          # CPU: ViT-B at 256 px, batch 1
     python bench/memory.py --device cuda --vit_name vit_b --img_size 1024 --batch 4
-    python bench/memory.py --vit_name vit_tiny --img_size 128 --modules CAD SAM-Adapter
+    python bench/memory.py --vit_name vit_tiny --img_size 128 --modules cad adapter+decoder
 
-For each module -- SAMCL's AugModule, CAD, a SAM-Adapter-style adapter in every encoder
-block, LoRA on the qkv of the AugModule's blocks, decoder-only fine-tuning -- it builds the
+For each registered learning module (``samcl.modules``: the AugModule, CAD, bottleneck
+adapters in every block, LoRA on the qkv after the selector layer, a decoder copy) and for
+SAM-Adapter's recipe (the adapters trained together with a decoder copy) it builds the
 same frozen SAM backbone (random weights: memory does not depend on them), runs one
 warm-up step (so the optimizer state exists), then measures one steady-state training
 step (forward from the raw batch, loss, backward, optimizer step):
@@ -46,22 +47,38 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from samcl.aug_module import AugModule  # noqa: E402
 from samcl.backbones.sam import SAMBackbone, build_sam  # noqa: E402
-from samcl.baselines import BlockAdapters, DecoderOnly, QKVLoRA  # noqa: E402
-from samcl.cad import CADSpec  # noqa: E402
 from samcl.heatmap import points_to_heatmap  # noqa: E402
 from samcl.losses import cad_loss, samcl_loss  # noqa: E402
+from samcl.modules.base import LearningModule  # noqa: E402
+from samcl.registry import MODULES as REGISTERED  # noqa: E402
 
-MODULES = ("SAMCL", "CAD", "SAM-Adapter", "LoRA", "decoder-only")
+SAM_ADAPTER = "adapter+decoder"
+MODULES = ("augmodule", "cad", SAM_ADAPTER, "adapter", "lora", "decoder")
 WHAT = {
-    "SAMCL": "AugModule on blocks after the selector layer; prefix without autograd",
-    "CAD": "conv adapter beside the encoder (no encoder autograd) + decoder copy",
-    "SAM-Adapter": "bottleneck adapter in every encoder block + decoder copy",
-    "LoRA": "LoRA r=10 on qkv of the AugModule's blocks; prefix without autograd",
-    "decoder-only": "decoder copy; encoder without autograd",
+    "augmodule": "SAMCL's AugModule on the blocks after the selector layer; prefix without autograd",
+    "cad": "conv adapter beside the encoder (no encoder autograd) + decoder copy",
+    SAM_ADAPTER: "SAM-Adapter's recipe: bottleneck adapter in every encoder block + decoder copy",
+    "adapter": "bottleneck adapter in every encoder block",
+    "lora": "LoRA r=10 on the qkv after the selector layer; prefix without autograd",
+    "decoder": "decoder copy; encoder without autograd",
 }
+ADAMW_RECIPES = ("cad", SAM_ADAPTER, "decoder")  # CAD's and SAM-Adapter's recipe: AdamW 2e-4, BCE + IoU loss
 MB = 1024**2
+
+
+class AdapterWithDecoder(torch.nn.Module):
+    """SAM-Adapter as CAD compares against it: the adapters and a decoder copy, trained together."""
+
+    def __init__(self, backbone: SAMBackbone) -> None:
+        super().__init__()
+        self.adapters = REGISTERED.get("adapter").spec_class.for_backbone(backbone).build(backbone)
+        self.decoder = REGISTERED.get("decoder").spec_class.for_backbone(backbone).build(backbone)
+
+    def segment(self, backbone, prefix, images, heatmap, points, labels):
+        with self.adapters.attached(backbone):
+            features = backbone.encode_suffix(backbone.prefix(images))
+        return backbone.decode(features, points, labels, mask_decoder=self.decoder.decoder)
 
 
 class Case:
@@ -72,28 +89,21 @@ class Case:
         self.backbone = backbone
         self.batch = batch
         b = batch
-        if name == "SAMCL":
-            self.module = AugModule(backbone.default_aug_spec())
-            heat = points_to_heatmap(b["points"], backbone.grid_size, backbone.img_size, b["labels"])
-
-            def forward():
-                prefix = backbone.encode_prefix(b["images"])
-                return self.module.segment(backbone, prefix, b["images"], heat, b["points"], b["labels"])
-        elif name == "CAD":
-            self.module = CADSpec.for_backbone(backbone).build(backbone)
-
-            def forward():
-                prefix = backbone.encode_prefix(b["images"])
-                return self.module.segment(backbone, prefix, b["images"], None, b["points"], b["labels"])
+        if name == SAM_ADAPTER:
+            self.module = AdapterWithDecoder(backbone)
         else:
-            self.module = {"SAM-Adapter": BlockAdapters, "LoRA": QKVLoRA, "decoder-only": DecoderOnly}[name](backbone)
+            self.module = REGISTERED.get(name).spec_class.for_backbone(backbone).build(backbone)
+        needs_heat = isinstance(self.module, LearningModule) and self.module.needs_heatmap
+        heat = points_to_heatmap(b["points"], backbone.grid_size, backbone.img_size, b["labels"]) if needs_heat else None
 
-            def forward():
-                return self.module(backbone, b["images"], b["points"], b["labels"])
+        def forward():
+            prefix = backbone.encode_prefix(b["images"])  # without autograd, as in training
+            return self.module.segment(backbone, prefix, b["images"], heat, b["points"], b["labels"])
+
         self.module.to(b["images"].device).train()
         self.forward: Callable = forward
         params = [p for p in self.module.parameters() if p.requires_grad]
-        recipe_adamw = name in ("CAD", "SAM-Adapter", "decoder-only")
+        recipe_adamw = name in ADAMW_RECIPES
         self.opt = (torch.optim.AdamW(params, lr=2e-4) if recipe_adamw else torch.optim.Adam(params, lr=5e-3))
         self.loss_name = "bce_iou" if recipe_adamw else "samcl"
 

@@ -24,7 +24,6 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from . import distributed as dist
-from .aug_module import AugModule
 from .config import Config
 from .data import SegmentationSplit, collate, read_domain_map
 from .losses import training_loss
@@ -559,9 +558,8 @@ class ContinualTrainer:
             "config": self.cfg.to_dict(),
             "versions": package_versions(),
             "backbone": backbone_identity(self.model.backbone),
-            **({"aug_module": {"counted_parameters": AugModule(self.model.spec).counted_parameters(),
-                               "counted_mb": round(AugModule(self.model.spec).counted_size_mb(), 6),
-                               "spec": self.model.spec.to_dict()}} if self.model.kind == "augmodule" else {}),
+            **({"aug_module": {k: self._module_summary()[k] for k in ("counted_parameters", "counted_mb", "spec")}}
+               if self.model.kind == "augmodule" else {}),
             "learning_module": self._module_summary(),
             "accuracy_matrix": self.matrix.to_dict(),
             "steps": self.steps,

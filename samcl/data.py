@@ -93,8 +93,10 @@ def read_image(path: Path, gray: bool = False) -> Image.Image:
                 return im.convert("L" if gray else "RGB")
         except Image.DecompressionBombError as e:
             reason = f"too large to decode safely: {e}"
-        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for unreadable and truncated files
-            reason = f"unreadable: {e}" if data else "empty file"
+        except Image.UnidentifiedImageError:
+            reason = "not an image format PIL can read" if data else "empty file"
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for truncated and broken files
+            reason = f"unreadable: {e}"
     raise DataError(f"{path}: cannot decode the image ({reason}); it is corrupt or truncated. "
                     f"Re-export it, or remove it together with its pair.")
 

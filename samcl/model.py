@@ -1,38 +1,20 @@
 """The continual model at inference: frozen backbone + resident per-domain modules + Module Selector.
 
 All modules stay on the device; a batch is routed by the selector and split into
-groups that share a module (quirk Q8: no copies of SAM, no reloads).
-
-The per-domain *learning module* is pluggable. A module (or its spec) of kind k
-offers what the loop needs:
-
-* spec: ``kind``, ``to_dict()``/``from_dict()``, ``check(backbone)`` (refuse another
-  backbone), ``build(backbone)`` (a fresh module), ``describe(backbone)``;
-* module: ``kind``, ``spec``, ``needs_heatmap``, ``has_unused_parameters`` (for DDP),
-  ``counted_parameters()``, ``describe()`` and
-  ``segment(backbone, prefix, images, heatmap, points, labels, boxes=None)`` ->
-  (logits (N, 1, S, S), iou (N, 1)); optionally ``frozen_features(backbone, images)``, the
-  frozen features the training cache should keep (default: the prefix).
-
-Kinds: ``augmodule`` (SAMCL's AugModule, :mod:`samcl.aug_module`, ``--module SAMCL``/
-``SAMCL_2``) and ``cad`` (the convolutional adapter + a decoder copy, :mod:`samcl.cad`,
-``--module CAD``). A test-only domain has no module: vanilla SAM.
+groups that share a module (quirk Q8: no copies of SAM, no reloads). Every domain's
+module is of one registered kind (:mod:`samcl.modules`), given by the model's spec;
+a test-only domain has no module: the frozen backbone ("vanilla").
 """
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .aug_module import AugModule, AugModuleSpec
 from .backbones.base import Backbone, Features, index_features
-from .cad import CADModule, CADSpec
 from .heatmap import points_to_heatmap
+from .modules.base import LearningModule, ModuleSpec, segment_with
 from .selector import ModuleSelector
 
-ModuleSpec = Union[AugModuleSpec, CADSpec]
-LearningModule = Union[AugModule, CADModule]
-SPEC_CLASSES = {"augmodule": AugModuleSpec, "cad": CADSpec}
-KIND_NAMES = {"augmodule": "SAMCL AugModule", "cad": "CAD (convolutional adapter + mask decoder)"}
 PROMPTS = ("points", "box")
 VANILLA = "vanilla"  # the domain name that means "no module": the frozen backbone
 
@@ -40,16 +22,6 @@ VANILLA = "vanilla"  # the domain name that means "no module": the frozen backbo
 def full_image_boxes(n: int, size: int, device: torch.device) -> torch.Tensor:
     """(n, 4) box prompts covering the whole S x S input: CAD's prompt (x0, y0, x1, y1) = (0, 0, S, S)."""
     return torch.tensor([[0.0, 0.0, float(size), float(size)]], device=device).expand(n, 4)
-
-
-def segment_with(module: Optional[LearningModule], backbone: Backbone, prefix: Features,
-                 images: Optional[torch.Tensor], heatmap: Optional[torch.Tensor], points: torch.Tensor,
-                 labels: torch.Tensor, boxes: Optional[torch.Tensor] = None,
-                 low_res: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One group of images through ``module`` (None: vanilla SAM); ``low_res``: the decoder's logits."""
-    if module is None:
-        return backbone.segment(prefix, None, None, points, labels, boxes=boxes, low_res=low_res)
-    return module.segment(backbone, prefix, images, heatmap, points, labels, boxes=boxes, low_res=low_res)
 
 
 class SAMCLModel(nn.Module):
@@ -76,7 +48,7 @@ class SAMCLModel(nn.Module):
 
     @property
     def needs_heatmap(self) -> bool:
-        return self.kind == "augmodule"
+        return self.spec.module_class().needs_heatmap
 
     def new_module(self) -> LearningModule:
         return self.spec.build(self.backbone).to(self.device)
@@ -95,10 +67,9 @@ class SAMCLModel(nn.Module):
         if name in self.domains:
             raise ValueError(f"domain {name!r} is already in the model")
         if module is not None:
-            if getattr(module, "kind", None) != self.kind:
-                got = KIND_NAMES.get(getattr(module, "kind", None), type(module).__name__)
-                raise ValueError(f"domain {name!r}: this model takes {KIND_NAMES[self.kind]} modules, "
-                                 f"got a {got} module")
+            got = getattr(module, "name", type(module).__name__)
+            if got != self.kind:
+                raise ValueError(f"domain {name!r}: this model takes {self.kind} modules, got a {got} module")
             module.spec.check(self.backbone)
         self.domains.append(name)
         if module is not None:
@@ -172,7 +143,7 @@ class SAMCLModel(nn.Module):
         return segment_with(module, self.backbone, prefix, images, heat, points, labels, self.boxes(points.shape[0]))
 
     def segment_vanilla(self, prefix: Features, points: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.backbone.segment(prefix, None, None, points, labels, boxes=self.boxes(points.shape[0]))
+        return self.backbone.segment(prefix, points, labels, boxes=self.boxes(points.shape[0]))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, points: torch.Tensor, labels: torch.Tensor,

@@ -8,10 +8,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import distributed as dist
-from .aug_module import AugModuleSpec
 from .backbones import build_backbone
 from .backbones.build import default_checkpoint
-from .cad import CADSpec
 from .config import MODULE_KIND, Config
 from .continual import (RESUMABLE_SETTINGS, ContinualTrainer, evaluate_split, make_loader, seed_everything,
                         selector_accuracy)
@@ -19,6 +17,7 @@ from .data import SegmentationSplit, read_domain_map
 from .metrics import METRICS
 from .model import SAMCLModel
 from .precision import check_amp
+from .registry import MODULES
 from .run_folder import (METRICS_FILE, TEST_METRICS_FILE, RunFolderError, checkpoint_identity, load_module,
                          load_selector, module_path, package_versions, read_manifest, selector_snapshot,
                          setup_logging, verify_files, write_json)
@@ -30,12 +29,7 @@ def build_model(cfg: Config, device: torch.device) -> SAMCLModel:
     """Backbone with its weights, an empty module bank of ``cfg.module``'s kind, on ``device``."""
     seed_everything(cfg.seed, cfg.deterministic)
     backbone = build_backbone(cfg)
-    if MODULE_KIND[cfg.module] == "cad":
-        spec = CADSpec.for_backbone(backbone)
-    else:
-        spec = backbone.default_aug_spec(cfg.rank)
-        if cfg.aug_layers is not None:
-            spec = AugModuleSpec(spec.dim, tuple(cfg.aug_layers), spec.neck_channels, spec.rank)
+    spec = MODULES.get(MODULE_KIND[cfg.module]).spec_class.for_backbone(backbone, cfg)
     return SAMCLModel(backbone, spec, prompt=cfg.prompt).to(device)
 
 

@@ -51,9 +51,10 @@ from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tup
 import torch
 from torch import nn
 
-from .aug_module import AugModule, AugModuleSpec
+from .modules.augmodule import AugModule, AugModuleSpec
 from .io import atomic_torch_save, atomic_write_text, load_tagged
-from .run_folder import (MANIFEST, SELECTOR_FILE, RunFolderError, load_selector, package_versions,
+from .registry import MODULES
+from .run_folder import (MANIFEST, SELECTOR_FILE, RunFolderError, load_selector, module_format, package_versions,
                          read_manifest, save_selector, selector_snapshot, sha256_file, verify_files, write_json)
 from .selector import ModuleSelector
 
@@ -351,13 +352,13 @@ def check_fits(rm: ReleaseModule, backbone: Any) -> None:
     """Refuse a release module whose family or shape does not fit ``backbone``, naming both."""
     theirs = f"{FAMILY_NAMES[rm.family]} (width {rm.spec.dim}, blocks {list(rm.spec.layers)}, " \
              f"{'neck injection' if rm.spec.neck_channels else 'no neck injection'})"
-    ours = f"{backbone.family}/{backbone.arch} (width {backbone.default_aug_spec(rm.spec.rank).dim})"
+    ours = f"{backbone.family}/{backbone.arch} (width {backbone.selector_dim})"
     hint = "test_SAM2.py (a SAM 2.1 Hiera-T backbone)" if rm.family == "sam2" else "test.py with --vit_name vit_b"
     if rm.family != backbone.family:
         raise ReleaseFormatError(f"release module {rm.path} is a {theirs} module, but the backbone is {ours}; "
                                  f"use it with {hint}")
     try:
-        backbone.check_aug_spec(rm.spec)
+        rm.spec.check(backbone)
     except ValueError as e:
         raise ReleaseFormatError(f"release module {rm.path} is a {theirs} module and does not fit the backbone "
                                  f"{ours}: {e}; use it with {hint}") from None
@@ -679,10 +680,11 @@ def save_release_module(module: AugModule, family: str, path: Path, cnt: int = 0
 
 
 def _read_own_module(path: Path) -> Tuple[AugModule, Dict[str, Any]]:
-    data = load_tagged(path, ("samcl-augmodule", "samcl-cad"), "module file", RunFolderError)
-    if data["format"] == "samcl-cad":
-        raise RunFolderError(f"{path} holds a CAD module: the release format has AugModules only "
-                             f"(only --module SAMCL/SAMCL_2 runs can be exported)")
+    formats = [module_format(k) for k in MODULES.names()]
+    data = load_tagged(path, formats, "module file", RunFolderError)
+    if data["format"] != module_format("augmodule"):
+        raise RunFolderError(f"{path} holds a {data.get('kind')} module: the release format has AugModules only "
+                             f"(only runs with AugModules, --module SAMCL/SAMCL_2, can be exported)")
     with torch.random.fork_rng(devices=[]):
         module = AugModule(AugModuleSpec.from_dict(data["spec"]))
     module.load_state_dict(data["state_dict"])

@@ -35,6 +35,8 @@ import yaml
 from .backbones.base import Backbone
 from .config import stored_settings
 from .io import atomic_torch_save, atomic_write_text, load_tagged
+from .modules.base import LearningModule
+from .registry import MODULES
 from .selector import ModuleSelector
 
 MANIFEST = "run.json"
@@ -72,34 +74,33 @@ def backbone_identity(backbone: Backbone) -> Dict[str, Any]:
             "selector_layer": backbone.selector_layer, "selector_dim": backbone.selector_dim}
 
 
-# module file format per learning-module kind (samcl.model); the format names the kind
-MODULE_FORMATS = {"augmodule": "samcl-augmodule", "cad": "samcl-cad"}
-MODULE_FLAGS = {"augmodule": "--module SAMCL (SAM) / SAMCL_2 (SAM 2.1)", "cad": "--module CAD"}
+def module_format(kind: str) -> str:
+    """The format tag of a module file of a learning-module kind (``samcl-augmodule``, ``samcl-cad``, ...)."""
+    return f"samcl-{kind}"
 
 
-def save_module(module, backbone: Backbone, domain: str, path: Path) -> None:
+def save_module(module: LearningModule, backbone: Backbone, domain: str, path: Path) -> None:
     """A per-domain module as a plain state dict with its kind, spec and backbone."""
-    atomic_torch_save({"format": MODULE_FORMATS[module.kind], "version": 1, "kind": module.kind, "domain": domain,
+    atomic_torch_save({"format": module_format(module.name), "version": 1, "kind": module.name, "domain": domain,
                        "backbone": backbone_identity(backbone), "spec": module.spec.to_dict(),
                        "state_dict": module.state_dict()}, path)
 
 
-def load_module(path: Path, backbone: Backbone, kind: str = "augmodule"):
+def load_module(path: Path, backbone: Backbone, kind: str = "augmodule") -> LearningModule:
     """Load a module file of ``kind``, refusing one of another kind or written for another
     backbone (both are named)."""
-    from .model import KIND_NAMES, SPEC_CLASSES
-
-    data = load_tagged(path, MODULE_FORMATS.values(), "module file (for the authors' release files see README, "
+    formats = {module_format(k): k for k in MODULES.names()}
+    data = load_tagged(path, formats, "module file (for the authors' release files see README, "
                        "'Using the authors' release')", RunFolderError)
-    found = {v: k for k, v in MODULE_FORMATS.items()}[data["format"]]
+    found = formats[data["format"]]
     if found != kind:
-        raise RunFolderError(f"{path} holds a {KIND_NAMES[found]} module, but this run uses {KIND_NAMES[kind]} "
-                             f"modules; a run folder holds one kind ({MODULE_FLAGS[found]} made this file)")
+        raise RunFolderError(f"{path} holds a {found} module, but this run uses {kind} modules; "
+                             f"a run folder holds one kind")
     ident = data["backbone"]
     if (ident["family"], ident["arch"]) != (backbone.family, backbone.arch):
         raise RunFolderError(f"{path} was trained on {ident['family']}/{ident['arch']} but the backbone is "
                              f"{backbone.family}/{backbone.arch}; pass the matching --vit_name/--ckpt")
-    spec = SPEC_CLASSES[kind].from_dict(data["spec"])
+    spec = MODULES.get(kind).spec_class.from_dict(data["spec"])
     spec.check(backbone)
     with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten below
         module = spec.build(backbone)

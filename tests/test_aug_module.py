@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from samcl.aug_module import AugModule, AugModuleSpec, token_heat, window_heat
+from samcl.modules.augmodule import AugModule, AugModuleSpec, token_heat, window_heat
 from samcl.backbones.sam import SAMBackbone, build_sam
 from samcl.heatmap import points_to_heatmap
 
@@ -10,7 +10,7 @@ from samcl.heatmap import points_to_heatmap
 def test_vit_b_counted_size_from_real_classes():
     sam, _ = build_sam("vit_b")
     bb = SAMBackbone(sam, "vit_b")
-    spec = bb.default_aug_spec()
+    spec = AugModuleSpec.for_backbone(bb)
     assert spec == AugModuleSpec(dim=768, layers=(7, 8, 9, 10, 11), neck_channels=(768, 256), rank=10)
     assert bb.selector_layer == 6 and bb.grid_size == 64 and bb.selector_dim == 768
     m = AugModule(spec)
@@ -23,7 +23,7 @@ def test_vit_b_counted_size_from_real_classes():
 
 def test_vit_l_dims_and_layers_are_derived():
     sam, _ = build_sam("vit_l")
-    spec = SAMBackbone(sam, "vit_l").default_aug_spec()
+    spec = AugModuleSpec.for_backbone(SAMBackbone(sam, "vit_l"))
     assert spec.dim == 1024 and spec.layers == tuple(range(13, 24)) and spec.neck_channels == (1024, 256)
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from samcl import pipeline
-from samcl.aug_module import AugModule
-from samcl.cad import CADModule, CADSpec, ConvAdapter, high_frequency, high_pass
+from samcl.modules.augmodule import AugModule, AugModuleSpec
+from samcl.modules.cad import CADModule, CADSpec, ConvAdapter, high_frequency, high_pass
 from samcl.cli import default_config
 from samcl.config import CONFIG_DIR, load_config
 from samcl.demo import make_demo_data
@@ -108,7 +108,7 @@ def test_encoder_gets_no_gradient_and_keeps_no_graph(tiny_sam):
     assert module.decoder.output_upscaling[0].weight.grad is not None
     assert module.decoder is not tiny_sam.sam.mask_decoder
     # the same model with an AugModule does backpropagate through the blocks after the selector layer
-    aug = SAMCLModel(tiny_sam, tiny_sam.default_aug_spec()).new_module()
+    aug = SAMCLModel(tiny_sam, AugModuleSpec.for_backbone(tiny_sam)).new_module()
     outputs.clear()
     handles = [blk.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for blk in enc.blocks]
     aug.segment(tiny_sam, prefix, images, torch.zeros(2, 16, 16), points, labels)
@@ -184,14 +184,14 @@ def test_continual_run_with_module_cad_writes_run_folder_tests_and_resumes(data,
     # a module file of one kind is refused by a run of the other, naming both
     model = pipeline.load_run(run, cfg, CPU)
     assert isinstance(model.module_for("polyp"), CADModule) and not model.module_for("polyp").training
-    with pytest.raises(RunFolderError, match="holds a CAD .* module, but this run uses SAMCL AugModule"):
+    with pytest.raises(RunFolderError, match="holds a cad module, but this run uses augmodule modules"):
         load_module(run / "polyp.pth", model.backbone, "augmodule")
     aug_file = tmp_path / "aug.pth"
-    save_module(AugModule(model.backbone.default_aug_spec()), model.backbone, "polyp", aug_file)
-    with pytest.raises(RunFolderError, match="holds a SAMCL AugModule module, but this run uses CAD"):
+    save_module(AugModule(AugModuleSpec.for_backbone(model.backbone)), model.backbone, "polyp", aug_file)
+    with pytest.raises(RunFolderError, match="holds a augmodule module, but this run uses cad modules"):
         load_module(aug_file, model.backbone, "cad")
-    with pytest.raises(ValueError, match="takes CAD .* modules, got a SAMCL AugModule"):
-        model.add_domain("other", AugModule(model.backbone.default_aug_spec()))
+    with pytest.raises(ValueError, match="takes cad modules, got a augmodule module"):
+        model.add_domain("other", AugModule(AugModuleSpec.for_backbone(model.backbone)))
     with pytest.raises(RunFolderError, match="module='CAD'"):
         pipeline.resume(run, {"module": "SAMCL"}, CPU)
 
@@ -244,15 +244,15 @@ def test_memory_bench_cad_below_in_encoder_adapter(tmp_path):
     # (the vit_tiny toy's 32-wide encoder is too small for the comparison to mean anything)
     out = tmp_path / "memory.json"
     r = subprocess.run([sys.executable, "bench/memory.py", "--vit_name", "vit_b", "--img_size", "256", "--batch", "1",
-                        "--modules", "CAD", "SAM-Adapter", "--steps", "1", "--json", str(out)],
+                        "--modules", "cad", "adapter+decoder", "--steps", "1", "--json", str(out)],
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "peak MB" in r.stdout and "SAM-Adapter" in r.stdout
+    assert "peak MB" in r.stdout and "adapter+decoder" in r.stdout
     report = json.loads(out.read_text())
     rows = {row["module"]: row for row in report["results"]}
     for row in rows.values():
         for key in ("peak_mb", "step_mb", "saved_mb", "time_s", "trainable", "stored_mb"):
             assert row[key] > 0, (row["module"], key)
-    assert rows["CAD"]["peak_mb"] < rows["SAM-Adapter"]["peak_mb"]
-    assert rows["CAD"]["saved_mb"] < rows["SAM-Adapter"]["saved_mb"] / 1.5
-    assert rows["CAD"]["trainable"] == 5_831_908 and 20 < rows["CAD"]["stored_mb"] < 25  # ViT-B: adapter + decoder
+    assert rows["cad"]["peak_mb"] < rows["adapter+decoder"]["peak_mb"]
+    assert rows["cad"]["saved_mb"] < rows["adapter+decoder"]["saved_mb"] / 1.5
+    assert rows["cad"]["trainable"] == 5_831_908 and 20 < rows["cad"]["stored_mb"] < 25  # ViT-B: adapter + decoder

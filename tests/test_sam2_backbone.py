@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from samcl.aug_module import AugModule, AugModuleSpec
+from samcl.modules.augmodule import AugModule, AugModuleSpec
+from samcl.modules.base import segment_with
 from samcl.backbones.sam2 import SAM2Backbone, build_sam2_model, load_sam2_weights
 from samcl.config import Config, load_config
 
@@ -46,7 +47,7 @@ def test_hiera_t_counted_size_split_and_selector_embedding():
     assert entry["config"] == "configs/sam2.1/sam2.1_hiera_t.yaml" and entry["checkpoint"] == "sam2.1_hiera_tiny.pt"
     bb = SAM2Backbone(model, "hiera_t").eval()
     assert (bb.family, bb.img_size, bb.selector_layer, bb.selector_dim, bb.grid_size) == ("sam2", 1024, 5, 384, 64)
-    spec = bb.default_aug_spec()
+    spec = AugModuleSpec.for_backbone(bb)
     assert spec == AugModuleSpec(dim=384, layers=(6, 7, 8, 9), neck_channels=None, rank=10)
     m = AugModule(spec)
     assert m.counted_parameters() == 3850 + 4 * 4224 + 110 == 20856
@@ -71,7 +72,7 @@ def test_other_sizes_derive_selector_and_layers(name, selector, dim, layers):
     model, _ = build_sam2_model(name)
     bb = SAM2Backbone(model, name)
     assert (bb.selector_layer, bb.selector_dim, bb.grid_size) == (selector, dim, 64)
-    assert bb.default_aug_spec() == AugModuleSpec(dim=dim, layers=layers, neck_channels=None, rank=10)
+    assert AugModuleSpec.for_backbone(bb) == AugModuleSpec(dim=dim, layers=layers, neck_channels=None, rank=10)
 
 
 def test_hiera_s_runs_prefix_suffix_decode_with_a_module():
@@ -79,14 +80,14 @@ def test_hiera_s_runs_prefix_suffix_decode_with_a_module():
     model, _ = build_sam2_model("hiera_s", img_size=256)  # reduced input: 16x16 grid, windows of 14 padded to 28
     bb = SAM2Backbone(model, "hiera_s").eval()
     assert bb.grid_size == 16
-    module = _randomise(AugModule(bb.default_aug_spec()))
+    module = _randomise(AugModule(AugModuleSpec.for_backbone(bb)))
     images = torch.rand(1, 3, 256, 256) * 255
     points, labels = torch.tensor([[[30.0, 200.0], [100.0, 50.0]]]), torch.tensor([[1, 1]])
     prefix = bb.encode_prefix(images)
     heat = torch.rand(1, 16, 16)
     with torch.no_grad():
-        logits, iou = bb.segment(prefix, module, heat, points, labels)
-        vanilla, _ = bb.segment(prefix, None, None, points, labels)
+        logits, iou = segment_with(module, bb, prefix, None, heat, points, labels)
+        vanilla, _ = bb.segment(prefix, points, labels)
     assert logits.shape == (1, 1, 256, 256) and iou.shape == (1, 1)
     assert torch.isfinite(logits).all() and not torch.equal(logits, vanilla)
 
@@ -97,7 +98,7 @@ def test_prefix_plus_suffix_equals_stock_forward_image(tiny_sam2):
     model = bb.sam2
     images, _, _ = _batch()
     with torch.no_grad():
-        ours = bb.encode_suffix(bb.encode_prefix(images), None, None)
+        ours = bb.encode_suffix(bb.encode_prefix(images))
         # SAM2ImagePredictor.set_image_batch, on the same normalised input
         backbone_out = model.forward_image(bb.preprocess(images))
         _, feats, _, sizes = model._prepare_backbone_features(backbone_out)
@@ -122,7 +123,7 @@ def test_batched_decode_equals_stock_image_predictor(tiny_sam2):
     labels = np.array([[1, 1, 0], [1, 0, 1]])
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
     with torch.no_grad():
-        logits, iou = bb.segment(bb.encode_prefix(x), None, None, torch.from_numpy(points), torch.from_numpy(labels))
+        logits, iou = bb.segment(bb.encode_prefix(x), torch.from_numpy(points), torch.from_numpy(labels))
     assert logits.shape == (2, 1, S, S) and iou.shape == (2, 1)
     predictor = SAM2ImagePredictor(bb.sam2)
     predictor._bb_feat_sizes = [(S // 4, S // 4), (S // 8, S // 8), (S // 16, S // 16)]  # stock values assume 1024
@@ -138,7 +139,7 @@ def test_train_mode_takes_the_single_mask_token(tiny_sam2):
     bb = tiny_sam2
     images, points, labels = _batch()
     prefix = bb.encode_prefix(images)
-    feats = bb.encode_suffix(prefix, None, None)
+    feats = bb.encode_suffix(prefix)
     bb.train()
     try:
         assert bb.sam2.sam_mask_decoder.training
@@ -162,12 +163,12 @@ def test_fresh_module_leaves_sam2_masks_unchanged(tiny_sam2):
     images, points, labels = _batch(3)
     prefix = bb.encode_prefix(images)
     heat = torch.rand(3, bb.grid_size, bb.grid_size) * 255
-    module = AugModule(bb.default_aug_spec())
+    module = AugModule(AugModuleSpec.for_backbone(bb))
     for mode in ("eval", "train"):
         getattr(bb, mode)()
         with torch.no_grad():
-            vanilla = bb.segment(prefix, None, None, points, labels)
-            fresh = bb.segment(prefix, module, heat, points, labels)
+            vanilla = bb.segment(prefix, points, labels)
+            fresh = segment_with(module, bb, prefix, None, heat, points, labels)
         assert torch.equal(vanilla[0], fresh[0]) and torch.equal(vanilla[1], fresh[1])
     bb.eval()
 
@@ -176,7 +177,7 @@ def test_module_branch_layout_and_gradients(tiny_sam2):
     """Windowed blocks (6, 8) get the whole heatmap resized to the window and repeated per
     window; global blocks (7, 9) the transposed map; only the module gets gradients."""
     bb = tiny_sam2.eval()
-    spec = bb.default_aug_spec()
+    spec = AugModuleSpec.for_backbone(bb)
     assert spec == AugModuleSpec(dim=32, layers=(6, 7, 8, 9), neck_channels=None, rank=10)
     module = _randomise(AugModule(spec))
     images, points, labels = _batch()
@@ -191,7 +192,7 @@ def test_module_branch_layout_and_gradients(tiny_sam2):
 
     module.branch = spy
     heat = torch.rand(2, 8, 8) * 255
-    logits, iou = bb.segment(prefix, module, heat, points, labels)
+    logits, iou = segment_with(module, bb, prefix, None, heat, points, labels)
     # 8x8 grid padded to 12x12 in windows of 6: 4 windows per image
     assert seen == {6: ((8, 6, 6, 32), (8, 6, 6, 10)), 7: ((2, 8, 8, 32), (2, 8, 8, 10)),
                     8: ((8, 6, 6, 32), (8, 6, 6, 10)), 9: ((2, 8, 8, 32), (2, 8, 8, 10))}
@@ -199,19 +200,19 @@ def test_module_branch_layout_and_gradients(tiny_sam2):
     assert all(p.grad is not None for p in module.parameters())
     assert all(p.grad is None for p in bb.parameters())
     with torch.no_grad():
-        vanilla, _ = bb.segment(prefix, None, None, points, labels)
+        vanilla, _ = bb.segment(prefix, points, labels)
     assert not torch.equal(vanilla, logits.detach())
-    assert bb._active is None  # hooks are inert outside segment()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in bb.modules())  # no hook left behind
 
 
 def test_check_aug_spec_refuses_sam_modules(tiny_sam2):
     bb = tiny_sam2
     with pytest.raises(ValueError, match="neck"):
-        bb.check_aug_spec(AugModuleSpec(dim=32, layers=(6, 7), neck_channels=(32, 32)))
+        AugModuleSpec(dim=32, layers=(6, 7), neck_channels=(32, 32)).check(bb)
     with pytest.raises(ValueError, match="layers \\[10\\] do not exist or have another width"):
-        bb.check_aug_spec(AugModuleSpec(dim=32, layers=(6, 10)))
+        AugModuleSpec(dim=32, layers=(6, 10)).check(bb)
     with pytest.raises(ValueError, match="frozen prefix"):
-        bb.check_aug_spec(AugModuleSpec(dim=32, layers=(5, 6)))
+        AugModuleSpec(dim=32, layers=(5, 6)).check(bb)
 
 
 # ------------------------------------------------------------------ checkpoints

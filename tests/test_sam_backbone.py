@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from samcl.aug_module import AugModule, AugModuleSpec
+from samcl.modules.augmodule import AugModule, AugModuleSpec
+from samcl.modules.base import segment_with
 from samcl.backbones.base import index_features
 from samcl.backbones.sam import SAMBackbone, build_sam, load_sam_weights
 from samcl.model import SAMCLModel
@@ -31,7 +32,7 @@ def test_prefix_plus_suffix_equals_stock_encoder(tiny_sam):
     images, _, _ = batch()
     prefix = tiny_sam.encode_prefix(images)
     assert prefix["tokens"].shape == (3, 16, 16, 32)
-    ours = tiny_sam.encode_suffix(prefix, None, None)["image_embeddings"]
+    ours = tiny_sam.encode_suffix(prefix)["image_embeddings"]
     stock = tiny_sam.sam.image_encoder(tiny_sam.sam.preprocess(images))
     assert torch.equal(ours, stock)
     assert tiny_sam.selector_embedding(prefix).shape == (3, 32)
@@ -40,7 +41,7 @@ def test_prefix_plus_suffix_equals_stock_encoder(tiny_sam):
 def test_batched_decoding_equals_stock_sam_per_image(tiny_sam):
     images, points, labels = batch()
     with torch.no_grad():
-        masks, iou = tiny_sam.decode(tiny_sam.encode_suffix(tiny_sam.encode_prefix(images), None, None), points, labels)
+        masks, iou = tiny_sam.decode(tiny_sam.encode_suffix(tiny_sam.encode_prefix(images)), points, labels)
         assert masks.shape == (3, 1, 128, 128) and iou.shape == (3, 1)
         for i in range(3):
             out = tiny_sam.sam([{"image": images[i], "original_size": (128, 128), "point_coords": points[i:i + 1],
@@ -56,7 +57,7 @@ def test_bilinear_upsampling_option():
     bb = SAMBackbone(sam, "vit_tiny", upsample="bilinear").eval()
     images, points, labels = batch(1)
     with torch.no_grad():
-        masks, _ = bb.decode(bb.encode_suffix(bb.encode_prefix(images), None, None), points, labels)
+        masks, _ = bb.decode(bb.encode_suffix(bb.encode_prefix(images)), points, labels)
         out = sam([{"image": images[0], "original_size": (128, 128), "point_coords": points, "point_labels": labels}],
                   multimask_output=False)[0]
     assert torch.allclose(masks, F.interpolate(out["low_res_logits"], (128, 128), mode="bilinear",
@@ -65,37 +66,38 @@ def test_bilinear_upsampling_option():
 
 def test_zero_module_leaves_masks_unchanged_and_trained_module_changes_them(tiny_sam):
     images, points, labels = batch()
-    model = SAMCLModel(tiny_sam, tiny_sam.default_aug_spec())
+    model = SAMCLModel(tiny_sam, AugModuleSpec.for_backbone(tiny_sam))
     heat = model.heatmap(points, labels)
     with torch.no_grad():
         prefix = tiny_sam.encode_prefix(images)
-        vanilla = tiny_sam.segment(prefix, None, None, points, labels)[0]
-        zero = tiny_sam.segment(prefix, model.new_module(), heat, points, labels)[0]
-        other = tiny_sam.segment(prefix, trained_like(model.spec, 1), heat, points, labels)[0]
+        vanilla = tiny_sam.segment(prefix, points, labels)[0]
+        zero = segment_with(model.new_module(), tiny_sam, prefix, None, heat, points, labels)[0]
+        other = segment_with(trained_like(model.spec, 1), tiny_sam, prefix, None, heat, points, labels)[0]
     assert torch.equal(zero, vanilla)
     assert not torch.allclose(other, vanilla)
 
 
 def test_module_acts_on_windowed_and_global_blocks_and_neck(tiny_sam):
-    spec = tiny_sam.default_aug_spec()
+    spec = AugModuleSpec.for_backbone(tiny_sam)
     assert spec.layers == (4, 5)
     assert tiny_sam.sam.image_encoder.blocks[4].window_size == 7  # windowed (16x16 grid padded to 21x21)
     assert tiny_sam.sam.image_encoder.blocks[5].window_size == 0  # global
     images, points, labels = batch(2)
     heat = SAMCLModel(tiny_sam, spec).heatmap(points, labels)
     prefix = tiny_sam.encode_prefix(images)
-    base = tiny_sam.encode_suffix(prefix, None, None)["image_embeddings"]
+    base = tiny_sam.encode_suffix(prefix)["image_embeddings"]
     for name in ("B.0", "B.1", "extra.upward_"):
         m = AugModule(spec)
         torch.nn.init.normal_(dict(m.named_modules())[name].weight)
         with torch.no_grad():
-            out = tiny_sam.encode_suffix(prefix, m, heat)["image_embeddings"]
+            with m.attached(tiny_sam, heatmap=heat):
+                out = tiny_sam.encode_suffix(prefix)["image_embeddings"]
         assert not torch.allclose(out, base), name
 
 
 def test_routed_batch_equals_per_image(tiny_sam):
     images, points, labels = batch(5)
-    model = SAMCLModel(tiny_sam, tiny_sam.default_aug_spec())
+    model = SAMCLModel(tiny_sam, AugModuleSpec.for_backbone(tiny_sam))
     model.add_domain("a", trained_like(model.spec, 1))
     model.add_domain("b", trained_like(model.spec, 2))
     model.add_domain("u", None)
@@ -107,7 +109,7 @@ def test_routed_batch_equals_per_image(tiny_sam):
         for i in range(5):
             idx = torch.tensor([i])
             m = model.module_for(model.domains[choice[i]])
-            ref, ref_iou = tiny_sam.segment(index_features(prefix, idx), m, model.heatmap(points[idx], labels[idx]),
+            ref, ref_iou = segment_with(m, tiny_sam, index_features(prefix, idx), None, model.heatmap(points[idx], labels[idx]),
                                             points[idx], labels[idx])
             assert torch.allclose(logits[i:i + 1], ref, atol=1e-5)
             assert torch.allclose(iou[i:i + 1], ref_iou, atol=1e-6)
@@ -118,7 +120,7 @@ def test_routed_batch_equals_per_image(tiny_sam):
 
 def test_predict_exposes_scores_low_res_logits_and_forced_domains(tiny_sam):
     images, points, labels = batch(4)
-    model = SAMCLModel(tiny_sam, tiny_sam.default_aug_spec())
+    model = SAMCLModel(tiny_sam, AugModuleSpec.for_backbone(tiny_sam))
     model.add_domain("a", trained_like(model.spec, 1))
     model.add_domain("b", trained_like(model.spec, 2))
     model.add_domain("u", None)

@@ -1,5 +1,9 @@
-"""Backbones: the frozen models SAMCL augments, behind one interface (:class:`Backbone`)."""
-from .base import Backbone, Features, index_features
+"""Backbones: the frozen models the learning modules act on, behind one interface (:class:`Backbone`).
+
+Importing the package registers every backbone family (``samcl.registry.BACKBONES``).
+"""
+from . import sam, sam2  # noqa: F401  (registers the families)
+from .base import Backbone, BlockGeometry, Features, index_features
 from .build import build_backbone
 
-__all__ = ["Backbone", "Features", "index_features", "build_backbone"]
+__all__ = ["Backbone", "BlockGeometry", "Features", "index_features", "build_backbone"]

@@ -1,4 +1,4 @@
-"""The one interface the continual loop sees of a frozen segmentation backbone.
+"""The one interface the continual loop and the learning modules see of a frozen backbone.
 
 A backbone splits its image encoder at the *selector layer*:
 
@@ -7,33 +7,24 @@ A backbone splits its image encoder at the *selector layer*:
   batch-first tensors, so it can be indexed, cached or split by routed domain.
 * :meth:`Backbone.selector_embedding` turns that prefix into the Module
   Selector's input (mean over the grid).
-* :meth:`Backbone.encode_suffix` runs the rest of the encoder with one AugModule
-  (or none: vanilla) and returns the decoder's image features.
-* :meth:`Backbone.decode` prompts the decoder with one point set per image.
+* :meth:`Backbone.encode_suffix` runs the rest of the encoder and returns the
+  decoder's image features; :meth:`Backbone.decode` prompts the decoder with one
+  point set per image; :meth:`Backbone.segment` is the two.
 
-The AugModule acts through forward hooks that each family installs once on the
-stock modules; :meth:`Backbone.augmenting` says which module and heatmap they
-use for the current call.
+A backbone knows no learning module. It exposes its geometry (depth, widths, windows,
+grid) and the named points where a module may act — :meth:`attention`, :meth:`qkv`,
+:meth:`mlp` of a block, :attr:`neck`, :attr:`mask_decoder` — and a learning module
+installs its own hooks there for the duration of a call (:mod:`samcl.modules`).
 """
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..aug_module import AugModule, AugModuleSpec, token_heat, window_heat
-
 Features = Dict[str, torch.Tensor]
 UPSAMPLE_MODES = ("nearest", "bilinear")
-
-
-@dataclass
-class _Active:
-    module: AugModule
-    heat: torch.Tensor  # (N, Gx, Gy, r)
-    batch: int
 
 
 def grid_mean(tokens: torch.Tensor) -> torch.Tensor:
@@ -47,6 +38,20 @@ def index_features(features: Features, index: torch.Tensor) -> Features:
     return {k: v[index] for k, v in features.items()}
 
 
+@dataclass(frozen=True)
+class BlockGeometry:
+    """What a learning module needs to know of encoder block i.
+
+    width: token width of the block's output; keeps_shape: the block maps (N, G, G, C)
+    tokens to the same shape (no pooling, no change of width); window: its attention
+    window side (0: global attention).
+    """
+
+    width: int
+    keeps_shape: bool
+    window: int
+
+
 class Backbone(nn.Module):
     """Frozen SAM-family model split at the selector layer. Subclasses set the attributes.
 
@@ -54,17 +59,23 @@ class Backbone(nn.Module):
         family: "sam" or "sam2"; recorded in run folders and checked on load.
         arch: architecture name (e.g. "vit_b", "hiera_t").
         img_size: side S of the square model input.
-        grid_size: side G of the token grid at the augmented blocks (64 at 1024).
+        grid_size: side G of the token grid at the selector layer (64 at 1024).
+        depth: number of encoder blocks.
         selector_layer: block whose output feeds the selector.
         selector_dim: width of that output.
+        embedding_channels: channels of the decoder's image embedding (256).
+        heat_orientation: layout of the point heatmap where a module adds it around the
+            neck ("reference", quirk Q1, or "corrected"); a setting the modules read.
     """
 
     family: str
     arch: str
     img_size: int
     grid_size: int
+    depth: int
     selector_layer: int
     selector_dim: int
+    embedding_channels: int
 
     def __init__(self, arch: str, heat_orientation: str = "reference", upsample: str = "nearest") -> None:
         super().__init__()
@@ -73,7 +84,6 @@ class Backbone(nn.Module):
         self.arch = arch
         self.heat_orientation = heat_orientation
         self.upsample = upsample
-        self._active: Optional[_Active] = None
 
     def _resolve_selector_layer(self, requested: Optional[int], default: int, depth: int) -> int:
         """The selector block: ``requested`` or the backbone's ``default``; at least one block must follow."""
@@ -82,30 +92,66 @@ class Backbone(nn.Module):
             raise ValueError(f"selector layer {layer} must leave at least one of the {depth} blocks after it")
         return layer
 
-    # -------------------------------------------------------------- contract
-    def default_aug_spec(self, rank: int = 10) -> AugModuleSpec:
+    # -------------------------------------------------------------- geometry and injection points
+    def block(self, i: int) -> nn.Module:
+        """Encoder block i (a ``segment_anything`` Block or a ``sam2`` MultiScaleBlock)."""
         raise NotImplementedError
 
+    def geometry(self, i: int) -> BlockGeometry:
+        raise NotImplementedError
+
+    def attention(self, i: int) -> nn.Module:
+        """The attention of block i: called on (N, rows, cols, C) tokens (windows batched)."""
+        return self.block(i).attn
+
+    def qkv(self, i: int) -> nn.Linear:
+        """The qkv projection inside block i's attention."""
+        return self.block(i).attn.qkv
+
+    def mlp(self, i: int) -> nn.Module:
+        """The MLP of block i."""
+        return self.block(i).mlp
+
+    @property
+    def neck(self) -> Optional[nn.Module]:
+        """The module from the last block's tokens to the decoder's embedding, where a module
+        may add terms (SAM's neck); None where there is no such single point (SAM 2)."""
+        return None
+
+    @property
+    def mask_decoder(self) -> nn.Module:
+        raise NotImplementedError
+
+    # -------------------------------------------------------------- forward contract
+    def prefix(self, images: torch.Tensor) -> Features:
+        """(N, 3, S, S) float 0..255 -> blocks up to the selector layer, with autograd (for a module
+        acting inside them)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
     def encode_prefix(self, images: torch.Tensor) -> Features:
         """(N, 3, S, S) float 0..255 -> frozen prefix features (no autograd)."""
-        raise NotImplementedError
+        return self.prefix(images)
 
     def selector_embedding(self, prefix: Features) -> torch.Tensor:
         """Prefix -> (N, selector_dim): the selector-layer output averaged over the grid."""
-        raise NotImplementedError
+        return grid_mean(prefix["tokens"])
 
-    def _run_suffix(self, prefix: Features) -> Features:
-        """Blocks after the selector layer and the neck, with whatever module is active."""
+    def encode_suffix(self, prefix: Features) -> Features:
+        """Blocks after the selector layer and the neck (with whatever hooks a module installed)
+        -> the decoder's image features."""
         raise NotImplementedError
 
     def decode(self, features: Features, points: torch.Tensor, labels: torch.Tensor,
-               boxes: Optional[torch.Tensor] = None, low_res: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+               boxes: Optional[torch.Tensor] = None, low_res: bool = False,
+               mask_decoder: Optional[nn.Module] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """One prompt set per image.
 
         Args:
             points: (N, P, 2) (x, y) in the S x S input frame; labels: (N, P).
             boxes: (N, 4) box prompts (x0, y0, x1, y1) instead of the points, where supported.
             low_res: return the decoder's own low-resolution logits (N, 1, 4G, 4G) instead.
+            mask_decoder: a decoder to use instead of the backbone's own (a module's copy).
         Returns:
             mask logits (N, 1, S, S) (see :meth:`upsample_logits`) and predicted IoU (N, 1).
         """
@@ -117,80 +163,11 @@ class Backbone(nn.Module):
         kwargs = {"align_corners": False} if self.upsample == "bilinear" else {}
         return F.interpolate(low_res.float(), size=(self.img_size, self.img_size), mode=self.upsample, **kwargs)
 
-    # -------------------------------------------------------------- shared
-    def check_aug_spec(self, spec: AugModuleSpec) -> None:
-        """Refuse a module built for another backbone, naming both."""
-        expected = self.default_aug_spec(spec.rank)
-        problems = []
-        if spec.dim != expected.dim:
-            problems.append(f"width {spec.dim} (this backbone: {expected.dim})")
-        if spec.neck_channels != expected.neck_channels:
-            problems.append(f"neck {spec.neck_channels} (this backbone: {expected.neck_channels})")
-        if spec.layers and min(spec.layers) <= self.selector_layer:
-            problems.append(f"layers {list(spec.layers)} reach the frozen prefix (selector layer {self.selector_layer})")
-        bad = [i for i in spec.layers if not self._layer_accepts(i, spec.dim)]
-        if bad:
-            problems.append(f"layers {bad} do not exist or have another width")
-        if problems:
-            raise ValueError(
-                f"AugModule does not fit backbone {self.family}/{self.arch}: " + "; ".join(problems)
-            )
-
-    def _layer_accepts(self, layer: int, dim: int) -> bool:
-        raise NotImplementedError
-
-    def _attention_hook(self, layer: int, window: int):
-        """Forward hook for the attention module of encoder block ``layer``.
-
-        The attention input t is (N, G, G, C) in a global block or (N * nw, w, w, C)
-        in a windowed one (``window`` = w > 0); while a module is active and lists
-        ``layer``, the hook adds ``module.branch(layer, t, H)`` to the attention
-        output, with H laid out like t (quirk Q2 for windows).
-        """
-
-        def hook(_module, inputs, output):
-            act = self._active
-            if act is None or layer not in act.module.spec.layers:
-                return None
-            t = inputs[0]
-            heat = window_heat(act.heat, window, t.shape[0] // act.batch) if window > 0 else token_heat(act.heat)
-            return output + act.module.branch(layer, t, heat)
-
-        return hook
-
-    @contextmanager
-    def augmenting(self, module: Optional[AugModule], heatmap: Optional[torch.Tensor]) -> Iterator[None]:
-        """Within the block, the installed hooks apply ``module`` with ``heatmap`` (N, G, G)."""
-        if module is None:
-            yield
-            return
-        if heatmap is None:
-            raise ValueError("an AugModule needs the point heatmap of the batch")
-        previous = self._active
-        self._active = _Active(module, module.heat(heatmap), heatmap.shape[0])
-        try:
-            yield
-        finally:
-            self._active = previous
-
-    def encode_suffix(self, prefix: Features, module: Optional[AugModule], heatmap: Optional[torch.Tensor]) -> Features:
-        """Rest of the encoder with ``module`` (None: vanilla) -> decoder features."""
-        with self.augmenting(module, heatmap):
-            return self._run_suffix(prefix)
-
-    def segment(
-        self,
-        prefix: Features,
-        module: Optional[AugModule],
-        heatmap: Optional[torch.Tensor],
-        points: torch.Tensor,
-        labels: torch.Tensor,
-        boxes: Optional[torch.Tensor] = None,
-        low_res: bool = False,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Suffix + decoder for one group of images sharing a module (``boxes``: (N, 4) box
-        prompts instead of the points, SAM only; ``low_res``: see :meth:`decode`)."""
-        return self.decode(self.encode_suffix(prefix, module, heatmap), points, labels, boxes=boxes, low_res=low_res)
+    def segment(self, prefix: Features, points: torch.Tensor, labels: torch.Tensor,
+                boxes: Optional[torch.Tensor] = None, low_res: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Suffix + decoder for one group of images (``boxes``: (N, 4) box prompts instead of the
+        points, SAM only; ``low_res``: see :meth:`decode`)."""
+        return self.decode(self.encode_suffix(prefix), points, labels, boxes=boxes, low_res=low_res)
 
     def freeze(self) -> "Backbone":
         """No parameter of the backbone trains; train/eval mode still follows the caller

@@ -1,23 +1,23 @@
 """Build the backbone a Config names, with its weights.
 
-Every backbone module (``sam``, ``sam2``) exposes the same entry points:
-``architectures()``, ``build_model(arch, img_size) -> (model, entry)``,
-``load_weights(model, path, arch)``, ``BACKBONE`` and ``DEFAULT_UPSAMPLE``.
+Every registered backbone class (``samcl.registry.BACKBONES``) offers the same class-level
+entry points: ``architectures()``, ``build_model(arch, img_size) -> (model, entry)``,
+``load_weights(model, path, arch)`` and ``default_upsample``.
 """
-import importlib
 import logging
 from pathlib import Path
-from types import ModuleType
+from typing import Type
 
 from ..config import REPO_ROOT, Config
+from ..registry import BACKBONES
 from .base import Backbone
 
 log = logging.getLogger(__name__)
 
 
-def backbone_family(family: str) -> ModuleType:
-    """The module of a backbone family, "sam" or "sam2" (imported on demand: sam2 pulls in hydra)."""
-    return importlib.import_module(f"{__package__}.{family}")
+def backbone_family(family: str) -> Type[Backbone]:
+    """The registered backbone class of a family ("sam", "sam2")."""
+    return BACKBONES.get(family)
 
 
 def default_checkpoint(cfg: Config) -> Path:
@@ -44,11 +44,11 @@ def build_backbone(cfg: Config) -> Backbone:
     model, _entry = family.build_model(cfg.arch_name, cfg.img_size)
     if not cfg.random_weights:
         family.load_weights(model, Path(cfg.ckpt) if cfg.ckpt else default_checkpoint(cfg), cfg.arch_name)
-    backbone = family.BACKBONE(
+    backbone = family(
         model,
         cfg.arch_name,
         selector_layer=cfg.selector_layer,
         heat_orientation=cfg.heat_orientation,
-        upsample=cfg.upsample or family.DEFAULT_UPSAMPLE,
+        upsample=cfg.upsample or family.default_upsample,
     )
     return backbone.eval()

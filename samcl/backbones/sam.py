@@ -4,12 +4,11 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from ..aug_module import AugModuleSpec
 from ..config import load_model_table
-from .base import Backbone, Features, grid_mean
+from ..registry import register_backbone
+from .base import Backbone, BlockGeometry, Features
 
 
 
@@ -106,11 +105,15 @@ def load_sam_weights(sam: Sam, path: Path, arch: str) -> None:
         ) from None
 
 
+@register_backbone("sam")
 class SAMBackbone(Backbone):
-    """Frozen SAM split at the selector layer; AugModules act through forward hooks
-    on each augmented block's attention and on the neck."""
+    """Frozen SAM (ViT) split at the selector layer (block depth // 2: 6 of ViT-B)."""
 
     family = "sam"
+    default_upsample = "nearest"  # the release's choice (quirk Q6)
+    architectures = staticmethod(sam_architectures)
+    build_model = staticmethod(build_sam)
+    load_weights = staticmethod(load_sam_weights)
 
     def __init__(
         self,
@@ -127,44 +130,28 @@ class SAMBackbone(Backbone):
         self.grid_size = enc.img_size // enc.patch_embed.proj.kernel_size[0]
         self.depth = len(enc.blocks)
         self.selector_layer = self._resolve_selector_layer(selector_layer, self.depth // 2, self.depth)
-        self.selector_dim = enc.pos_embed.shape[-1] if enc.pos_embed is not None else enc.blocks[0].norm1.normalized_shape[0]
-        self.embed_dim = self.selector_dim
-        self.out_chans = enc.neck[0].out_channels
+        self.selector_dim = enc.blocks[0].norm1.normalized_shape[0]
+        self.embedding_channels = enc.neck[0].out_channels
         self.freeze()
-        self._pending_u2: Optional[torch.Tensor] = None
-        for i in range(self.selector_layer + 1, self.depth):
-            enc.blocks[i].attn.register_forward_hook(self._attention_hook(i, enc.blocks[i].window_size))
-        enc.neck.register_forward_pre_hook(self._neck_pre_hook)
-        enc.neck.register_forward_hook(self._neck_hook)
 
-    def default_aug_spec(self, rank: int = 10) -> AugModuleSpec:
-        return AugModuleSpec(
-            dim=self.embed_dim,
-            layers=tuple(range(self.selector_layer + 1, self.depth)),
-            neck_channels=(self.embed_dim, self.out_chans),
-            rank=rank,
-        )
+    # -------------------------------------------------------------- geometry and injection points
+    def block(self, i: int) -> torch.nn.Module:
+        return self.sam.image_encoder.blocks[i]
 
-    def _layer_accepts(self, layer: int, dim: int) -> bool:
-        return 0 <= layer < self.depth and dim == self.embed_dim
+    def geometry(self, i: int) -> BlockGeometry:
+        return BlockGeometry(width=self.selector_dim, keeps_shape=True, window=self.block(i).window_size)
 
-    # -------------------------------------------------------------- hooks
-    def _neck_pre_hook(self, _module, inputs):
-        act = self._active
-        if act is None:
-            return None
-        u1, self._pending_u2 = act.module.neck_terms(act.heat, self.heat_orientation)
-        return (inputs[0] + u1,)
+    @property
+    def neck(self) -> torch.nn.Module:
+        return self.sam.image_encoder.neck
 
-    def _neck_hook(self, _module, _inputs, output):
-        if self._active is None:
-            return None
-        u2, self._pending_u2 = self._pending_u2, None
-        return output + u2
+    @property
+    def mask_decoder(self) -> torch.nn.Module:
+        return self.sam.mask_decoder
 
     # -------------------------------------------------------------- forward
-    @torch.no_grad()
-    def encode_prefix(self, images: torch.Tensor) -> Features:
+    def prefix(self, images: torch.Tensor) -> Features:
+        """-> {"tokens": (N, G, G, C) output of the selector block}."""
         enc = self.sam.image_encoder
         x = enc.patch_embed(self.sam.preprocess(images.float()))
         if enc.pos_embed is not None:
@@ -173,13 +160,11 @@ class SAMBackbone(Backbone):
             x = blk(x)
         return {"tokens": x}
 
-    def selector_embedding(self, prefix: Features) -> torch.Tensor:
-        return grid_mean(prefix["tokens"])
-
-    def _run_suffix(self, prefix: Features) -> Features:
+    def encode_suffix(self, prefix: Features) -> Features:
+        """-> {"image_embeddings": (N, 256, G, G)}."""
         enc = self.sam.image_encoder
         x = prefix["tokens"]
-        for blk in enc.blocks[self.selector_layer + 1 :]:
+        for blk in enc.blocks[self.selector_layer + 1:]:
             x = blk(x)
         return {"image_embeddings": enc.neck(x.permute(0, 3, 1, 2))}
 
@@ -208,11 +193,3 @@ class SAMBackbone(Backbone):
             multimask_output=False,
         )
         return (logits if low_res else self.upsample_logits(logits)), iou
-
-
-# The family's entry points for backbones.build (same names in every backbone module).
-architectures = sam_architectures
-build_model = build_sam
-load_weights = load_sam_weights
-BACKBONE = SAMBackbone
-DEFAULT_UPSAMPLE = "nearest"  # the release's choice (quirk Q6)

@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from sam2.build_sam import build_sam2
 from sam2.modeling.sam2_base import SAM2Base
 
-from ..aug_module import AugModuleSpec
 from ..config import load_model_table
-from .base import Backbone, Features, grid_mean
+from ..registry import register_backbone
+from .base import Backbone, BlockGeometry, Features
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -145,12 +144,16 @@ def load_sam2_weights(model: SAM2Base, path: Path, arch: str, official: Optional
             f"Pass the matching --hiera_name or the official {official}. ({str(e).splitlines()[0]})") from None
 
 
+@register_backbone("sam2")
 class SAM2Backbone(Backbone):
-    """Frozen SAM 2.1 split at the selector block of its Hiera trunk; AugModules act
-    through forward hooks on the attention of the augmented blocks (no neck injection).
-    """
+    """Frozen SAM 2.1 split at the selector block of its Hiera trunk (the first global-attention
+    block: 5 of Hiera-T)."""
 
     family = "sam2"
+    default_upsample = "bilinear"  # as SAM 2's image predictor
+    architectures = staticmethod(sam2_architectures)
+    build_model = staticmethod(build_sam2_model)
+    load_weights = staticmethod(load_sam2_weights)
 
     def __init__(
         self,
@@ -168,6 +171,7 @@ class SAM2Backbone(Backbone):
         self.selector_layer = self._resolve_selector_layer(selector_layer, self._default_selector(trunk), self.depth)
         self.selector_dim = trunk.blocks[self.selector_layer].dim_out
         self.grid_size = _grid_after(trunk, self.img_size, self.selector_layer)
+        self.embedding_channels = int(model.sam_prompt_encoder.embed_dim)
         # trunk outputs (stage ends) the FPN neck takes, as Hiera.forward collects them
         self._outputs = [i for i in range(self.depth)
                          if i == trunk.stage_ends[-1] or (i in trunk.stage_ends and trunk.return_interm_layers)]
@@ -175,9 +179,6 @@ class SAM2Backbone(Backbone):
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.freeze()
-        for i in range(self.selector_layer + 1, self.depth):
-            if self._layer_accepts(i, self.selector_dim):
-                trunk.blocks[i].attn.register_forward_hook(self._attention_hook(i, trunk.blocks[i].window_size))
 
     @staticmethod
     def _default_selector(trunk: torch.nn.Module) -> int:
@@ -188,32 +189,25 @@ class SAM2Backbone(Backbone):
         start, end = max(zip(starts, trunk.stage_ends), key=lambda se: se[1] - se[0])
         return start + (end - start) // 2
 
-    def default_aug_spec(self, rank: int = 10) -> AugModuleSpec:
-        """The reference rule: blocks ``range(selector + 1, depth - 2)`` up to the first one
-        whose width differs from the selector block's (Hiera-T: 6, 7, 8, 9 at width 384)."""
-        layers = []
-        for i in range(self.selector_layer + 1, self.depth - 2):
-            if not self._layer_accepts(i, self.selector_dim):
-                break
-            layers.append(i)
-        if not layers:
-            raise ValueError(f"no trunk block after selector layer {self.selector_layer} has its width "
-                             f"{self.selector_dim}; choose an earlier selector layer")
-        return AugModuleSpec(dim=self.selector_dim, layers=tuple(layers), neck_channels=None, rank=rank)
+    # -------------------------------------------------------------- geometry and injection points
+    def block(self, i: int) -> torch.nn.Module:
+        return self.sam2.image_encoder.trunk.blocks[i]
 
-    def _layer_accepts(self, layer: int, dim: int) -> bool:
-        if not 0 <= layer < self.depth:
-            return False
-        blk = self.sam2.image_encoder.trunk.blocks[layer]
-        return blk.dim == blk.dim_out == dim and not blk.q_stride
+    def geometry(self, i: int) -> BlockGeometry:
+        blk = self.block(i)
+        return BlockGeometry(width=blk.dim_out, keeps_shape=blk.dim == blk.dim_out and not blk.q_stride,
+                             window=blk.window_size)
+
+    @property
+    def mask_decoder(self) -> torch.nn.Module:
+        return self.sam2.sam_mask_decoder
 
     # -------------------------------------------------------------- forward
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) float 0..255 -> 0..1, ImageNet mean/std normalised (SAM2Transforms)."""
         return (images.float() / 255.0 - self.pixel_mean) / self.pixel_std
 
-    @torch.no_grad()
-    def encode_prefix(self, images: torch.Tensor) -> Features:
+    def prefix(self, images: torch.Tensor) -> Features:
         """(N, 3, S, S) float 0..255 -> {"tokens": (N, G, G, C) selector-block output,
         "trunk_<i>": (N, C_i, H_i, W_i) outputs of the earlier stage ends the neck needs}."""
         trunk = self.sam2.image_encoder.trunk
@@ -227,11 +221,7 @@ class SAM2Backbone(Backbone):
         prefix["tokens"] = x
         return prefix
 
-    def selector_embedding(self, prefix: Features) -> torch.Tensor:
-        """-> (N, selector_dim), the selector-block output averaged over its grid."""
-        return grid_mean(prefix["tokens"])
-
-    def _run_suffix(self, prefix: Features) -> Features:
+    def encode_suffix(self, prefix: Features) -> Features:
         """Remaining trunk blocks, FPN neck, and set_image's feature preparation.
 
         Returns {"image_embed": (N, D, G, G), "high_res_0": (N, D/8, 4G, 4G),
@@ -269,7 +259,8 @@ class SAM2Backbone(Backbone):
         return out
 
     def decode(self, features: Features, points: torch.Tensor, labels: torch.Tensor,
-               boxes: Optional[torch.Tensor] = None, low_res: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+               boxes: Optional[torch.Tensor] = None, low_res: bool = False,
+               mask_decoder: Optional[torch.nn.Module] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """As ``SAM2ImagePredictor._predict`` with one prompt set per image, batched.
 
         Args:
@@ -287,7 +278,8 @@ class SAM2Backbone(Backbone):
         coords = points.float() / self.img_size * model.image_size
         sparse, dense = pe(points=(coords, labels), boxes=None, masks=None)
         high_res = [features[f"high_res_{k}"] for k in range(sum(k.startswith("high_res_") for k in features))]
-        logits, iou, _, _ = model.sam_mask_decoder(
+        decoder = model.sam_mask_decoder if mask_decoder is None else mask_decoder
+        logits, iou, _, _ = decoder(
             image_embeddings=features["image_embed"],
             image_pe=pe.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
@@ -297,11 +289,3 @@ class SAM2Backbone(Backbone):
             high_res_features=high_res or None,
         )
         return (logits.float() if low_res else self.upsample_logits(logits)), iou
-
-
-# The family's entry points for backbones.build (same names in every backbone module).
-architectures = sam2_architectures
-build_model = build_sam2_model
-load_weights = load_sam2_weights
-BACKBONE = SAM2Backbone
-DEFAULT_UPSAMPLE = "bilinear"  # as SAM 2's image predictor

@@ -23,12 +23,16 @@ autograd" does not fit that backbone's split without re-plumbing its image path
 """
 import copy
 import math
-from dataclasses import asdict, dataclass
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..backbones.base import Backbone
+from ..registry import register_module
+from .base import LearningModule, ModuleSpec
 
 # fraction of the spectrum's area (H*W) whose centred square is removed (CAD, SAM-Adapter: tau = 0.25)
 TAU = 0.25
@@ -122,7 +126,7 @@ class ConvAdapter(nn.Module):
 
 
 @dataclass(frozen=True)
-class CADSpec:
+class CADSpec(ModuleSpec):
     """Everything needed to rebuild a CAD module; derived from the backbone (:meth:`for_backbone`).
 
     channels: adapter output channels = encoder embedding channels (256 on SAM).
@@ -136,25 +140,16 @@ class CADSpec:
     in_side: int
     scale: float = 0.1
 
-    kind = "cad"  # class attribute, not a field: the learning-module kind (samcl.model)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     @classmethod
-    def from_dict(cls, d: dict) -> "CADSpec":
-        return cls(channels=int(d["channels"]), grid=int(d["grid"]), in_side=int(d["in_side"]),
-                   scale=float(d.get("scale", 0.1)))
-
-    @classmethod
-    def for_backbone(cls, backbone) -> "CADSpec":
+    def for_backbone(cls, backbone: Backbone, cfg: Any = None) -> "CADSpec":
         if getattr(backbone, "family", None) != "sam":
             raise ValueError(
                 f"CAD needs a SAM (ViT) backbone, got {getattr(backbone, 'family', type(backbone).__name__)}: "
                 f"SAM 2's mask decoder also owns the high-resolution projections (conv_s0/conv_s1) inside its "
                 f"image path, so fine-tuning the whole decoder beside an autograd-free encoder does not fit "
                 f"that backbone (README, 'CAD')")
-        return cls(channels=int(backbone.out_chans), grid=int(backbone.grid_size), in_side=8 * int(backbone.grid_size))
+        return cls(channels=int(backbone.embedding_channels), grid=int(backbone.grid_size),
+                   in_side=8 * int(backbone.grid_size))
 
     def check(self, backbone) -> None:
         """Refuse a CAD module built for another backbone, naming both."""
@@ -163,13 +158,6 @@ class CADSpec:
             raise ValueError(f"CAD module ({self.channels} channels, {self.grid}x{self.grid} grid) does not fit "
                              f"backbone {backbone.family}/{backbone.arch} ({expected.channels} channels, "
                              f"{expected.grid}x{expected.grid} grid)")
-
-    def build(self, backbone) -> "CADModule":
-        return CADModule(self, backbone.sam.mask_decoder)
-
-    def describe(self, backbone) -> str:
-        with torch.random.fork_rng(devices=[]):
-            return self.build(backbone).describe()
 
 
 FROZEN_EMBEDDING = "cad_frozen_embedding"
@@ -182,34 +170,32 @@ def frozen_features(backbone, images: Optional[torch.Tensor], prefix: Optional[D
     whole encoder embedding (N, C, G, G), computed without autograd. Under CAD the entire encoder is
     frozen, so the training cache keeps both and later epochs skip the encoder altogether."""
     prefix = dict(backbone.encode_prefix(images) if prefix is None else prefix)
-    prefix[FROZEN_EMBEDDING] = backbone.encode_suffix(prefix, None, None)["image_embeddings"]
+    prefix[FROZEN_EMBEDDING] = backbone.encode_suffix(prefix)["image_embeddings"]
     return prefix
 
 
-class CADModule(nn.Module):
+@register_module("cad")
+class CADModule(LearningModule):
     """The trainable module of one domain: a :class:`ConvAdapter` and its own copy of SAM's
-    mask decoder (the backbone's prompt encoder and image encoder stay frozen and shared)."""
+    mask decoder (the backbone's prompt encoder and image encoder stay frozen and shared).
+    Not zero-initialised (CAD's recipe): a fresh module already changes the embedding."""
 
-    kind = "cad"
-    needs_heatmap = False
+    spec_class = CADSpec
+    reads_images = True
     # under CAD's loss the decoder's IoU head and the extra multimask tokens get no gradient
     has_unused_parameters = True
 
     def __init__(self, spec: CADSpec, mask_decoder: nn.Module) -> None:
-        super().__init__()
-        self.spec = spec
+        super().__init__(spec)
         self.adapter = ConvAdapter(spec.channels, spec.grid)
         self.decoder = copy.deepcopy(mask_decoder)
         self.decoder.requires_grad_(True)
 
+    @classmethod
+    def build(cls, spec: CADSpec, backbone: Backbone) -> "CADModule":
+        return cls(spec, backbone.mask_decoder)
+
     # ------------------------------------------------------------------ size
-    def counted_parameters(self) -> int:
-        """Every parameter of the module: the adapter and the whole mask decoder."""
-        return sum(p.numel() for p in self.parameters())
-
-    def counted_size_mb(self) -> float:
-        return self.counted_parameters() * 4 / 1024**2
-
     def describe(self) -> str:
         a = sum(p.numel() for p in self.adapter.parameters())
         d = sum(p.numel() for p in self.decoder.parameters())
@@ -228,8 +214,7 @@ class CADModule(nn.Module):
             frozen = frozen_features(backbone, None, prefix)[FROZEN_EMBEDDING]
         return frozen, self.adapter(high_frequency(images, self.spec.in_side))
 
-    @staticmethod
-    def frozen_features(backbone, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def frozen_features(self, backbone, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """What the training cache keeps for CAD: the prefix and the whole frozen embedding."""
         return frozen_features(backbone, images)
 

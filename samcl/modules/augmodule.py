@@ -1,30 +1,34 @@
 """AugModule: the per-domain learning module of SAMCL.
 
 One shared low-rank projection ``A`` (dim -> r), and per augmented encoder block
-an up-projection ``B_l`` (r -> dim) with two LayerNorms. The point heatmap
-enters through ``extra`` (r -> r Linear, LayerNorm, ReLU); on SAM it is also
-injected around the neck through ``extra.upward`` / ``extra.upward_``.
-``B_l`` and the ``upward`` layers start at zero, so a fresh module is exactly
-the frozen backbone.
+an up-projection ``B_l`` (r -> dim) with two LayerNorms, added in parallel to the
+block's attention. The point heatmap enters through ``extra`` (r -> r Linear,
+LayerNorm, ReLU); on SAM it is also injected around the neck through
+``extra.upward`` / ``extra.upward_``. ``B_l`` and the ``upward`` layers start at
+zero, so a fresh module is exactly the frozen backbone.
 """
-from dataclasses import asdict, dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones.base import Backbone
+from ..registry import register_module
+from .base import Hook, LearningModule, ModuleSpec
+
 ORIENTATIONS = ("reference", "corrected")
 
 
 @dataclass(frozen=True)
-class AugModuleSpec:
+class AugModuleSpec(ModuleSpec):
     """Everything needed to rebuild an AugModule; derived from the backbone.
 
     dim: token width of the augmented blocks (768 for ViT-B, 384 for Hiera-T stage 3).
     layers: encoder block indices that get a branch, in order.
     neck_channels: (encoder width, embedding channels) for the SAM neck injection,
-        None where the backbone has none (SAM 2).
+        None where the backbone has no neck point (SAM 2).
     rank: r, the width of the low-rank branch.
     """
 
@@ -33,29 +37,48 @@ class AugModuleSpec:
     neck_channels: Optional[Tuple[int, int]] = None
     rank: int = 10
 
-    kind = "augmodule"  # class attribute, not a field: the learning-module kind (samcl.model)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def check(self, backbone) -> None:
-        backbone.check_aug_spec(self)
-
-    def build(self, backbone=None) -> "AugModule":
-        return AugModule(self)
-
-    def describe(self, backbone=None) -> str:
-        return AugModule(self).describe()
-
     @classmethod
-    def from_dict(cls, d: dict) -> "AugModuleSpec":
-        neck = d.get("neck_channels")
-        return cls(
-            dim=int(d["dim"]),
-            layers=tuple(int(i) for i in d["layers"]),
-            neck_channels=None if neck is None else (int(neck[0]), int(neck[1])),
-            rank=int(d.get("rank", 10)),
-        )
+    def for_backbone(cls, backbone: Backbone, cfg: Any = None) -> "AugModuleSpec":
+        """The release's layout: every block after the selector layer on SAM (7..11 of ViT-B);
+        on SAM 2 the blocks from the selector + 1 to depth - 2, up to the first whose width
+        differs (6..9 of Hiera-T). ``cfg.rank`` and ``cfg.aug_layers`` override."""
+        rank = int(getattr(cfg, "rank", None) or 10)
+        dim = backbone.selector_dim
+        if getattr(cfg, "aug_layers", None) is not None:
+            layers = tuple(int(i) for i in cfg.aug_layers)
+        else:
+            end = backbone.depth if backbone.neck is not None else backbone.depth - 2
+            picked: List[int] = []
+            for i in range(backbone.selector_layer + 1, end):
+                g = backbone.geometry(i)
+                if not (g.keeps_shape and g.width == dim):
+                    break
+                picked.append(i)
+            if not picked:
+                raise ValueError(f"no block after selector layer {backbone.selector_layer} has its width {dim}; "
+                                 f"choose an earlier selector layer")
+            layers = tuple(picked)
+        neck = None if backbone.neck is None else (dim, backbone.embedding_channels)
+        return cls(dim=dim, layers=layers, neck_channels=neck, rank=rank)
+
+    def check(self, backbone: Backbone) -> None:
+        """Refuse a module built for another backbone, naming both."""
+        dim = backbone.selector_dim
+        neck = None if backbone.neck is None else (dim, backbone.embedding_channels)
+        problems = []
+        if self.dim != dim:
+            problems.append(f"width {self.dim} (this backbone: {dim})")
+        if self.neck_channels != neck:
+            problems.append(f"neck {self.neck_channels} (this backbone: {neck})")
+        if self.layers and min(self.layers) <= backbone.selector_layer:
+            problems.append(f"layers {list(self.layers)} reach the frozen prefix (selector layer "
+                            f"{backbone.selector_layer})")
+        bad = [i for i in self.layers if not (0 <= i < backbone.depth and backbone.geometry(i).keeps_shape
+                                              and backbone.geometry(i).width == self.dim)]
+        if bad:
+            problems.append(f"layers {bad} do not exist or have another width")
+        if problems:
+            raise ValueError(f"AugModule does not fit backbone {backbone.family}/{backbone.arch}: " + "; ".join(problems))
 
 
 class Extra(nn.Module):
@@ -75,20 +98,19 @@ class Extra(nn.Module):
                 nn.init.zeros_(lin.bias)
 
 
-class AugModule(nn.Module):
+@register_module("augmodule")
+class AugModule(LearningModule):
     """The trainable module of one domain.
 
-    Use through a backbone: ``heat`` once per image batch, ``branch`` inside each
-    augmented block's attention, ``neck_terms`` around the SAM neck.
+    It acts through :meth:`hooks`: :meth:`branch` after each augmented block's attention,
+    :meth:`neck_terms` around the SAM neck; :meth:`heat` turns the heatmap into its input.
     """
 
-    kind = "augmodule"
+    spec_class = AugModuleSpec
     needs_heatmap = True
-    has_unused_parameters = False
 
     def __init__(self, spec: AugModuleSpec) -> None:
-        super().__init__()
-        self.spec = spec
+        super().__init__(spec)
         r = spec.rank
         self.A = nn.Linear(spec.dim, r)  # default init: Kaiming-uniform, a = sqrt(5)
         nn.init.zeros_(self.A.bias)
@@ -101,14 +123,46 @@ class AugModule(nn.Module):
         self.extra = Extra(r, spec.neck_channels)
         self._slot = {layer: i for i, layer in enumerate(spec.layers)}
 
+    # ------------------------------------------------------------------ injection
+    def hooks(self, backbone: Backbone, context: Dict[str, Any]) -> List[Hook]:
+        """A forward hook on the attention of every augmented block (adds :meth:`branch`, with the
+        heat laid out like the block's tokens, quirk Q2 in windows) and, on SAM, a pre- and a
+        forward hook on the neck (adds the :meth:`neck_terms`)."""
+        heatmap = context.get("heatmap")
+        state: Dict[str, torch.Tensor] = {}
+
+        def heat() -> torch.Tensor:
+            if heatmap is None:
+                raise ValueError("an AugModule needs the point heatmap of the batch")
+            if "heat" not in state:
+                state["heat"] = self.heat(heatmap)
+            return state["heat"]
+
+        def attention_hook(layer: int, window: int):
+            def hook(_module, inputs, output):
+                t, h = inputs[0], heat()
+                laid = window_heat(h, window, t.shape[0] // h.shape[0]) if window > 0 else token_heat(h)
+                return output + self.branch(layer, t, laid)
+            return hook
+
+        out: List[Hook] = [(backbone.attention(i), "forward", attention_hook(i, backbone.geometry(i).window))
+                           for i in self.spec.layers]
+        if self.spec.neck_channels is not None:
+            def neck_pre(_module, inputs):
+                u1, state["u2"] = self.neck_terms(heat(), backbone.heat_orientation)
+                return (inputs[0] + u1,)
+
+            def neck_post(_module, _inputs, output):
+                return output + state.pop("u2")
+
+            out += [(backbone.neck, "forward_pre", neck_pre), (backbone.neck, "forward", neck_post)]
+        return out
+
     # ------------------------------------------------------------------ size
     def counted_parameters(self) -> int:
         """Parameters the paper counts: A, every B, and extra's Linear layers (no LayerNorms)."""
         linears = [self.A, *self.B, self.extra.layer, self.extra.upward, self.extra.upward_]
         return sum(p.numel() for lin in linears if lin is not None for p in lin.parameters())
-
-    def counted_size_mb(self) -> float:
-        return self.counted_parameters() * 4 / 1024**2
 
     def describe(self) -> str:
         return (
@@ -118,11 +172,6 @@ class AugModule(nn.Module):
         )
 
     # ------------------------------------------------------------------ maths
-    def segment(self, backbone, prefix, images, heatmap, points, labels, boxes=None, low_res=False):
-        """Suffix with this module + the backbone's decoder (the learning-module interface;
-        ``images`` is unused: the AugModule reads the frozen prefix and the heatmap)."""
-        return backbone.segment(prefix, self, heatmap, points, labels, boxes=boxes, low_res=low_res)
-
     def heat(self, heatmap: torch.Tensor) -> torch.Tensor:
         """(N, G, G) heatmap, first axis x -> (N, Gx, Gy, r) after extra.layer, norm, ReLU."""
         h = heatmap.unsqueeze(-1).expand(*heatmap.shape, self.spec.rank)
