@@ -10,7 +10,7 @@ unreadable, corrupt or truncated files; a mask of another size than its image; a
 no foreground (also a 0/1 mask, which binarisation reads as empty, and a foreground too
 small to survive the resize to 1024x1024); a missing ``masks/points.json``, images it has
 no entry for, malformed entries and points outside the 1024x1024 frame; a domain that is
-in one JSON map but not the other. Then a summary per domain and split.
+in one JSON map but not the other, or whose key holds the '_' that --order joins keys with. Then a summary per domain and split.
 
 A mask with values other than 0 and 255 that binarisation still reads correctly (the
 anti-aliased edge of a JPEG mask) is a *warning*: it is counted and shown but does not
@@ -187,6 +187,11 @@ def check_tree(data_root: Path, train_json: str, test_json: str, domains: Option
         if d not in named:
             findings.append(Finding(d, "", Path(train_json), f"--domains names {d!r}, which neither JSON map has"))
     selected = [d for d in named if domains is None or d in domains]
+    for d in selected:
+        if "_" in d:
+            js = train_json if d in maps.get("train", {}) else test_json
+            findings.append(Finding(d, "", Path(js), f"domain key {d!r} contains '_', which --order uses to join "
+                                    f"keys (Kvasir_camo_...): rename it in both maps, e.g. {d.replace('_', '')!r}"))
     if len(maps) == 2:
         for d in selected:
             for split, js in zip(SPLITS, (train_json, test_json)):
@@ -213,8 +218,9 @@ def report(findings: List[Finding], checks: List[SplitCheck]) -> Tuple[List[str]
     for c in checks:
         p, w = counts.pop((c.domain, c.split), [0, 0])
         lines.append(f"{c.domain:<12} {c.split:<6} {c.pairs:>6} {p:>9} {w:>9}  {c.folder}")
-    for (domain, split), (p, w) in counts.items():  # a domain/split with no folder to check (not in a map)
-        lines.append(f"{domain or '-':<12} {split or '-':<6} {'-':>6} {p:>9} {w:>9}  (not in the map)")
+    for (domain, split), (p, w) in counts.items():  # no split folder checked: a map's entry, a domain key
+        where = "(not in the map)" if split and domain else "(the JSON maps)"
+        lines.append(f"{domain or '-':<12} {split or '-':<6} {'-':>6} {p:>9} {w:>9}  {where}")
     problems = sum(f.problem for f in everything)
     warnings = len(everything) - problems
     if problems:

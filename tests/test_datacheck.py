@@ -94,9 +94,10 @@ def planted_tree(root):
     # the Bad test split lacks points.json; Ghost's folder does not exist; OnlyTrain / Ghost are in one map only
     write_split(root / "data" / "Bad" / "test", {"x": (".png", binary_mask())}, points=False)
     (root / "datasets_train.json").write_text(json.dumps(
-        {"Good": "data/Good/train", "Bad": "data/Bad/train", "OnlyTrain": "data/Good/train"}))
+        {"Good": "data/Good/train", "Bad": "data/Bad/train", "OnlyTrain": "data/Good/train",
+         "Under_score": "data/Good/train"}))
     (root / "datasets_test.json").write_text(json.dumps(
-        {"Good": "data/Good/test", "Bad": "data/Bad/test", "Ghost": "data/Ghost/test"}))
+        {"Good": "data/Good/test", "Bad": "data/Bad/test", "Ghost": "data/Ghost/test", "Under_score": "data/Good/test"}))
     return root
 
 
@@ -116,6 +117,7 @@ EXPECTED = {  # a file or folder -> what its problem line says
     "Ghost/test": "split folder missing",
     "datasets_test.json": "domain 'OnlyTrain' is in datasets_train.json but not in this map",
     "datasets_train.json": "domain 'Ghost' is in datasets_test.json but not in this map",
+    "datasets_train.json: domain key": "'Under_score' contains '_', which --order uses to join keys",
 }
 
 
@@ -134,7 +136,8 @@ def test_every_planted_problem_is_reported_in_one_run_and_nothing_is_written(tmp
     summary = out.split("\n\n", 1)[1]
     for row in ("Good         train       2         0         0", "Bad          train      10        11         1",
                 "Bad          test        1         1         0", "Ghost        test        0         1         0",
-                "OnlyTrain    test        -         1         0  (not in the map)"):
+                "OnlyTrain    test        -         1         0  (not in the map)",
+                "Under_score  -           -         1         0  (the JSON maps)"):
         assert row in summary, (row, summary)
     assert f"{len(EXPECTED)} problem(s), 1 warning(s); nothing was written" in out
     assert tree_digest(root) == before
