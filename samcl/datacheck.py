@@ -9,7 +9,8 @@ without an image (paired by file stem); two images or two masks with one stem;
 unreadable, corrupt or truncated files; a mask of another size than its image; a mask with
 no foreground (also a 0/1 mask, which binarisation reads as empty, and a foreground too
 small to survive the resize to 1024x1024); a missing ``masks/points.json``, images it has
-no entry for, malformed entries and points outside the 1024x1024 frame; a domain that is
+no entry for, malformed entries, points outside the 1024x1024 frame and entries that no
+longer fit their mask (negative points for a mask with foreground, or the reverse); a domain that is
 in one JSON map but not the other, or whose key holds the '_' that --order joins keys with. Then a summary per domain and split.
 
 A mask with values other than 0 and 255 that binarisation still reads correctly (the
@@ -51,6 +52,7 @@ class SplitCheck:
         self.rule, self.threshold = rule, threshold
         self.findings: List[Finding] = []
         self.pairs = 0
+        self.empty: Dict[Path, bool] = {}  # readable mask -> empty as training sees it (at 1024x1024)
 
     def add(self, path: Path, message: str, problem: bool = True) -> None:
         self.findings.append(Finding(self.domain, self.split, Path(path), message, problem))
@@ -138,7 +140,8 @@ class SplitCheck:
         elif not binarised.any():
             self.add(path, "no foreground: every pixel is background (generate_point.py gives it negative points); "
                            "if the object is missing, fix the mask or remove the pair")
-        if binarised.any() and not binarize_mask(resize_mask(mask, POINTS_FRAME), self.rule, self.threshold).any():
+        self.empty[path] = not binarize_mask(resize_mask(mask, POINTS_FRAME), self.rule, self.threshold).any()
+        if binarised.any() and self.empty[path]:
             self.add(path, f"the foreground ({int(binarised.sum())} pixels) vanishes when the mask is resized to "
                            f"{POINTS_FRAME}x{POINTS_FRAME}: training and generate_point.py see it as empty")
         return mask.size
@@ -160,10 +163,15 @@ class SplitCheck:
                 self.add(mask, f"no entry in {path}; regenerate it with `python generate_point.py`")
                 continue
             try:
-                coords, _labels = parse_points_entry(entry, f"{mask.name} in {path}")
+                coords, labels = parse_points_entry(entry, f"{mask.name} in {path}")
             except DataError as e:
                 self.add(mask, f"{e}; regenerate {POINTS_FILE} with `python generate_point.py`")
                 continue
+            empty = self.empty.get(mask)  # None: the mask cannot be read (reported above)
+            if empty is not None and bool((labels == 1).any() if empty else (labels == 0).all()):
+                self.add(mask, f"its entry in {path} has {'positive' if empty else 'only negative'} points but the "
+                               f"mask is {'empty' if empty else 'not empty'} (edited after the points were made?); "
+                               f"regenerate them with `python generate_point.py`")
             outside = [(x, y) for x, y in coords.tolist() if not (0 <= x < POINTS_FRAME and 0 <= y < POINTS_FRAME)]
             if outside:
                 shown = ", ".join(f"({x:g}, {y:g})" for x, y in outside[:3])

@@ -79,7 +79,7 @@ def planted_tree(root):
                       "small": (".png", binary_mask(30, 30)), "empty": (".png", np.zeros((H, W), np.uint8)),
                       "zeroone": (".png", zero_one), "edge": (".png", edge), "nopoints": (".png", binary_mask()),
                       "outside": (".png", binary_mask()), "twomasks": (".png", binary_mask()),
-                      "badmask": (".png", binary_mask())})
+                      "badmask": (".png", binary_mask()), "stale": (".png", binary_mask())})
     cv2.imwrite(str(bad / "images" / "dup.png"), np.zeros((H, W, 3), np.uint8))  # second image, same stem
     cv2.imwrite(str(bad / "images" / "lonely.png"), np.zeros((H, W, 3), np.uint8))  # image without a mask
     cv2.imwrite(str(bad / "masks" / "orphan.png"), binary_mask())  # mask without an image
@@ -90,6 +90,7 @@ def planted_tree(root):
     points = json.loads((bad / "masks" / "points.json").read_text())
     del points["nopoints.png"]
     points["outside.png"] = [[[1500.0, 20.0], [10.0, -3.0]], [1, 1]]
+    points["stale.png"] = [IN_FRAME[0], [0, 0, 0]]  # negative points, as made for an empty mask
     (bad / "masks" / "points.json").write_text(json.dumps(points))
     # the Bad test split lacks points.json; Ghost's folder does not exist; OnlyTrain / Ghost are in one map only
     write_split(root / "data" / "Bad" / "test", {"x": (".png", binary_mask())}, points=False)
@@ -101,24 +102,27 @@ def planted_tree(root):
     return root
 
 
-EXPECTED = {  # a file or folder -> what its problem line says
-    "Bad/train/images/dup.jpg": "2 images share the stem 'dup'",
-    "Bad/train/masks/twomasks.bmp": "2 masks share the stem 'twomasks'",
-    "Bad/train/images/lonely.png": "image without a mask",
-    "Bad/train/masks/orphan.png": "mask without an image",
-    "Bad/train/images/trunc.jpg": "truncated JPEG",
-    "Bad/train/masks/badmask.png": "cannot decode the image",
-    "Bad/train/masks/small.png": "mask is 30x30 but its image small.png is 60x40",
-    "Bad/train/masks/empty.png": "no foreground",
-    "Bad/train/masks/zeroone.png": "a 0/1 mask (300 pixels are 1): binarisation (>= 128) reads it as empty",
-    "Bad/train/masks/nopoints.png": "no entry in",
-    "Bad/train/masks/outside.png": "2 point(s)",
-    "Bad/test/masks/points.json": "not found; generate the static prompt points",
-    "Ghost/test": "split folder missing",
-    "datasets_test.json": "domain 'OnlyTrain' is in datasets_train.json but not in this map",
-    "datasets_train.json": "domain 'Ghost' is in datasets_test.json but not in this map",
-    "datasets_train.json: domain key": "'Under_score' contains '_', which --order uses to join keys",
-}
+EXPECTED = [  # (a file or folder, what its problem line says)
+    ("Bad/train/images/dup.jpg", "2 images share the stem 'dup'"),
+    ("Bad/train/masks/twomasks.bmp", "2 masks share the stem 'twomasks'"),
+    ("Bad/train/images/lonely.png", "image without a mask"),
+    ("Bad/train/masks/orphan.png", "mask without an image"),
+    ("Bad/train/images/trunc.jpg", "truncated JPEG"),
+    ("Bad/train/masks/badmask.png", "cannot decode the image"),
+    ("Bad/train/masks/small.png", "mask is 30x30 but its image small.png is 60x40"),
+    ("Bad/train/masks/empty.png", "no foreground"),
+    ("Bad/train/masks/empty.png", "has positive points but the mask is empty"),
+    ("Bad/train/masks/zeroone.png", "a 0/1 mask (300 pixels are 1): binarisation (>= 128) reads it as empty"),
+    ("Bad/train/masks/zeroone.png", "has positive points but the mask is empty"),
+    ("Bad/train/masks/stale.png", "has only negative points but the mask is not empty"),
+    ("Bad/train/masks/nopoints.png", "no entry in"),
+    ("Bad/train/masks/outside.png", "2 point(s)"),
+    ("Bad/test/masks/points.json", "not found; generate the static prompt points"),
+    ("Ghost/test", "split folder missing"),
+    ("datasets_test.json", "domain 'OnlyTrain' is in datasets_train.json but not in this map"),
+    ("datasets_train.json", "domain 'Ghost' is in datasets_test.json but not in this map"),
+    ("datasets_train.json: domain key", "'Under_score' contains '_', which --order uses to join keys"),
+]
 
 
 def test_every_planted_problem_is_reported_in_one_run_and_nothing_is_written(tmp_path, capsys):
@@ -127,14 +131,14 @@ def test_every_planted_problem_is_reported_in_one_run_and_nothing_is_written(tmp
     rc, out = check(root, capsys)
     assert rc == 1
     problems = [line for line in out.splitlines() if line.startswith("problem: ")]
-    for where, what in EXPECTED.items():
+    for where, what in EXPECTED:
         assert any(where in line and what in line for line in problems), (where, what, out)
     assert len(problems) == len(EXPECTED), out  # each once, nothing else
     assert "(1500, 20), (10, -3)" in out and "outside the 1024x1024 frame" in out
     warnings = [line for line in out.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and "edge.png: not binary: 20 pixels" in warnings[0] and "(>= 128)" in warnings[0]
     summary = out.split("\n\n", 1)[1]
-    for row in ("Good         train       2         0         0", "Bad          train      10        11         1",
+    for row in ("Good         train       2         0         0", "Bad          train      11        14         1",
                 "Bad          test        1         1         0", "Ghost        test        0         1         0",
                 "OnlyTrain    test        -         1         0  (not in the map)",
                 "Under_score  -           -         1         0  (the JSON maps)"):
