@@ -10,8 +10,9 @@ unreadable, corrupt or truncated files; a mask of another size than its image; a
 no foreground (also a 0/1 mask, which binarisation reads as empty, and a foreground too
 small to survive the resize to 1024x1024); a missing ``masks/points.json``, images it has
 no entry for, malformed entries, points outside the 1024x1024 frame and entries that no
-longer fit their mask (negative points for a mask with foreground, or the reverse); a domain that is
-in one JSON map but not the other, or whose key holds the '_' that --order joins keys with. Then a summary per domain and split.
+longer fit their mask (negative points for a mask with foreground, or the reverse); a
+domain in one JSON map but not the other, or whose key holds the '_' that --order joins
+keys with. Then a summary per domain and split.
 
 A mask with values other than 0 and 255 that binarisation still reads correctly (the
 anti-aliased edge of a JPEG mask) is a *warning*: it is counted and shown but does not

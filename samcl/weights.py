@@ -288,7 +288,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as e:  # verify: a file that cannot be read
         errors.append(f"{e}; make it readable (or move it away) and run the command again")
     except KeyboardInterrupt:
-        errors.append("interrupted; the file being downloaded was not installed (no partial file is left)")
+        errors.append("interrupted; nothing partial was installed (a download in progress is discarded)")
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
     return 2 if errors else 0

@@ -98,7 +98,8 @@ def planted_tree(root):
         {"Good": "data/Good/train", "Bad": "data/Bad/train", "OnlyTrain": "data/Good/train",
          "Under_score": "data/Good/train"}))
     (root / "datasets_test.json").write_text(json.dumps(
-        {"Good": "data/Good/test", "Bad": "data/Bad/test", "Ghost": "data/Ghost/test", "Under_score": "data/Good/test"}))
+        {"Good": "data/Good/test", "Bad": "data/Bad/test", "Ghost": "data/Ghost/test",
+         "Under_score": "data/Good/test"}))
     return root
 
 
