@@ -7,12 +7,14 @@ points (label 0) spread over the image and is reported by name.
 
     python generate_point.py                       # data/ per datasets_train.json + datasets_test.json
     python generate_point.py --data_root demo_output --num_points 3 --seed 1234
+    python generate_point.py --check               # only check the data, report every problem, write nothing
 """
 import argparse
 import logging
 import sys
 from pathlib import Path
 
+from samcl import datacheck
 from samcl.cli import CLIError
 from samcl.data import DataError, read_domain_map
 from samcl.points import generate_split_points
@@ -29,7 +31,13 @@ def main(argv=None) -> None:
                    help="'threshold' (>= --mask_threshold, default) or 'reference' (floor(v/255))")
     p.add_argument("--mask_threshold", type=int, default=128, help="threshold for 'threshold' (default 128)")
     p.add_argument("--domains", nargs="*", help="only these domain keys (default: all in the maps)")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing: check every split of both maps, report every problem, exit 1 if any "
+                        "(samcl.datacheck)")
     args = p.parse_args(argv)
+    if args.check:
+        sys.exit(datacheck.run_check(args.data_root, args.train_json, args.test_json, args.domains,
+                                     args.mask_binarize, args.mask_threshold))
     if args.num_points < 1:
         raise CLIError("--num_points must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stdout)
