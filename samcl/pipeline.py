@@ -12,14 +12,14 @@ from .aug_module import AugModuleSpec
 from .backbones import build_backbone
 from .backbones.build import default_checkpoint
 from .cad import CADSpec
-from .config import MODULE_KIND, Config
+from .config import MODULE_KIND, Config, build_config
 from .continual import (RESUMABLE_SETTINGS, ContinualTrainer, evaluate_split, make_loader, seed_everything,
                         selector_accuracy)
 from .data import SegmentationSplit, read_domain_map
 from .metrics import METRICS
 from .model import SAMCLModel
 from .precision import check_amp
-from .run_folder import (METRICS_FILE, TEST_METRICS_FILE, RunFolderError, checkpoint_identity, load_module,
+from .run_folder import (MANIFEST, METRICS_FILE, TEST_METRICS_FILE, RunFolderError, checkpoint_identity, load_module,
                          load_selector, module_path, package_versions, read_manifest, selector_snapshot,
                          setup_logging, verify_files, write_json)
 
@@ -74,8 +74,8 @@ def resume_config(run_dir: Path, overrides: Dict) -> Config:
         raise RunFolderError(f"a resume keeps the run's settings; {run_dir} was trained with "
                              + ", ".join(f"{k}={stored.get(k)!r}" for k in changed)
                              + f" (given: {changed}). Only {', '.join(RESUMABLE_SETTINGS)} may change.")
-    allowed = {k: v for k, v in overrides.items() if v is not None and k in RESUMABLE_SETTINGS}
-    return Config(**{**stored, **allowed, "run_dir": str(run_dir)}).validate()
+    allowed = [(f"flag --{k}", {k: v}) for k, v in overrides.items() if v is not None and k in RESUMABLE_SETTINGS]
+    return build_config([(str(Path(run_dir) / MANIFEST), stored), *allowed, ("--resume", {"run_dir": str(run_dir)})])
 
 
 def resume(run_dir: Path, overrides: Dict, device: torch.device) -> Dict:
