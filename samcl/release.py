@@ -37,7 +37,6 @@ import pickle
 import pickletools
 import re
 import shutil
-import sys
 import tempfile
 import types
 import zipfile
@@ -52,6 +51,7 @@ import torch
 from torch import nn
 
 from .aug_module import AugModule, AugModuleSpec
+from .config import FAMILY_NAMES
 from .io import atomic_torch_save, atomic_write_text, load_tagged
 from .run_folder import (MANIFEST, SELECTOR_FILE, RunFolderError, load_selector, package_versions,
                          read_manifest, save_selector, selector_snapshot, sha256_file, verify_files, write_json)
@@ -65,8 +65,7 @@ EXPORT_INFO_FILE = "samcl_export.json"  # written by `export`: the order the sel
 NON_MODULE_FILES = frozenset({SELECTOR_FILE, "embedding_buffer.pth"})
 LAYERNORM_EPS = 1e-5  # nn.LayerNorm's default, used by AugModule and by the release
 
-# The two released families: display names and the --module name of the reference scripts.
-FAMILY_NAMES = {"sam": "SAM (ViT)", "sam2": "SAM 2.1 (Hiera)"}
+# The two released families: the --module name of the reference scripts (display names: FAMILY_NAMES).
 RELEASE_MODULE_NAMES = {"sam": "SAMCL", "sam2": "SAMCL_2"}  # --module of the reference's scripts
 SAM2_ARCH = "hiera_t"
 
@@ -750,8 +749,9 @@ def _inspect(folder: Path, order: Sequence[str], unseen: Sequence[str]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m samcl.release", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .cli import Parser, explained_errors
+
+    p = Parser(prog="python -m samcl.release", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     order_help = f"domain keys of the selector's outputs joined by '_' (default {'_'.join(RELEASE_ORDER)})"
     for name in ("inspect", "convert"):
@@ -771,7 +771,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     q.add_argument("--overwrite", action="store_true", help="write into a non-empty destination")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
+    with explained_errors():
         if args.command == "inspect":
             _inspect(args.src, [d for d in args.order.split("_") if d], args.unseen)
         elif args.command == "convert":
@@ -783,11 +783,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             info = export(args.run_dir, args.dst, args.overwrite)
             print(f"wrote release folder {args.dst}: modules {list(info['modules'])}, selector over {info['order']} "
                   f"(all modules verified bit-exact with the restricted loader)")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import run_script
+
+    run_script(main)
