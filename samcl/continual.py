@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from . import distributed as dist
 from .aug_module import AugModule
+from .bounded import check_torch_file
 from .config import Config
 from .data import SegmentationSplit, collate, read_domain_map
 from .losses import training_loss
@@ -262,6 +263,11 @@ class ContinualTrainer:
         metrics_path = self.run_dir / METRICS_FILE
         if metrics_path.is_file():
             self.steps = json.loads(metrics_path.read_text()).get("steps", [])[: len(self.completed)]
+        for partial in sorted((self.run_dir / PARTIAL_DIR).glob("*.pt")):  # read by _load_partial later
+            try:
+                check_torch_file(partial, "partial-domain file", RunFolderError)
+            except RunFolderError as e:
+                raise RunFolderError(f"{e}; delete it to train {partial.stem} from its first epoch") from None
         for step in self.steps:
             for d, res in step["evaluation"].items():
                 self.matrix.set(step["step"], self.domains.index(d), res["metrics"])

@@ -2,6 +2,7 @@
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -11,6 +12,7 @@ from . import distributed as dist
 from .aug_module import AugModuleSpec
 from .backbones import build_backbone
 from .backbones.build import default_checkpoint
+from .bounded import check_torch_file
 from .cad import CADSpec
 from .config import MODULE_KIND, Config, build_config
 from .continual import (RESUMABLE_SETTINGS, ContinualTrainer, evaluate_split, make_loader, seed_everything,
@@ -29,6 +31,9 @@ log = logging.getLogger("samcl.pipeline")
 def build_model(cfg: Config, device: torch.device) -> SAMCLModel:
     """Backbone with its weights, an empty module bank of ``cfg.module``'s kind, on ``device``."""
     seed_everything(cfg.seed, cfg.deterministic)
+    path = _checkpoint_path(cfg)
+    if path is not None and os.path.lexists(path):  # bounded checks first; build_backbone names a missing file
+        check_torch_file(path, "backbone checkpoint")
     backbone = build_backbone(cfg)
     if MODULE_KIND[cfg.module] == "cad":
         spec = CADSpec.for_backbone(backbone)
@@ -39,9 +44,13 @@ def build_model(cfg: Config, device: torch.device) -> SAMCLModel:
     return SAMCLModel(backbone, spec, prompt=cfg.prompt).to(device)
 
 
+def _checkpoint_path(cfg: Config) -> Optional[Path]:
+    """The backbone weights file of ``cfg`` (None: random weights)."""
+    return None if cfg.random_weights else (Path(cfg.ckpt) if cfg.ckpt else default_checkpoint(cfg))
+
+
 def _checkpoint_identity(cfg: Config) -> Dict:
-    path = None if cfg.random_weights else (Path(cfg.ckpt) if cfg.ckpt else default_checkpoint(cfg))
-    return checkpoint_identity(path, cfg.random_weights, cfg.seed)
+    return checkpoint_identity(_checkpoint_path(cfg), cfg.random_weights, cfg.seed)
 
 
 def _run_continual(cfg: Config, device: torch.device, run_dir: Path, **trainer_options) -> Dict:

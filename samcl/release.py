@@ -39,7 +39,6 @@ import re
 import shutil
 import tempfile
 import types
-import zipfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -51,6 +50,7 @@ import torch
 from torch import nn
 
 from .aug_module import AugModule, AugModuleSpec
+from .bounded import TorchZip, check_torch_file
 from .config import FAMILY_NAMES
 from .io import atomic_torch_save, atomic_write_text, load_tagged
 from .run_folder import (MANIFEST, SELECTOR_FILE, RunFolderError, load_selector, package_versions,
@@ -127,17 +127,7 @@ def pickle_globals(path: Path) -> List[str]:
     Dynamic lookups (STACK_GLOBAL, INST, OBJ) are reported as ``<OPCODE>``; torch's
     restricted unpickler does not support them, and neither does this loader.
     """
-    path = Path(path)
-    try:
-        with zipfile.ZipFile(path) as zf:
-            records = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-            if len(records) != 1:
-                raise ReleaseFormatError(f"{path} is not a torch checkpoint (expected one data.pkl record, found "
-                                         f"{len(records)})")
-            data = zf.read(records[0])
-    except zipfile.BadZipFile:
-        raise ReleaseFormatError(f"{path} is not a torch zip checkpoint (corrupt, truncated, or saved with the "
-                                 f"legacy non-zip format); re-download or re-save it with torch.save") from None
+    data = TorchZip(Path(path), "checkpoint", ReleaseFormatError).pickle_bytes()
     found: List[str] = []
     try:
         for op, arg, _pos in pickletools.genops(data):
@@ -200,11 +190,13 @@ def torch_restricted_load(path: Path) -> Any:
 
 
 def restricted_load(path: Path, allowed: FrozenSet[str] = MODULE_GLOBALS) -> Any:
-    """Load a release checkpoint safely: static allow-list scan, then torch's restricted unpickler."""
+    """Load a release checkpoint safely: static allow-list scan, bounded size checks
+    (:mod:`samcl.bounded`), then torch's restricted unpickler."""
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() and not path.is_symlink():
         raise ReleaseFormatError(f"{path} not found")
     check_globals(path, allowed)
+    check_torch_file(path, "checkpoint", ReleaseFormatError)
     return torch_restricted_load(path)
 
 
