@@ -1,4 +1,5 @@
 """What train.py and test.py do, as functions (the scripts only parse flags)."""
+import dataclasses
 import json
 import logging
 import math
@@ -21,9 +22,9 @@ from .data import SegmentationSplit, read_domain_map
 from .metrics import METRICS
 from .model import SAMCLModel
 from .precision import check_amp
-from .run_folder import (MANIFEST, METRICS_FILE, TEST_METRICS_FILE, RunFolderError, checkpoint_identity, load_module,
-                         load_selector, module_path, package_versions, read_manifest, selector_snapshot,
-                         setup_logging, verify_files, write_json)
+from .run_folder import (MANIFEST, METRICS_FILE, TEST_METRICS_FILE, RunFolderError, backbone_identity,
+                         check_same_checkpoint, checkpoint_identity, load_module, load_selector, module_path,
+                         package_versions, read_manifest, selector_snapshot, setup_logging, verify_files, write_json)
 
 log = logging.getLogger("samcl.pipeline")
 
@@ -105,10 +106,9 @@ def load_run(run_dir: Path, cfg: Config, device: torch.device) -> SAMCLModel:
     if is_release_folder(run_dir):
         return load_release_run(Path(run_dir), cfg, device)
     manifest = read_manifest(run_dir)
-    run_cfg = Config(**{**manifest["config"], "ckpt": cfg.ckpt, "random_weights": cfg.random_weights,
-                        "seed": manifest["config"]["seed"]})
-    if run_cfg.random_weights and not cfg.random_weights:
-        raise RunFolderError(f"{run_dir} was trained on random weights; pass --random_weights to test it")
+    run_cfg = dataclasses.replace(build_config([(str(Path(run_dir) / MANIFEST), manifest["config"])]),
+                                  ckpt=cfg.ckpt, random_weights=cfg.random_weights)
+    _check_weights(run_dir, manifest, run_cfg)
     completed, unseen = manifest["completed"], set(manifest["unseen"])
     if not completed:
         raise RunFolderError(f"{run_dir} has no finished domain yet; nothing to test")
@@ -116,6 +116,10 @@ def load_run(run_dir: Path, cfg: Config, device: torch.device) -> SAMCLModel:
     snapshot = selector_snapshot(completed[-1])
     verify_files(run_dir, manifest["files"], modules + [snapshot])
     model = build_model(run_cfg, device)
+    built = json.loads(json.dumps(backbone_identity(model.backbone)))
+    if manifest.get("backbone") not in (None, built):
+        raise RunFolderError(f"{run_dir} was trained on the backbone {manifest['backbone']}, but the one built from "
+                             f"its settings is {built}; its run.json is inconsistent")
     selector, sel_domains = load_selector(Path(run_dir) / snapshot)
     for d in sel_domains:
         model.add_domain(d, None if d in unseen else load_module(module_path(run_dir, d), model.backbone, model.kind))
@@ -124,6 +128,15 @@ def load_run(run_dir: Path, cfg: Config, device: torch.device) -> SAMCLModel:
         log.warning("%s is unfinished: only %s of %s are done (train.py --resume %s continues it)", run_dir,
                     completed, manifest["order"], run_dir)
     return model
+
+
+def _check_weights(run_dir: Path, manifest: Dict, run_cfg: Config) -> None:
+    """The backbone weights about to be loaded must be those the run was trained on (a missing
+    file is left to build_model, which names it and the fix)."""
+    path = _checkpoint_path(run_cfg)
+    if path is not None and not path.is_file():
+        return
+    check_same_checkpoint(run_dir, manifest.get("checkpoint"), _checkpoint_identity(run_cfg))
 
 
 def run_info(run_dir: Path, cfg: Config) -> Tuple[Dict, Path]:
@@ -144,10 +157,11 @@ def test(run_dir: Path, cfg: Config, device: torch.device, with_vanilla: bool = 
     read-only data).
     """
     run_dir = Path(run_dir)
+    setup_logging(None, hold=True)  # the log file only once the folder and the weights passed verification
     manifest, report_dir = run_info(run_dir, cfg)
-    setup_logging(report_dir, "test_log.txt")
     check_amp(cfg.amp, device)
     model = load_run(run_dir, cfg, device)
+    setup_logging(report_dir, "test_log.txt")
     test_map = read_domain_map(Path(cfg.test_json), Path(cfg.data_root))
     order = manifest["order"]
     missing = [d for d in order if d not in test_map]

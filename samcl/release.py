@@ -54,7 +54,8 @@ from .bounded import TorchZip, check_torch_file
 from .config import FAMILY_NAMES
 from .io import atomic_torch_save, atomic_write_text, load_tagged
 from .run_folder import (MANIFEST, SELECTOR_FILE, RunFolderError, load_selector, package_versions,
-                         read_manifest, save_selector, selector_snapshot, sha256_file, verify_files, write_json)
+                         read_manifest, run_markers, save_selector, selector_snapshot, sha256_file, verify_files,
+                         write_json)
 from .selector import ModuleSelector
 
 log = logging.getLogger("samcl.release")
@@ -400,10 +401,11 @@ def module_files(folder: Path) -> Dict[str, Path]:
 
 
 def is_release_folder(folder: Path) -> bool:
-    """A release-style folder: no run.json, a Module_Selector.pth, and module ``.pth`` files."""
+    """A release-style folder: no run.json, a Module_Selector.pth, and module ``.pth`` files; none of
+    a run folder's other files (a run folder that lost its run.json is not taken for a release)."""
     folder = Path(folder)
     return (folder.is_dir() and not (folder / MANIFEST).exists() and (folder / SELECTOR_FILE).is_file()
-            and bool(module_files(folder)))
+            and bool(module_files(folder)) and not run_markers(folder))
 
 
 def release_manifest(folder: Path, order: Sequence[str], unseen: Sequence[str]) -> Dict[str, Any]:
