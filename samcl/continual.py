@@ -260,9 +260,7 @@ class ContinualTrainer:
             selector, domains = load_selector(self.run_dir / selector_snapshot(self.completed[-1]))
             assert domains == self.completed
             self.model.selector = selector.to(self.device)
-        metrics_path = self.run_dir / METRICS_FILE
-        if metrics_path.is_file():
-            self.steps = json.loads(metrics_path.read_text()).get("steps", [])[: len(self.completed)]
+        self.steps = self._restore_steps()
         for partial in sorted((self.run_dir / PARTIAL_DIR).glob("*.pt")):  # read by _load_partial later
             try:
                 check_torch_file(partial, "partial-domain file", RunFolderError)
@@ -273,6 +271,31 @@ class ContinualTrainer:
                 self.matrix.set(step["step"], self.domains.index(d), res["metrics"])
         log.info("resuming %s: done %s; to do %s", self.run_dir, self.completed or "nothing",
                  [d for d in self.domains if d not in self.completed])
+
+    def _restore_steps(self) -> List[Dict]:
+        """The finished steps of metrics.json, checked against the checksum run.json records. A run
+        stopped between writing metrics.json and run.json (the commit) leaves exactly one step more
+        than run.json's; that file is used for its finished steps, with a warning."""
+        path = self.run_dir / METRICS_FILE
+        if not path.is_file():
+            if self.completed and METRICS_FILE in self.checksums:
+                verify_files(self.run_dir, self.checksums, [METRICS_FILE])  # names it missing
+            return []
+        try:
+            steps = json.loads(path.read_text()).get("steps")
+            if not isinstance(steps, list):
+                raise ValueError("no list of steps")
+        except (ValueError, AttributeError, UnicodeDecodeError) as e:
+            raise RunFolderError(f"{path} is corrupt ({e}); restore it from a copy. Nothing was changed.") from None
+        recorded = self.checksums.get(METRICS_FILE)
+        if recorded is not None and sha256_file(path) != recorded:
+            nxt = [d for d in self.domains if d not in self.completed][:1]
+            if len(steps) == len(self.completed) + 1 and [steps[-1].get("domain")] == nxt:
+                log.warning("%s is one step ahead of %s (the run stopped while committing %s); its first %d "
+                            "step(s) are used", path, MANIFEST, nxt[0], len(self.completed))
+            else:
+                verify_files(self.run_dir, self.checksums, [METRICS_FILE])  # names the mismatch, changes nothing
+        return steps[: len(self.completed)]
 
     def _step_files(self, domain: str) -> List[str]:
         files = [buffer_part(domain), selector_snapshot(domain)]
