@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from . import distributed as dist
 from .aug_module import AugModule
 from .bounded import check_torch_file
 from .config import Config
-from .data import SegmentationSplit, collate, read_domain_map
+from .data import DataError, SegmentationSplit, collate, read_domain_map
 from .losses import training_loss
 from .metrics import METRICS, AccuracyMatrix, MetricAccumulator, per_image_metrics
 from .model import SAMCLModel
@@ -88,13 +89,49 @@ def make_loader(ds: SegmentationSplit, batch_size: int, shuffle: bool, seed: int
     if dist.is_distributed():
         sampler = DistributedSampler(ds, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=shuffle,
                                      seed=seed, drop_last=False)
-    return DataLoader(
+    return _Loader(
         ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, num_workers=num_workers,
         collate_fn=collate, generator=torch.Generator().manual_seed(seed) if shuffle and sampler is None else None,
         # Not persistent: a persistent iterator skips the per-epoch seed draw from the loader's
         # generator, so the shuffle order of epochs 2.. would depend on num_workers.
         pin_memory=device.type == "cuda", persistent_workers=False,
     )
+
+
+# what reading a sample raises for a bad file: with workers, re-raised with the worker's header
+WORKER_DATA_ERRORS = (DataError, OSError)
+_WORKER_HEADER = re.compile(r"Caught \w+ in DataLoader worker process \d+\.")
+
+
+def worker_message(e: BaseException) -> Optional[str]:
+    """The original message of a data error re-raised from a DataLoader worker (whose message is
+    "Caught X in DataLoader worker process N." plus the worker's traceback); None for any other."""
+    text = str(e)
+    if not isinstance(e, WORKER_DATA_ERRORS) or not _WORKER_HEADER.match(text):
+        return None
+    cls = type(e)
+    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    at = text.rfind(f"\n{name}: ")
+    return text[at + len(name) + 3:].strip() if at >= 0 else None
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose data errors read the same with workers as without: the worker's
+    header and traceback are dropped (the message names the file)."""
+
+    def __iter__(self):
+        it = super().__iter__()
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except WORKER_DATA_ERRORS as e:
+                message = worker_message(e)
+                if message is None:
+                    raise
+                raise type(e)(message) from None
+            yield batch
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
