@@ -58,17 +58,18 @@ class TorchZip:
         size = regular_file_size(self.path, what, error)
         try:
             with zipfile.ZipFile(self.path) as zf:
-                self.members = {i.filename: i for i in zf.infolist()}
+                infos = zf.infolist()
         except (zipfile.BadZipFile, OSError, ValueError) as e:
             raise error(f"{what} {self.path} is not a torch zip checkpoint ({e}: corrupt, truncated, or saved in "
                         f"the legacy non-zip format); re-download it or re-save it with torch.save") from None
+        self.members = {i.filename: i for i in infos}
         records = [n for n in self.members if n.endswith("/data.pkl") or n == "data.pkl"]
         if len(records) != 1:
             raise error(f"{what} {self.path} is not a torch checkpoint (expected one data.pkl record, found "
                         f"{len(records)})")
         self.pickle_name = records[0]
         self.prefix = self.pickle_name[: -len("data.pkl")]
-        declared = sum(i.file_size for i in self.members.values())
+        declared = sum(i.file_size for i in infos)  # every member, repeated names included
         if declared > MAX_EXPANSION * size + (1 << 20):
             raise error(f"refused {what} {self.path}: its zip members declare {declared:,} bytes uncompressed, more "
                         f"than {MAX_EXPANSION}x the file's {size:,} bytes (a zip bomb, or not a file torch.save "
@@ -102,10 +103,10 @@ class _Tensor:
         self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
 
 
-class _Stand_in:
+class _StandIn:
     """Whatever a pickle names: records what it is given, does nothing."""
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "_Stand_in":
+    def __new__(cls, *args: Any, **kwargs: Any) -> "_StandIn":
         obj = super().__new__(cls)
         obj._parts = [args, kwargs]
         return obj
@@ -113,8 +114,8 @@ class _Stand_in:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def __call__(self, *args: Any, **kwargs: Any) -> "_Stand_in":
-        return _Stand_in(args, kwargs)
+    def __call__(self, *args: Any, **kwargs: Any) -> "_StandIn":
+        return _StandIn(args, kwargs)
 
     def __setstate__(self, state: Any) -> None:
         self._parts.append(state)
@@ -150,7 +151,7 @@ def _rebuild_parameter(data: Any, *_rest: Any) -> Any:
 
 
 def _rebuild_from_type(func: Any, _new_type: Any, args: Any, _state: Any) -> Any:
-    return func(*args) if callable(func) else _Stand_in(func, args)
+    return func(*args) if callable(func) else _StandIn(func, args)
 
 
 _REBUILDERS = {
@@ -181,7 +182,7 @@ class _DryRun(pickle.Unpickler):
             return found
         if module in ("torch", "torch.storage") and name.endswith("Storage"):
             return _StorageType(name)
-        return self._classes.setdefault(full, type(name, (_Stand_in,), {}))
+        return self._classes.setdefault(full, type(name, (_StandIn,), {}))
 
     def _record(self, *args: Any) -> _Tensor:
         t = _rebuild_tensor(*args) if len(args) >= 4 else _Tensor(None, 0, (), ())
@@ -193,7 +194,7 @@ class _DryRun(pickle.Unpickler):
             _, stype, key, _location, numel = pid
             return _Storage(key, stype.itemsize if isinstance(stype, _StorageType) else None, numel)
         self.bad_ids.append(repr(pid)[:80])
-        return _Stand_in(pid)
+        return _StandIn(pid)
 
 
 def _names(root: Any) -> Dict[int, str]:
@@ -212,7 +213,7 @@ def _names(root: Any) -> Dict[int, str]:
             stack.extend((v, f"{where}[{k!r}]") for k, v in obj.items())
         elif isinstance(obj, (list, tuple)):
             stack.extend((v, f"{where}[{i}]") for i, v in enumerate(obj))
-        elif isinstance(obj, _Stand_in):
+        elif isinstance(obj, _StandIn):
             label = f"{where}<{type(obj).__name__}>"
             stack.extend((v, label) for v in obj._parts)
     return out
@@ -244,6 +245,8 @@ def _tensor_problem(t: _Tensor, zf: TorchZip) -> Optional[str]:
         return None
     if any(s == 0 and n > 1 for n, s in zip(t.size, t.stride)):
         return f"has a stride-0 dimension (shape {t.size}, strides {t.stride}): a small storage posing as a large tensor"
+    # elements of the tensor's dtype against the storage's (a _rebuild_tensor_v3 storage counts bytes,
+    # a bound looser by the element size, still within the file)
     end = t.offset + sum((n - 1) * s for n, s in zip(t.size, t.stride)) + 1
     if end > st.numel or numel > st.numel:
         return (f"is oversized: shape {t.size} with strides {t.stride} and offset {t.offset} needs more than its "
