@@ -15,13 +15,14 @@ import sys
 from pathlib import Path
 
 from samcl import datacheck
-from samcl.cli import CLIError
-from samcl.data import DataError, read_domain_map
+from samcl.cli import CLIError, Parser, explained_errors, run_script
+from samcl.config import check_setting
+from samcl.data import read_domain_map
 from samcl.points import generate_split_points
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_root", default=".", help="folder the JSON maps' paths are relative to (default .)")
     p.add_argument("--train_json", default="datasets_train.json", help="domain -> train split map")
     p.add_argument("--test_json", default="datasets_test.json", help="domain -> test split map")
@@ -41,7 +42,9 @@ def main(argv=None) -> None:
     if args.num_points < 1:
         raise CLIError("--num_points must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stdout)
-    try:
+    with explained_errors():
+        for name in ("seed", "mask_threshold"):  # the same ranges as the training settings
+            check_setting(name, getattr(args, name), f"flag --{name}")
         splits = []
         for js in (args.train_json, args.test_json):
             for domain, folder in read_domain_map(Path(js), Path(args.data_root)).items():
@@ -55,9 +58,7 @@ def main(argv=None) -> None:
                                                    args.mask_threshold)
             logging.info("%s: wrote %d entries to %s%s", domain, len(entries), folder / "masks" / "points.json",
                          f" ({len(empty)} empty mask(s): {', '.join(empty)})" if empty else "")
-    except DataError as e:
-        raise CLIError(str(e)) from None
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -10,7 +10,7 @@ release's layout (Module_Selector.pth + <domain>.pth pickles, loaded safely; the
 domain order is --order, by default the release's, and the report goes to
 <output_dir>/release_<folder name>/).
 """
-from samcl.cli import test_main
+from samcl.cli import run_script, test_main
 
 if __name__ == "__main__":
-    test_main("sam2", __doc__)
+    run_script(test_main, "sam2", __doc__)

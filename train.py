@@ -7,7 +7,7 @@
     python train.py --resume log_sam1/<run> --cuda 0          # after a crash, or with a longer --order
     torchrun --nproc_per_node 4 train.py --module SAMCL --batch_size 2 --cuda -1
 """
-from samcl.cli import train_main
+from samcl.cli import run_script, train_main
 
 if __name__ == "__main__":
-    train_main("sam", __doc__)
+    run_script(train_main, "sam", __doc__)

@@ -6,7 +6,7 @@
     python train_SAM2.py --resume log_sam2/<run> --cuda 0     # after a crash, or with a longer --order
     torchrun --nproc_per_node 4 train_SAM2.py --module SAMCL_2 --batch_size 4 --cuda -1
 """
-from samcl.cli import train_main
+from samcl.cli import run_script, train_main
 
 if __name__ == "__main__":
-    train_main("sam2", __doc__)
+    run_script(train_main, "sam2", __doc__)

@@ -1,16 +1,24 @@
-"""Command-line flags shared by the top-level scripts, and device selection.
+"""Command-line flags shared by the top-level scripts, device selection, and how errors end.
 
 Every flag defaults to None so that only what the user typed overrides the
 ``--config`` file, which overrides the built-in defaults (the published setting).
+
+An error the user can fix (a bad flag, setting, file or data: :class:`CLIError`, and
+the ValueErrors and OSErrors the package raises with a message naming what to fix)
+ends a script with that message on one line of stderr and exit status 2, before
+anything is written where possible; any other exception is a bug and keeps its
+traceback.
 """
 import argparse
 import os
-from typing import Any, Dict, Optional
+import sys
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
 
 from . import distributed
-from .config import CHOICES, CONFIG_DIR, Config, load_config
+from .config import CHOICES, CONFIG_DIR, FAMILY_NAMES, MODULE_BACKBONE, Config, load_config
 
 DEFAULT_CONFIG = {"sam": CONFIG_DIR / "samcl_vit_b.yaml", "sam2": CONFIG_DIR / "samcl2_hiera_t.yaml"}
 # --module CAD without --config starts from CAD's own recipe (SPEC §11)
@@ -27,6 +35,57 @@ class CLIError(SystemExit):
 
     def __init__(self, message: str) -> None:
         super().__init__(f"error: {message}")
+
+
+# what the package raises for a problem the user can fix: its own errors are ValueErrors
+# (ConfigError, DataError, RunFolderError, ...) and an OSError names its file
+EXPLAINED = (ValueError, OSError)
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+@contextmanager
+def explained_errors() -> Iterator[None]:
+    """Turn the errors the package explains into a CLIError (with the rank under torchrun)."""
+    try:
+        yield
+    except EXPLAINED as e:
+        raise CLIError(distributed.rank_prefix() + one_line(e)) from None
+
+
+def run_script(main: Callable[..., Any], *args: Any) -> None:
+    """Run an entry point: a CLIError is its message on one line of stderr and exit status 2."""
+    try:
+        main(*args)
+    except CLIError as e:
+        print(e.code, file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) that ends the script as every other refusal."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CLIError(f"{message} (see {self.prog} --help)")
+
+
+def flag_names(p: argparse.ArgumentParser) -> Dict[str, str]:
+    """Setting -> the flag that sets it (test.py's --batch_size sets eval_batch_size)."""
+    return {a.dest: a.option_strings[0] for a in p._actions if a.option_strings}
+
+
+SCRIPTS = {("sam", "train"): "train.py", ("sam", "test"): "test.py",
+           ("sam2", "train"): "train_SAM2.py", ("sam2", "test"): "test_SAM2.py"}
+
+
+def check_module_family(module: Optional[str], family: str, kind: str) -> None:
+    """--module must be one the script's backbone family runs (CAD and SAMCL: SAM; SAMCL_2: SAM 2.1)."""
+    if module is not None and MODULE_BACKBONE[module] != family:
+        right = MODULE_BACKBONE[module]
+        raise CLIError(f"--module {module} runs on the {FAMILY_NAMES[right]} backbone, but {SCRIPTS[family, kind]} "
+                       f"is the {FAMILY_NAMES[family]} script: use {SCRIPTS[right, kind]}")
 
 
 def add_common_flags(p: argparse.ArgumentParser, family: str = "sam") -> None:
@@ -126,24 +185,38 @@ def explicit_settings(args: argparse.Namespace) -> Dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k in known and v is not None}
 
 
-def config_from_args(args: argparse.Namespace, default_config: Optional[str] = None) -> Config:
+def config_from_args(args: argparse.Namespace, default_config: Optional[str] = None,
+                     flags: Optional[Dict[str, str]] = None) -> Config:
     known = set(Config.__dataclass_fields__)
     overrides: Dict[str, Any] = {k: v for k, v in vars(args).items() if k in known}
+    with explained_errors():
+        return load_config(args.config or default_config, overrides, flags)
+
+
+def parse_device(device: str) -> torch.device:
+    """--device as a torch device: cpu or cuda[:N] (what the package runs on)."""
     try:
-        return load_config(args.config or default_config, overrides)
-    except (ValueError, FileNotFoundError) as e:
-        raise CLIError(str(e)) from None
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise CLIError(f"--device {device!r} is not a device this package runs on: use cpu, cuda or cuda:N")
+    return dev
 
 
 def resolve_device(cuda: Optional[int], device: Optional[str]) -> torch.device:
     """--cuda -1 under torchrun joins the process group (one GPU per process, or Gloo on the CPU
     with --device cpu or without CUDA); otherwise --device wins, --cuda N is GPU N, default GPU 0 or CPU."""
+    if cuda is not None and cuda < -1:
+        raise CLIError(f"--cuda {cuda} is not a GPU index (use 0, 1, ... or -1 for torchrun)")
     if distributed.launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1 and cuda != -1:
         raise CLIError("launched by torchrun with several processes: pass --cuda -1 (distributed training)")
     if device and cuda != -1:
-        dev = torch.device(device)
+        dev = parse_device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise CLIError(f"--device {device} needs CUDA, but no CUDA GPU is visible; use --device cpu")
+        if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+            raise CLIError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
         return dev
     if cuda is None:
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
@@ -152,9 +225,7 @@ def resolve_device(cuda: Optional[int], device: Optional[str]) -> torch.device:
             raise CLIError("--cuda -1 selects distributed training, which must be launched with torchrun "
                            "(e.g. torchrun --nproc_per_node 4 train.py ... --cuda -1). For one GPU pass --cuda 0; "
                            "for the CPU pass --device cpu.")
-        return distributed.init(prefer_cuda=device is None or torch.device(device).type == "cuda")
-    if cuda < -1:
-        raise CLIError(f"--cuda {cuda} is not a GPU index (use 0, 1, ... or -1 for torchrun)")
+        return distributed.init(prefer_cuda=device is None or parse_device(device).type == "cuda")
     if not torch.cuda.is_available():
         raise CLIError(f"--cuda {cuda} needs a CUDA GPU, but none is visible; use --device cpu")
     if cuda >= torch.cuda.device_count():
@@ -164,25 +235,24 @@ def resolve_device(cuda: Optional[int], device: Optional[str]) -> torch.device:
 
 def train_main(family: str, doc: str, argv: Optional[list] = None) -> None:
     """train.py (family "sam") and train_SAM2.py ("sam2"): a new run, or --resume one."""
-    import sys
     from pathlib import Path
 
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_flags(p, family)
     add_train_flags(p, family)
     args = p.parse_args(argv)
-    device = resolve_device(args.cuda, args.device)
+    check_module_family(args.module, family, "train")
     from .pipeline import resume, train
 
     try:
-        if args.resume:
-            if args.config or args.overwrite:
-                raise CLIError("--resume keeps the run's own settings; drop --config/--overwrite")
-            resume(Path(args.resume), explicit_settings(args), device)
-        else:
-            train(config_from_args(args, default_config(family, args.module)), device, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError) as e:
-        raise CLIError(distributed.rank_prefix() + str(e)) from None
+        with explained_errors():
+            if args.resume:
+                if args.config or args.overwrite:
+                    raise CLIError("--resume keeps the run's own settings; drop --config/--overwrite")
+                resume(Path(args.resume), explicit_settings(args), resolve_device(args.cuda, args.device))
+            else:
+                cfg = config_from_args(args, default_config(family, args.module), flag_names(p))
+                train(cfg, resolve_device(args.cuda, args.device), overwrite=args.overwrite)
     except BaseException as e:
         if distributed.is_distributed():  # torchrun then ends the other ranks instead of letting them hang
             print(f"{distributed.rank_prefix()}failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
@@ -210,17 +280,16 @@ def default_test_folder(cfg: Config, family: str):
 
 def test_main(family: str, doc: str, argv: Optional[list] = None) -> None:
     """test.py (family "sam") and test_SAM2.py ("sam2"): route, evaluate, print and write the report."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_flags(p, family)
     p.add_argument("--batch_size", type=int, dest="eval_batch_size", help="test images per batch (default 8)")
     p.add_argument("--no_vanilla", action="store_true", help="skip the vanilla (no module) comparison pass")
     p.add_argument("--output", help="where to write the report (default <run_dir>/test_metrics.json)")
     args = p.parse_args(argv)
-    device = resolve_device(args.cuda, args.device)
-    cfg = config_from_args(args, default_config(family, args.module))
+    check_module_family(args.module, family, "test")
     from .pipeline import test
 
-    try:
+    with explained_errors():
+        cfg = config_from_args(args, default_config(family, args.module), flag_names(p))
+        device = resolve_device(args.cuda, args.device)
         test(default_test_folder(cfg, family), cfg, device, with_vanilla=not args.no_vanilla, output=args.output)
-    except (ValueError, FileNotFoundError) as e:
-        raise CLIError(str(e)) from None

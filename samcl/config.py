@@ -1,10 +1,21 @@
 """Run configuration: dataclass defaults < YAML file (``--config``) < command-line flags.
 
 The defaults are the published SAMCL setting for SAM ViT-B (SPEC §6-§8).
+
+Every setting is checked when a Config is validated, whatever it came from (YAML,
+flags, a run folder's ``run.json`` on resume): its type from the dataclass field's
+annotation, its value against :data:`CHOICES` (string settings) or :data:`RANGES`
+(numbers; a number not listed there must be >= 0). A new field is covered by its
+annotation alone. Failures raise :class:`ConfigError` naming the setting, the value,
+where it came from and what is allowed.
 """
+import logging
+import math
+import re
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import yaml
 
@@ -31,13 +42,55 @@ CHOICES = {
 # Settings newer than some run folders, with the value that reproduces how such older runs
 # were made: a run folder whose stored configuration lacks one resumes (and reports) with it.
 LEGACY_SETTINGS = {"focal": "logits", "train_mode": "every_epoch", "module_init": "per_domain"}
-# settings that may stay None (the backbone picks its own)
-OPTIONAL_CHOICES = ("upsample",)
 # --module names the reference's module files: SAMCL for SAM (ViT), SAMCL_2 for SAM 2.1;
 # CAD (convolutional adapter + decoder copy, SPEC §11) is SAM (ViT) only
 MODULE_BACKBONE = {"SAMCL": "sam", "SAMCL_2": "sam2", "CAD": "sam"}
+FAMILY_NAMES = {"sam": "SAM (ViT)", "sam2": "SAM 2.1 (Hiera)"}
 # the learning-module kind each --module trains (samcl.model)
 MODULE_KIND = {"SAMCL": "augmodule", "SAMCL_2": "augmodule", "CAD": "cad"}
+
+
+class Bounds(NamedTuple):
+    """Allowed values of a numeric setting: ``low <= v <= high`` (``low < v`` with ``open_low``)."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    open_low: bool = False
+
+    def admits(self, v: float) -> bool:
+        return ((self.low is None or (v > self.low if self.open_low else v >= self.low))
+                and (self.high is None or v <= self.high))
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None and not self.open_low:
+            return f"in {self.low}..{self.high}"
+        parts = [f"{'>' if self.open_low else '>='} {self.low}" if self.low is not None else "",
+                 f"<= {self.high}" if self.high is not None else ""]
+        return " and ".join(p for p in parts if p)
+
+
+NON_NEGATIVE = Bounds(0)
+POSITIVE_INT = Bounds(1)
+# Numeric settings with other bounds than >= 0 (for a list, each item's); floats must also be finite.
+RANGES: Dict[str, Bounds] = {
+    "img_size": POSITIVE_INT,
+    "rank": POSITIVE_INT,
+    "mask_threshold": Bounds(0, 255),
+    "lr": Bounds(0, open_low=True),
+    "selector_lr": Bounds(0, open_low=True),
+    "epoch": POSITIVE_INT,
+    "batch_size": POSITIVE_INT,
+    "seed": Bounds(0, 2**32 - 1),  # numpy's seed range
+    "num_embedding": POSITIVE_INT,
+    "selector_epochs": POSITIVE_INT,
+    "selector_batch_size": POSITIVE_INT,
+    "eval_batch_size": POSITIVE_INT,
+}
+
+
+class ConfigError(ValueError):
+    """A setting of the wrong type, range or choice, or an unreadable config file; the message
+    names the setting, the value, its source and what is allowed."""
 
 
 @dataclass
@@ -110,20 +163,20 @@ class Config:
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path(self.output_dir) / self.run_name()
 
-    def validate(self) -> "Config":
-        for key, allowed in CHOICES.items():
-            if getattr(self, key) is None and key in OPTIONAL_CHOICES:
-                continue
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+    def validate(self, sources: Optional[Dict[str, str]] = None) -> "Config":
+        """Check every setting (type, then choice or range), then how they combine.
+
+        ``sources`` says where each setting came from (e.g. ``flag --lr``), for the messages.
+        """
+        sources = sources or {}
+        for f in fields(self):
+            setattr(self, f.name, check_setting(f.name, getattr(self, f.name), sources.get(f.name, "default")))
         if self.module == "CAD" and self.backbone != "sam":
             raise ValueError(
                 "--module CAD needs the SAM (ViT) backbone (train.py / test.py): SAM 2's mask decoder also owns "
                 "the high-resolution projections inside its image path, so CAD does not fit it (README, 'CAD')")
         if self.prompt == "box" and self.module != "CAD":
             raise ValueError("prompt: box is CAD's recipe (--module CAD); SAMCL's AugModule reads the point heatmap")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if MODULE_BACKBONE[self.module] != self.backbone:
             raise ValueError(
                 f"--module {self.module} is the {'SAM 2.1' if self.module == 'SAMCL_2' else 'SAM (ViT)'} variant, "
@@ -135,14 +188,25 @@ class Config:
         dup = sorted({d for d in doms if doms.count(d) > 1})
         if dup:
             raise ValueError(f"--order names {dup} more than once")
-        for key in ("epoch", "batch_size", "num_embedding", "selector_epochs", "selector_batch_size", "eval_batch_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
-        if not 0 <= self.mask_threshold <= 255:
-            raise ValueError(f"mask_threshold must be in 0..255, got {self.mask_threshold}")
-        if self.cache_budget_gb is not None and self.cache_budget_gb < 0:
-            raise ValueError(f"cache_budget_gb must be >= 0, got {self.cache_budget_gb}")
+        self._check_unseen(sources)
         return self
+
+    def _check_unseen(self, sources: Dict[str, str]) -> None:
+        """Test-only domains must be in the order. A stray name given by a flag, or by a config file
+        that also sets the order, is an error; one from the defaults, or from a file whose order a
+        flag replaced, is ignored with a warning (a run's stored settings were checked when it began)."""
+        stray = [d for d in self.unseen if d not in self.domains]
+        if not stray:
+            return
+        src_unseen, src_order = sources.get("unseen", "default"), sources.get("order", "default")
+        replaced = src_unseen.startswith("config file") and src_order.startswith("flag")
+        if src_unseen.startswith(("flag", "config file")) and not replaced:
+            raise ConfigError(f"unseen names {stray}, which the order {self.order!r} lacks ({src_unseen}; order: "
+                              f"{src_order}): unseen domains are test-only domains of the order")
+        if replaced or src_unseen == "default":
+            logging.getLogger("samcl.config").warning(
+                "unseen names %s (%s), which the order %r (%s) lacks; they are ignored", stray, src_unseen,
+                self.order, src_order)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -153,31 +217,130 @@ def stored_settings(stored: Dict[str, Any]) -> Dict[str, Any]:
     return {**LEGACY_SETTINGS, **stored}
 
 
+def _expected(hint: Any) -> str:
+    """'an integer', 'a list of strings', ... for a field annotation."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return " or ".join(_expected(a) for a in inner) + " or null"
+    if origin in (list, List):
+        return f"a list of {_expected(args[0]).split(' ', 1)[1]}s" if args else "a list"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+# a YAML 1.1 quirk: PyYAML reads 1e-3 (no dot) as a string; such a string is taken as the number
+_FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _typed(value: Any, hint: Any) -> Tuple[bool, Any]:
+    """(fits, value converted) of ``value`` for the annotation ``hint``; bools are not numbers,
+    an int is a float, and a numeric string (YAML's 1e-3) is a float."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return True, None
+        for a in args:
+            if a is not type(None):
+                ok, v = _typed(value, a)
+                if ok:
+                    return True, v
+        return False, value
+    if origin in (list, List):
+        if not isinstance(value, list):
+            return False, value
+        items = [_typed(v, args[0]) if args else (True, v) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    if hint is float:
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            value = float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint in (bool, str):
+        return isinstance(value, hint), value
+    return True, value
+
+
+_HINTS: Dict[str, Any] = typing.get_type_hints(Config)
+
+
+def check_setting(name: str, value: Any, source: str = "default") -> Any:
+    """``value`` of setting ``name`` checked against its field type, CHOICES and RANGES (converted:
+    an int for a float setting becomes a float). Raises ConfigError naming all four."""
+    hint = _HINTS[name]
+    ok, value = _typed(value, hint)
+    if not ok:
+        example = f", e.g. [{value}]" if isinstance(value, str) and typing.get_origin(hint) is list else ""
+        raise ConfigError(f"{name} must be {_expected(hint)}{example}, got {value!r} ({source})")
+    if value is None:
+        return value
+    if name in CHOICES and value not in CHOICES[name]:
+        raise ConfigError(f"{name} must be one of {CHOICES[name]}, got {value!r} ({source})")
+    for v in value if isinstance(value, list) else [value]:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            bounds = RANGES.get(name, NON_NEGATIVE)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{name} must be a finite number {bounds}, got {value!r} ({source})")
+            if not bounds.admits(v):
+                what = f"every item of {name}" if isinstance(value, list) else name
+                raise ConfigError(f"{what} must be {bounds}, got {value!r} ({source})")
+    return value
+
+
 def config_fields() -> Dict[str, Any]:
     return {f.name: f for f in fields(Config)}
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> Config:
-    """Build a Config from defaults, then the YAML file, then non-None overrides."""
-    values: Dict[str, Any] = {}
+def read_config_file(path: str) -> Dict[str, Any]:
+    """The mapping of settings in a YAML file (``yaml.safe_load``: tags never construct objects);
+    a syntax error names the file, line and column."""
+    p = Path(path)
+    if not p.is_file():
+        what = "is a directory, not a file" if p.is_dir() else "not found"
+        raise ConfigError(f"config file {p} {what} (the shipped ones are in {CONFIG_DIR})")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        context = f" ({e.context}, line {e.context_mark.line + 1})" if e.context and e.context_mark else ""
+        kind = ("a config holds plain values; tags such as !!python/... are refused"
+                if isinstance(e, yaml.constructor.ConstructorError) else "not valid YAML")
+        raise ConfigError(f"config file {p}{where}: {e.problem}{context}: {kind}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} is not readable YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of settings (name: value), not a {type(data).__name__}")
+    return data
+
+
+def build_config(layers: Iterable[Tuple[str, Dict[str, Any]]]) -> Config:
+    """Config from the defaults and ``(source, settings)`` layers, later layers winning. Each
+    setting is validated with its source named (a null in a file is a value, checked as any)."""
     known = config_fields()
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {p} not found (the shipped ones are in {CONFIG_DIR})")
-        data = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {p} must hold a mapping of settings")
-        unknown = sorted(set(data) - set(known))
+    values: Dict[str, Any] = {}
+    sources: Dict[str, str] = {}
+    for source, settings in layers:
+        unknown = sorted(str(k) for k in settings if k not in known)
         if unknown:
-            raise ValueError(f"config file {p}: unknown settings {unknown}; known: {sorted(known)}")
-        values.update(data)
-    for k, v in (overrides or {}).items():
-        if v is not None:
-            if k not in known:
-                raise ValueError(f"unknown setting {k!r}")
-            values[k] = v
-    return Config(**values).validate()
+            raise ConfigError(f"{source}: unknown settings {unknown}; known: {sorted(known)}")
+        values.update(settings)
+        sources.update(dict.fromkeys(settings, source))
+    return Config(**values).validate(sources)
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None,
+                flag_names: Optional[Dict[str, str]] = None) -> Config:
+    """Build a Config from defaults, then the YAML file, then the overrides that are not None (the
+    flags given; ``flag_names`` names their flags for the messages, default ``--<setting>``)."""
+    layers = [(f"config file {path}", read_config_file(path))] if path is not None else []
+    layers += [(f"flag {(flag_names or {}).get(k, '--' + str(k))}", {k: v})
+               for k, v in (overrides or {}).items() if v is not None]
+    return build_config(layers)
 
 
 def load_model_table(name: str) -> Dict[str, Dict[str, Any]]:
@@ -186,3 +349,8 @@ def load_model_table(name: str) -> Dict[str, Dict[str, Any]]:
     data = yaml.safe_load(path.read_text())
     defaults = data.pop("defaults", {})
     return {arch: {**defaults, **spec} for arch, spec in data.items()}
+
+
+# the backbone sizes are the architectures of configs/models/
+CHOICES["vit_name"] = tuple(load_model_table("sam.yaml"))
+CHOICES["hiera_name"] = tuple(load_model_table("sam2.yaml"))

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -24,8 +25,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from . import distributed as dist
+from .bounded import check_torch_file
 from .config import Config
-from .data import SegmentationSplit, collate, read_domain_map
+from .data import DataError, SegmentationSplit, collate, read_domain_map
 from .losses import training_loss
 from .metrics import METRICS, AccuracyMatrix, MetricAccumulator, per_image_metrics
 from .model import SAMCLModel
@@ -86,13 +88,49 @@ def make_loader(ds: SegmentationSplit, batch_size: int, shuffle: bool, seed: int
     if dist.is_distributed():
         sampler = DistributedSampler(ds, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=shuffle,
                                      seed=seed, drop_last=False)
-    return DataLoader(
+    return _Loader(
         ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, num_workers=num_workers,
         collate_fn=collate, generator=torch.Generator().manual_seed(seed) if shuffle and sampler is None else None,
         # Not persistent: a persistent iterator skips the per-epoch seed draw from the loader's
         # generator, so the shuffle order of epochs 2.. would depend on num_workers.
         pin_memory=device.type == "cuda", persistent_workers=False,
     )
+
+
+# what reading a sample raises for a bad file: with workers, re-raised with the worker's header
+WORKER_DATA_ERRORS = (DataError, OSError)
+_WORKER_HEADER = re.compile(r"Caught \w+ in DataLoader worker process \d+\.")
+
+
+def worker_message(e: BaseException) -> Optional[str]:
+    """The original message of a data error re-raised from a DataLoader worker (whose message is
+    "Caught X in DataLoader worker process N." plus the worker's traceback); None for any other."""
+    text = str(e)
+    if not isinstance(e, WORKER_DATA_ERRORS) or not _WORKER_HEADER.match(text):
+        return None
+    cls = type(e)
+    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    at = text.rfind(f"\n{name}: ")
+    return text[at + len(name) + 3:].strip() if at >= 0 else None
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose data errors read the same with workers as without: the worker's
+    header and traceback are dropped (the message names the file)."""
+
+    def __iter__(self):
+        it = super().__iter__()
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except WORKER_DATA_ERRORS as e:
+                message = worker_message(e)
+                if message is None:
+                    raise
+                raise type(e)(message) from None
+            yield batch
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
@@ -271,14 +309,42 @@ class ContinualTrainer:
             selector, domains = load_selector(self.run_dir / selector_snapshot(self.completed[-1]))
             assert domains == self.completed
             self.model.selector = selector.to(self.device)
-        metrics_path = self.run_dir / METRICS_FILE
-        if metrics_path.is_file():
-            self.steps = json.loads(metrics_path.read_text()).get("steps", [])[: len(self.completed)]
+        self.steps = self._restore_steps()
+        for partial in sorted((self.run_dir / PARTIAL_DIR).glob("*.pt")):  # read by _load_partial later
+            try:
+                check_torch_file(partial, "partial-domain file", RunFolderError)
+            except RunFolderError as e:
+                raise RunFolderError(f"{e}; delete it to train {partial.stem} from its first epoch") from None
         for step in self.steps:
             for d, res in step["evaluation"].items():
                 self.matrix.set(step["step"], self.domains.index(d), res["metrics"])
         log.info("resuming %s: done %s; to do %s", self.run_dir, self.completed or "nothing",
                  [d for d in self.domains if d not in self.completed])
+
+    def _restore_steps(self) -> List[Dict]:
+        """The finished steps of metrics.json, checked against the checksum run.json records. A run
+        stopped between writing metrics.json and run.json (the commit) leaves exactly one step more
+        than run.json's; that file is used for its finished steps, with a warning."""
+        path = self.run_dir / METRICS_FILE
+        if not path.is_file():
+            if self.completed and METRICS_FILE in self.checksums:
+                verify_files(self.run_dir, self.checksums, [METRICS_FILE])  # names it missing
+            return []
+        try:
+            steps = json.loads(path.read_text()).get("steps")
+            if not isinstance(steps, list):
+                raise ValueError("no list of steps")
+        except (ValueError, AttributeError, UnicodeDecodeError) as e:
+            raise RunFolderError(f"{path} is corrupt ({e}); restore it from a copy. Nothing was changed.") from None
+        recorded = self.checksums.get(METRICS_FILE)
+        if recorded is not None and sha256_file(path) != recorded:
+            nxt = [d for d in self.domains if d not in self.completed][:1]
+            if len(steps) == len(self.completed) + 1 and [steps[-1].get("domain")] == nxt:
+                log.warning("%s is one step ahead of %s (the run stopped while committing %s); its first %d "
+                            "step(s) are used", path, MANIFEST, nxt[0], len(self.completed))
+            else:
+                verify_files(self.run_dir, self.checksums, [METRICS_FILE])  # names the mismatch, changes nothing
+        return steps[: len(self.completed)]
 
     def _step_files(self, domain: str) -> List[str]:
         files = [buffer_part(domain), selector_snapshot(domain)]

@@ -51,6 +51,18 @@ def list_images(folder: Path) -> List[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTS)
 
 
+def files_by_stem(folder: Path) -> Dict[str, Path]:
+    """stem -> image file of a folder; two files with one stem (a.jpg and a.png) are refused by name,
+    as either could be the pair of the other folder's file."""
+    out: Dict[str, Path] = {}
+    for p in list_images(folder):
+        if p.stem in out:
+            raise DataError(f"{folder}: {out[p.stem].name} and {p.name} share the name {p.stem!r}; images and masks "
+                            f"pair by file name without extension: rename or remove one of them")
+        out[p.stem] = p
+    return out
+
+
 def pair_split(split_dir: Path) -> List[Tuple[Path, Path]]:
     """(image, mask) pairs of a split, matched by file stem; mismatches are an error naming them."""
     split_dir = Path(split_dir)
@@ -58,8 +70,7 @@ def pair_split(split_dir: Path) -> List[Tuple[Path, Path]]:
     for d in (img_dir, mask_dir):
         if not d.is_dir():
             raise DataError(f"{d} is missing; a split folder holds images/ and masks/ (see data/README.md)")
-    images = {p.stem: p for p in list_images(img_dir)}
-    masks = {p.stem: p for p in list_images(mask_dir)}
+    images, masks = files_by_stem(img_dir), files_by_stem(mask_dir)
     problems = []
     for label, names in (("images without a mask", sorted(set(images) - set(masks))),
                          ("masks without an image", sorted(set(masks) - set(images)))):
@@ -167,6 +178,8 @@ class SegmentationSplit(Dataset):
             entry = lookup_points(all_points, img, mask) or by_stem.get(img.stem)
             if entry is None:
                 missing.append(mask.name)
+            else:  # checked before anything is trained or written (and parsed again when the sample is read)
+                parse_points_entry(entry, f"{mask.name} in {self.split_dir / 'masks' / POINTS_FILE}")
             self.points.append(entry)
         if missing:
             raise DataError(f"{self.split_dir / 'masks' / POINTS_FILE} has no points for {len(missing)} image(s): "
@@ -197,7 +210,8 @@ class SegmentationSplit(Dataset):
 
 
 def parse_points_entry(entry: list, where: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``[[[x, y], ...], [1, ...]]`` -> (P, 2) float and (P,) long."""
+    """``[[[x, y], ...], [1, ...]]`` -> (P, 2) float and (P,) long; points must lie in the
+    1024 x 1024 frame of points.json and labels be 1 (foreground) or 0 (background)."""
     try:
         coords = torch.tensor(entry[0], dtype=torch.float32).reshape(-1, 2)
         labels = torch.tensor(entry[1], dtype=torch.long).reshape(-1)
@@ -205,6 +219,14 @@ def parse_points_entry(entry: list, where: str) -> Tuple[torch.Tensor, torch.Ten
         raise DataError(f"points of {where} are not [[[x, y], ...], [label, ...]]: {entry!r}") from None
     if coords.shape[0] != labels.shape[0] or coords.shape[0] == 0:
         raise DataError(f"points of {where}: {coords.shape[0]} points but {labels.shape[0]} labels")
+    outside = ~((coords >= 0) & (coords <= POINTS_FRAME)).all(1)  # NaN is outside too
+    if outside.any():
+        raise DataError(f"points of {where}: {coords[outside].tolist()[:3]} lie outside the {POINTS_FRAME}x"
+                        f"{POINTS_FRAME} frame of {POINTS_FILE} (0..{POINTS_FRAME}); regenerate it with "
+                        f"`python generate_point.py`")
+    if not ((labels == 0) | (labels == 1)).all():
+        raise DataError(f"points of {where}: labels {sorted(set(labels.tolist()))} must be 1 (foreground) or "
+                        f"0 (background); regenerate it with `python generate_point.py`")
     return coords, labels
 
 

@@ -139,7 +139,9 @@ def make_demo_data(root: Path, n_train: int = 48, n_test: int = 12, seed: int = 
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .cli import Parser, explained_errors, resolve_device
+
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="demo_output", help="folder for the data and the run (default demo_output)")
     p.add_argument("--backbone", choices=sorted(DEMO_CONFIGS), default="sam",
                    help="sam: tiny SAM ViT (configs/demo_sam.yaml, default); sam2: tiny SAM 2.1 Hiera "
@@ -147,23 +149,27 @@ def main(argv=None) -> None:
     p.add_argument("--epoch", type=int, help="epochs per domain (default: the demo config's)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     args = p.parse_args(argv)
+    device = resolve_device(None, args.device)
+    with explained_errors():
+        _run(args, device)
 
+
+def _run(args: argparse.Namespace, device) -> None:
     import torch
 
     from .pipeline import test, train
     t0 = time.time()
     out = Path(args.output)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stdout)
+    cfg = load_config(DEMO_CONFIGS[args.backbone],
+                      {"data_root": str(out), "output_dir": str(out / LOG_DIRS[args.backbone]), "epoch": args.epoch})
     print(f"[demo] 1/3 drawing synthetic domains {list(DOMAINS)} into {out / 'data'}")
     make_demo_data(out)
     # CPU reductions split their work by thread, and the last bits they round differently move the
     # selector's borderline choices: one thread makes the printed table the same on every machine
     # with the same instruction set (the tiny model gains nothing from more).
-    if torch.device(args.device).type == "cpu":
+    if device.type == "cpu":
         torch.set_num_threads(1)
-    cfg = load_config(DEMO_CONFIGS[args.backbone],
-                      {"data_root": str(out), "output_dir": str(out / LOG_DIRS[args.backbone]), "epoch": args.epoch})
-    device = torch.device(args.device)
     name = BACKBONE_NAMES[args.backbone]
     print(f"[demo] 2/3 training SAMCL over {cfg.order} (unseen: {cfg.unseen}) with a tiny random-weight {name}")
     train(cfg, device, overwrite=True)
@@ -175,4 +181,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_script
+
+    run_script(main)

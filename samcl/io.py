@@ -7,6 +7,8 @@ from typing import Any, Callable, Collection, Dict, Type
 
 import torch
 
+from .bounded import check_torch_file
+
 
 def _atomic(path: Path, write: Callable[[Any], None], mode: str) -> None:
     path = Path(path)
@@ -33,8 +35,10 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def load_tagged(path: Path, formats: Collection[str], what: str, error: Type[Exception] = ValueError) -> Dict[str, Any]:
-    """A file this project wrote, read with torch's restricted unpickler (``weights_only``);
-    its ``format`` tag must be one of ``formats``. Failures raise ``error`` naming the file."""
+    """A file this project wrote, checked in bounded memory (:mod:`samcl.bounded`), then read with
+    torch's restricted unpickler (``weights_only``); its ``format`` tag must be one of ``formats``.
+    Failures raise ``error`` naming the file."""
+    check_torch_file(path, what, error)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -1,7 +1,9 @@
 """What train.py and test.py do, as functions (the scripts only parse flags)."""
+import dataclasses
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -10,7 +12,8 @@ import torch
 from . import distributed as dist
 from .backbones import build_backbone
 from .backbones.build import default_checkpoint
-from .config import MODULE_KIND, Config
+from .bounded import check_torch_file
+from .config import MODULE_KIND, Config, build_config
 from .continual import (RESUMABLE_SETTINGS, ContinualTrainer, evaluate_split, make_loader, seed_everything,
                         selector_accuracy)
 from .data import SegmentationSplit, read_domain_map
@@ -18,9 +21,9 @@ from .metrics import METRICS
 from .model import SAMCLModel
 from .precision import check_amp
 from .registry import MODULES
-from .run_folder import (METRICS_FILE, TEST_METRICS_FILE, RunFolderError, checkpoint_identity, load_module,
-                         load_selector, module_path, package_versions, read_manifest, selector_snapshot,
-                         setup_logging, verify_files, write_json)
+from .run_folder import (MANIFEST, METRICS_FILE, TEST_METRICS_FILE, RunFolderError, backbone_identity,
+                         check_same_checkpoint, checkpoint_identity, load_module, load_selector, module_path,
+                         package_versions, read_manifest, selector_snapshot, setup_logging, verify_files, write_json)
 
 log = logging.getLogger("samcl.pipeline")
 
@@ -28,14 +31,21 @@ log = logging.getLogger("samcl.pipeline")
 def build_model(cfg: Config, device: torch.device) -> SAMCLModel:
     """Backbone with its weights, an empty module bank of ``cfg.module``'s kind, on ``device``."""
     seed_everything(cfg.seed, cfg.deterministic)
+    path = _checkpoint_path(cfg)
+    if path is not None and os.path.lexists(path):  # bounded checks first; build_backbone names a missing file
+        check_torch_file(path, "backbone checkpoint")
     backbone = build_backbone(cfg)
     spec = MODULES.get(MODULE_KIND[cfg.module]).spec_class.for_backbone(backbone, cfg)
     return SAMCLModel(backbone, spec, prompt=cfg.prompt).to(device)
 
 
+def _checkpoint_path(cfg: Config) -> Optional[Path]:
+    """The backbone weights file of ``cfg`` (None: random weights)."""
+    return None if cfg.random_weights else (Path(cfg.ckpt) if cfg.ckpt else default_checkpoint(cfg))
+
+
 def _checkpoint_identity(cfg: Config) -> Dict:
-    path = None if cfg.random_weights else (Path(cfg.ckpt) if cfg.ckpt else default_checkpoint(cfg))
-    return checkpoint_identity(path, cfg.random_weights, cfg.seed)
+    return checkpoint_identity(_checkpoint_path(cfg), cfg.random_weights, cfg.seed)
 
 
 def _run_continual(cfg: Config, device: torch.device, run_dir: Path, **trainer_options) -> Dict:
@@ -68,8 +78,8 @@ def resume_config(run_dir: Path, overrides: Dict) -> Config:
         raise RunFolderError(f"a resume keeps the run's settings; {run_dir} was trained with "
                              + ", ".join(f"{k}={stored.get(k)!r}" for k in changed)
                              + f" (given: {changed}). Only {', '.join(RESUMABLE_SETTINGS)} may change.")
-    allowed = {k: v for k, v in overrides.items() if v is not None and k in RESUMABLE_SETTINGS}
-    return Config(**{**stored, **allowed, "run_dir": str(run_dir)}).validate()
+    allowed = [(f"flag --{k}", {k: v}) for k, v in overrides.items() if v is not None and k in RESUMABLE_SETTINGS]
+    return build_config([(str(Path(run_dir) / MANIFEST), stored), *allowed, ("--resume", {"run_dir": str(run_dir)})])
 
 
 def resume(run_dir: Path, overrides: Dict, device: torch.device) -> Dict:
@@ -90,10 +100,9 @@ def load_run(run_dir: Path, cfg: Config, device: torch.device) -> SAMCLModel:
     if is_release_folder(run_dir):
         return load_release_run(Path(run_dir), cfg, device)
     manifest = read_manifest(run_dir)
-    run_cfg = Config(**{**manifest["config"], "ckpt": cfg.ckpt, "random_weights": cfg.random_weights,
-                        "seed": manifest["config"]["seed"]})
-    if run_cfg.random_weights and not cfg.random_weights:
-        raise RunFolderError(f"{run_dir} was trained on random weights; pass --random_weights to test it")
+    run_cfg = dataclasses.replace(build_config([(str(Path(run_dir) / MANIFEST), manifest["config"])]),
+                                  ckpt=cfg.ckpt, random_weights=cfg.random_weights)
+    _check_weights(run_dir, manifest, run_cfg)
     completed, unseen = manifest["completed"], set(manifest["unseen"])
     if not completed:
         raise RunFolderError(f"{run_dir} has no finished domain yet; nothing to test")
@@ -101,6 +110,10 @@ def load_run(run_dir: Path, cfg: Config, device: torch.device) -> SAMCLModel:
     snapshot = selector_snapshot(completed[-1])
     verify_files(run_dir, manifest["files"], modules + [snapshot])
     model = build_model(run_cfg, device)
+    built = json.loads(json.dumps(backbone_identity(model.backbone)))
+    if manifest.get("backbone") not in (None, built):
+        raise RunFolderError(f"{run_dir} was trained on the backbone {manifest['backbone']}, but the one built from "
+                             f"its settings is {built}; its run.json is inconsistent")
     selector, sel_domains = load_selector(Path(run_dir) / snapshot)
     for d in sel_domains:
         model.add_domain(d, None if d in unseen else load_module(module_path(run_dir, d), model.backbone, model.kind))
@@ -109,6 +122,15 @@ def load_run(run_dir: Path, cfg: Config, device: torch.device) -> SAMCLModel:
         log.warning("%s is unfinished: only %s of %s are done (train.py --resume %s continues it)", run_dir,
                     completed, manifest["order"], run_dir)
     return model
+
+
+def _check_weights(run_dir: Path, manifest: Dict, run_cfg: Config) -> None:
+    """The backbone weights about to be loaded must be those the run was trained on (a missing
+    file is left to build_model, which names it and the fix)."""
+    path = _checkpoint_path(run_cfg)
+    if path is not None and not path.is_file():
+        return
+    check_same_checkpoint(run_dir, manifest.get("checkpoint"), _checkpoint_identity(run_cfg))
 
 
 def run_info(run_dir: Path, cfg: Config) -> Tuple[Dict, Path]:
@@ -129,10 +151,11 @@ def test(run_dir: Path, cfg: Config, device: torch.device, with_vanilla: bool = 
     read-only data).
     """
     run_dir = Path(run_dir)
+    setup_logging(None, hold=True)  # the log file only once the folder and the weights passed verification
     manifest, report_dir = run_info(run_dir, cfg)
-    setup_logging(report_dir, "test_log.txt")
     check_amp(cfg.amp, device)
     model = load_run(run_dir, cfg, device)
+    setup_logging(report_dir, "test_log.txt")
     test_map = read_domain_map(Path(cfg.test_json), Path(cfg.data_root))
     order = manifest["order"]
     missing = [d for d in order if d not in test_map]

@@ -37,10 +37,8 @@ import pickle
 import pickletools
 import re
 import shutil
-import sys
 import tempfile
 import types
-import zipfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -51,11 +49,14 @@ from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tup
 import torch
 from torch import nn
 
-from .modules.augmodule import AugModule, AugModuleSpec
+from .bounded import TorchZip, check_torch_file
+from .config import FAMILY_NAMES
 from .io import atomic_torch_save, atomic_write_text, load_tagged
+from .modules.augmodule import AugModule, AugModuleSpec
 from .registry import MODULES
 from .run_folder import (MANIFEST, SELECTOR_FILE, RunFolderError, load_selector, module_format, package_versions,
-                         read_manifest, save_selector, selector_snapshot, sha256_file, verify_files, write_json)
+                         read_manifest, run_markers, save_selector, selector_snapshot, sha256_file, verify_files,
+                         write_json)
 from .selector import ModuleSelector
 
 log = logging.getLogger("samcl.release")
@@ -66,8 +67,7 @@ EXPORT_INFO_FILE = "samcl_export.json"  # written by `export`: the order the sel
 NON_MODULE_FILES = frozenset({SELECTOR_FILE, "embedding_buffer.pth"})
 LAYERNORM_EPS = 1e-5  # nn.LayerNorm's default, used by AugModule and by the release
 
-# The two released families: display names and the --module name of the reference scripts.
-FAMILY_NAMES = {"sam": "SAM (ViT)", "sam2": "SAM 2.1 (Hiera)"}
+# The two released families: the --module name of the reference scripts (display names: FAMILY_NAMES).
 RELEASE_MODULE_NAMES = {"sam": "SAMCL", "sam2": "SAMCL_2"}  # --module of the reference's scripts
 SAM2_ARCH = "hiera_t"
 
@@ -129,17 +129,7 @@ def pickle_globals(path: Path) -> List[str]:
     Dynamic lookups (STACK_GLOBAL, INST, OBJ) are reported as ``<OPCODE>``; torch's
     restricted unpickler does not support them, and neither does this loader.
     """
-    path = Path(path)
-    try:
-        with zipfile.ZipFile(path) as zf:
-            records = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-            if len(records) != 1:
-                raise ReleaseFormatError(f"{path} is not a torch checkpoint (expected one data.pkl record, found "
-                                         f"{len(records)})")
-            data = zf.read(records[0])
-    except zipfile.BadZipFile:
-        raise ReleaseFormatError(f"{path} is not a torch zip checkpoint (corrupt, truncated, or saved with the "
-                                 f"legacy non-zip format); re-download or re-save it with torch.save") from None
+    data = TorchZip(Path(path), "checkpoint", ReleaseFormatError).pickle_bytes()
     found: List[str] = []
     try:
         for op, arg, _pos in pickletools.genops(data):
@@ -202,11 +192,13 @@ def torch_restricted_load(path: Path) -> Any:
 
 
 def restricted_load(path: Path, allowed: FrozenSet[str] = MODULE_GLOBALS) -> Any:
-    """Load a release checkpoint safely: static allow-list scan, then torch's restricted unpickler."""
+    """Load a release checkpoint safely: static allow-list scan, bounded size checks
+    (:mod:`samcl.bounded`), then torch's restricted unpickler."""
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() and not path.is_symlink():
         raise ReleaseFormatError(f"{path} not found")
     check_globals(path, allowed)
+    check_torch_file(path, "checkpoint", ReleaseFormatError)
     return torch_restricted_load(path)
 
 
@@ -410,10 +402,11 @@ def module_files(folder: Path) -> Dict[str, Path]:
 
 
 def is_release_folder(folder: Path) -> bool:
-    """A release-style folder: no run.json, a Module_Selector.pth, and module ``.pth`` files."""
+    """A release-style folder: no run.json, a Module_Selector.pth, and module ``.pth`` files; none of
+    a run folder's other files (a run folder that lost its run.json is not taken for a release)."""
     folder = Path(folder)
     return (folder.is_dir() and not (folder / MANIFEST).exists() and (folder / SELECTOR_FILE).is_file()
-            and bool(module_files(folder)))
+            and bool(module_files(folder)) and not run_markers(folder))
 
 
 def release_manifest(folder: Path, order: Sequence[str], unseen: Sequence[str]) -> Dict[str, Any]:
@@ -752,8 +745,9 @@ def _inspect(folder: Path, order: Sequence[str], unseen: Sequence[str]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m samcl.release", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .cli import Parser, explained_errors
+
+    p = Parser(prog="python -m samcl.release", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     order_help = f"domain keys of the selector's outputs joined by '_' (default {'_'.join(RELEASE_ORDER)})"
     for name in ("inspect", "convert"):
@@ -773,7 +767,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     q.add_argument("--overwrite", action="store_true", help="write into a non-empty destination")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
+    with explained_errors():
         if args.command == "inspect":
             _inspect(args.src, [d for d in args.order.split("_") if d], args.unseen)
         elif args.command == "convert":
@@ -785,11 +779,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             info = export(args.run_dir, args.dst, args.overwrite)
             print(f"wrote release folder {args.dst}: modules {list(info['modules'])}, selector over {info['order']} "
                   f"(all modules verified bit-exact with the restricted loader)")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import run_script
+
+    run_script(main)

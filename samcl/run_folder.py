@@ -23,6 +23,7 @@ steps (modules, buffer parts, selector snapshots) are never rewritten.
 import hashlib
 import json
 import logging
+import logging.handlers
 import platform
 import sys
 from importlib import metadata
@@ -133,34 +134,88 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+# what a run folder holds besides run.json (a release folder has none of these)
+RUN_MARKERS = (CONFIG_FILE, METRICS_FILE, LOG_FILE, SELECTOR_DIR, BUFFER_DIR, PARTIAL_DIR)
+MANIFEST_KEYS = {"config": dict, "order": list, "completed": list, "unseen": list}
+
+
+def run_markers(folder: Path) -> List[str]:
+    """The run-folder files and folders present in ``folder`` (besides run.json)."""
+    return [name for name in RUN_MARKERS if (Path(folder) / name).exists()]
+
+
 def read_manifest(run_dir: Path) -> Dict[str, Any]:
     path = Path(run_dir) / MANIFEST
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise RunFolderError(f"run folder {run_dir} is a file, not a folder; pass the run's folder with --run_dir")
     if not Path(run_dir).is_dir():
         raise RunFolderError(f"run folder {run_dir} does not exist; train first (python train.py ...) or pass --run_dir")
     if not path.is_file():
+        markers = run_markers(run_dir)
+        if markers:
+            raise RunFolderError(f"{run_dir} holds a run's files ({', '.join(markers)}) but no {MANIFEST}: it was "
+                                 f"deleted or lost; restore it from a copy (the folder cannot be used without it)")
         raise RunFolderError(f"{run_dir} has no {MANIFEST}: it is not a finished or started SAMCL run folder")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunFolderError(f"{path} is corrupt ({e})") from None
-    if isinstance(manifest.get("config"), dict):
-        manifest["config"] = stored_settings(manifest["config"])
+    bad = [k for k, kind in MANIFEST_KEYS.items() if not isinstance(manifest, dict) or not isinstance(manifest.get(k), kind)]
+    if bad:
+        raise RunFolderError(f"{path} is not a SAMCL run manifest (no valid {', '.join(bad)}); restore it from a copy")
+    manifest["config"] = stored_settings(manifest["config"])
     return manifest
+
+
+def describe_checkpoint(ident: Dict[str, Any]) -> str:
+    """A checkpoint identity (:func:`checkpoint_identity`) in words, with its hash."""
+    if ident.get("random_weights"):
+        return f"random weights (seed {ident.get('seed')})"
+    return f"{ident.get('file')} (sha256 {ident.get('sha256')})"
+
+
+def check_same_checkpoint(run_dir: Path, recorded: Optional[Dict[str, Any]], given: Dict[str, Any]) -> None:
+    """Refuse backbone weights other than the run's, naming both. A run that records no hash (one
+    converted from the authors' release, which ships none) is tested as the release folder itself:
+    with any weights, random ones as a smoke test."""
+    if not recorded or not (recorded.get("random_weights") or recorded.get("sha256")):
+        return
+    same = bool(recorded.get("random_weights")) == bool(given.get("random_weights")) and (
+        recorded.get("random_weights") or recorded["sha256"] == given.get("sha256"))
+    if not same:
+        fix = ("pass --random_weights and no --ckpt" if recorded.get("random_weights")
+               else f"pass --ckpt with the run's {recorded.get('file')} and no --random_weights")
+        raise RunFolderError(f"{run_dir} was trained on {describe_checkpoint(recorded)}, but the backbone weights "
+                             f"given are {describe_checkpoint(given)}; {fix}")
 
 
 def write_config(run_dir: Path, config: Dict[str, Any]) -> None:
     atomic_write_text(Path(run_dir) / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
 
 
-def setup_logging(run_dir: Optional[Path] = None, filename: str = LOG_FILE, main: bool = True) -> logging.Logger:
+class _Held(logging.handlers.BufferingHandler):
+    """Keeps every record until a log file is opened (:func:`setup_logging` ``hold``)."""
+
+    def __init__(self) -> None:
+        super().__init__(capacity=0)
+
+    def shouldFlush(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+def setup_logging(run_dir: Optional[Path] = None, filename: str = LOG_FILE, main: bool = True,
+                  hold: bool = False) -> logging.Logger:
     """Console + (optionally) ``<run_dir>/<filename>`` logging for the ``samcl`` loggers.
 
-    Other ranks than the main one log warnings and errors to the console only.
+    Other ranks than the main one log warnings and errors to the console only. ``hold``
+    keeps the records until a later call opens a file, which then starts with them (a
+    folder is written only once it passed its checks, with the log of those checks).
     """
     root = logging.getLogger("samcl")
     root.setLevel(logging.INFO if main else logging.WARNING)
     if not main:
         run_dir = None
+    held = [r for h in root.handlers if isinstance(h, _Held) for r in h.buffer]
     for h in list(root.handlers):
         root.removeHandler(h)
         h.close()
@@ -172,7 +227,11 @@ def setup_logging(run_dir: Optional[Path] = None, filename: str = LOG_FILE, main
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(Path(run_dir) / filename)
         fh.setFormatter(fmt)
+        for record in held:
+            fh.handle(record)
         root.addHandler(fh)
+    if hold:
+        root.addHandler(_Held())
     root.propagate = False
     return root
 

@@ -117,7 +117,7 @@ EXPECTED = [  # (a file or folder, what its problem line says)
     ("Bad/train/masks/zeroone.png", "has positive points but the mask is empty"),
     ("Bad/train/masks/stale.png", "has only negative points but the mask is not empty"),
     ("Bad/train/masks/nopoints.png", "no entry in"),
-    ("Bad/train/masks/outside.png", "2 point(s)"),
+    ("Bad/train/masks/outside.png", "lie outside the 1024x1024 frame"),
     ("Bad/test/masks/points.json", "not found; generate the static prompt points"),
     ("Ghost/test", "split folder missing"),
     ("datasets_test.json", "domain 'OnlyTrain' is in datasets_train.json but not in this map"),
@@ -135,7 +135,7 @@ def test_every_planted_problem_is_reported_in_one_run_and_nothing_is_written(tmp
     for where, what in EXPECTED:
         assert any(where in line and what in line for line in problems), (where, what, out)
     assert len(problems) == len(EXPECTED), out  # each once, nothing else
-    assert "(1500, 20), (10, -3)" in out and "outside the 1024x1024 frame" in out
+    assert "[[1500.0, 20.0], [10.0, -3.0]] lie outside the 1024x1024 frame" in out
     warnings = [line for line in out.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and "edge.png: not binary: 20 pixels" in warnings[0] and "(>= 128)" in warnings[0]
     summary = out.split("\n\n", 1)[1]

@@ -1,5 +1,6 @@
 """Durable run folders: kill and resume, adding domains, corrupt files, foreign setups (issue 7)."""
 import json
+import logging
 import os
 import shutil
 import signal
@@ -161,3 +162,98 @@ def test_run_folder_made_before_the_release_defaults_resumes_as_it_was_trained(d
     for f in ("polyp.pth", "shadow.pth"):
         a, b = module_tensors(whole / f), module_tensors(run / f)
         assert all(torch.equal(a[k], b[k]) for k in a), f
+
+
+# ----------------------------------------------------------------------------- verification before use
+@pytest.fixture(scope="module")
+def ckpt_run(data, tmp_path_factory):
+    """A one-domain run trained on the weights a.pth; b.pth is another checkpoint of the same shape."""
+    root = tmp_path_factory.mktemp("ckpt_run")
+    torch.manual_seed(5)
+    for name in ("a.pth", "b.pth"):
+        torch.save(build_sam("vit_tiny")[0].state_dict(), root / name)
+    pipeline.train(load_config(CONFIG_DIR / "demo_sam.yaml", settings(
+        data, root / "run", order="polyp", epoch=1, random_weights=False, ckpt=str(root / "a.pth"))), CPU)
+    (root / "weights.yaml").write_text((REPO / "configs" / "demo_sam.yaml").read_text()
+                                       .replace("random_weights: true", "random_weights: false"))
+    return root
+
+
+def folder_state(run):
+    return {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+
+def test_test_py_refuses_other_weights_than_the_runs_naming_both(data, ckpt_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(ckpt_run / "run", run)
+    a, b = ckpt_run / "a.pth", ckpt_run / "b.pth"
+    sha_a, sha_b = sha256_file(a), sha256_file(b)
+    cmd = [sys.executable, "test.py", "--config", str(ckpt_run / "weights.yaml"), "--data_root", str(data),
+           "--run_dir", str(run), "--device", "cpu", "--no_vanilla"]
+    before = folder_state(run)
+    for extra, given in ((["--ckpt", str(b)], f"b.pth (sha256 {sha_b})"),
+                         (["--random_weights"], "random weights (seed 1234)")):
+        r = subprocess.run(cmd + extra, cwd=REPO, capture_output=True, text=True)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip().splitlines() == [
+            f"error: {run} was trained on a.pth (sha256 {sha_a}), but the backbone weights given are {given}; "
+            f"pass --ckpt with the run's a.pth and no --random_weights"]
+        assert folder_state(run) == before  # no test_log.txt: nothing is written before the check
+    # a run trained on random weights, given a checkpoint
+    manifest = json.loads((run / "run.json").read_text())
+    manifest["checkpoint"] = {"random_weights": True, "seed": 1234}
+    (run / "run.json").write_text(json.dumps(manifest))
+    r = subprocess.run(cmd + ["--ckpt", str(a)], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: {run} was trained on random weights (seed 1234), but the backbone weights given are a.pth "
+        f"(sha256 {sha_a}); pass --random_weights and no --ckpt"], r.stderr
+    # the run's own weights: tested, and only then the log is written
+    shutil.rmtree(run)
+    shutil.copytree(ckpt_run / "run", run)
+    r = subprocess.run(cmd + ["--ckpt", str(a)], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (run / "test_log.txt").is_file() and (run / "test_metrics.json").is_file()
+
+
+def test_resume_checks_metrics_json_against_its_checksum(data, ckpt_run, tmp_path, caplog, monkeypatch):
+    from samcl.continual import ContinualTrainer
+
+    run = tmp_path / "run"
+    shutil.copytree(ckpt_run / "run", run)
+    overrides = {"order": "polyp_shadow", "ckpt": str(ckpt_run / "a.pth")}
+    metrics = json.loads((run / "metrics.json").read_text())
+    tampered = json.loads(json.dumps(metrics))
+    tampered["steps"][0]["evaluation"]["polyp"]["metrics"]["iou"] = 0.99
+    (run / "metrics.json").write_text(json.dumps(tampered))
+    before = folder_state(run)
+    with pytest.raises(RunFolderError, match=r"metrics\.json \(checksum mismatch: truncated or modified\)"):
+        pipeline.resume(run, overrides, CPU)
+    (run / "metrics.json").write_text('{"steps": [')
+    with pytest.raises(RunFolderError, match=r"metrics\.json is corrupt"):
+        pipeline.resume(run, overrides, CPU)
+    assert {p: b for p, b in folder_state(run).items() if p.name != "metrics.json"} == \
+        {p: b for p, b in before.items() if p.name != "metrics.json"}
+
+    # stopped between writing metrics.json and run.json: one step ahead, for the next domain
+    ahead = json.loads(json.dumps(metrics))
+    ahead["steps"].append({**metrics["steps"][0], "step": 1, "domain": "shadow"})
+    (run / "metrics.json").write_text(json.dumps(ahead))
+    monkeypatch.setattr(logging.getLogger("samcl"), "propagate", True)
+    cfg = pipeline.resume_config(run, overrides)
+    trainer = ContinualTrainer(cfg, pipeline.build_model(cfg, CPU), CPU, run, resume=True,
+                               checkpoint=pipeline._checkpoint_identity(cfg))
+    assert trainer.steps == metrics["steps"] and "one step ahead" in caplog.text
+
+
+def test_resume_settings_are_typed_with_their_source(ckpt_run, tmp_path):
+    from samcl.config import ConfigError
+
+    run = tmp_path / "run"
+    shutil.copytree(ckpt_run / "run", run)
+    with pytest.raises(ConfigError, match=r"num_workers must be >= 0, got -1 \(flag --num_workers\)"):
+        pipeline.resume(run, {"num_workers": -1}, CPU)
+    manifest = json.loads((run / "run.json").read_text())
+    manifest["config"]["lr"] = "fast"
+    (run / "run.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=rf"lr must be a number, got 'fast' \({run / 'run.json'}\)"):
+        pipeline.resume(run, {}, CPU)
