@@ -268,7 +268,7 @@ def default_test_folder(cfg: Config, family: str):
     """--run_dir if given; else the run folder train.py makes with the same flags; else, as in the
     seed README's "simple testing", the authors' release folder checkpoint/SAM1 (SAM2) if present."""
     from .config import REPO_ROOT
-    from .release import is_release_folder
+    from .release.folder import is_release_folder
 
     run_dir = cfg.resolved_run_dir()
     release = REPO_ROOT / "checkpoint" / RELEASE_FOLDERS[family]

@@ -21,6 +21,7 @@ from .metrics import METRICS
 from .model import SAMCLModel
 from .precision import check_amp
 from .registry import MODULES
+from .release.folder import is_release_folder, load_release_run, release_manifest, report_dir_for
 from .run_folder import (MANIFEST, METRICS_FILE, TEST_METRICS_FILE, RunFolderError, backbone_identity,
                          check_same_checkpoint, checkpoint_identity, load_module, load_selector, module_path,
                          package_versions, read_manifest, selector_snapshot, setup_logging, verify_files, write_json)
@@ -95,10 +96,8 @@ def load_run(run_dir: Path, cfg: Config, device: torch.device) -> SAMCLModel:
     authors' ``Module_Selector.pth`` + ``<domain>.pth`` pickles, no run.json) is read
     by :func:`samcl.release.load_release_run` with ``cfg``'s backbone and order.
     """
-    from .release import is_release_folder, load_release_run
-
     if is_release_folder(run_dir):
-        return load_release_run(Path(run_dir), cfg, device)
+        return load_release_run(Path(run_dir), cfg, device, build_model)
     manifest = read_manifest(run_dir)
     run_cfg = dataclasses.replace(build_config([(str(Path(run_dir) / MANIFEST), manifest["config"])]),
                                   ckpt=cfg.ckpt, random_weights=cfg.random_weights)
@@ -135,8 +134,6 @@ def _check_weights(run_dir: Path, manifest: Dict, run_cfg: Config) -> None:
 
 def run_info(run_dir: Path, cfg: Config) -> Tuple[Dict, Path]:
     """(manifest, folder for test outputs) of a run folder or of a release-style folder."""
-    from .release import is_release_folder, release_manifest, report_dir_for
-
     if is_release_folder(run_dir):
         return release_manifest(Path(run_dir), cfg.domains, cfg.unseen), report_dir_for(run_dir, Path(cfg.output_dir))
     return read_manifest(run_dir), Path(run_dir)

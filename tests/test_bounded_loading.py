@@ -15,7 +15,9 @@ import torch
 from samcl.modules.augmodule import AugModule, AugModuleSpec
 from samcl.bounded import MAX_PICKLE_BYTES, check_torch_file
 from samcl.io import load_tagged
-from samcl.release import ReleaseFormatError, _release_pickle_module, read_release_module, release_dict
+from samcl.release.convert import _release_pickle_module, release_dict
+from samcl.release.folder import read_release_module
+from samcl.release.unpickle import ReleaseFormatError
 from samcl.run_folder import RunFolderError
 from tests.conftest import REPO
 

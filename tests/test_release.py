@@ -1,4 +1,4 @@
-"""The authors' release checkpoint format (samcl/release.py): safe loading, mapping, conversion, export.
+"""The authors' release checkpoint format (samcl/release/): safe loading, mapping, conversion, export.
 
 Reads the released files from ../shared/reference (skips where absent). The
 end-to-end tests run test.py / test_SAM2.py on the release folders with a seeded
@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samcl.release import (MODULE_GLOBALS, RELEASE_ORDER, ReleaseFormatError, UnsafePickleError, _release_pickle_module,
-                           check_fits, convert, export, is_release_folder, module_files, pickle_globals,
-                           read_release_folder, read_release_module, read_release_selector, release_dict,
-                           restricted_load, save_release_module, torch_restricted_load)
+from samcl.release import RELEASE_ORDER
+from samcl.release.convert import _release_pickle_module, convert, export, release_dict, save_release_module
+from samcl.release.folder import (check_fits, is_release_folder, module_files, read_release_folder, read_release_module,
+                                  read_release_selector)
+from samcl.release.unpickle import (MODULE_GLOBALS, ReleaseFormatError, UnsafePickleError, pickle_globals,
+                                    restricted_load, torch_restricted_load)
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = REPO.parent / "shared" / "reference"
