@@ -79,7 +79,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from samcl.config import load_config  # noqa: E402
-from samcl.continual import ContinualTrainer, evaluate_split, make_loader, to_device  # noqa: E402
+from samcl.continual import ContinualTrainer  # noqa: E402
+from samcl.training import evaluate_split, make_loader, routed, to_device  # noqa: E402
 from samcl.data import SegmentationSplit, read_domain_map  # noqa: E402
 from samcl.demo import make_demo_data  # noqa: E402
 from samcl.metrics import per_image_metrics  # noqa: E402
@@ -435,7 +436,7 @@ def test_job_ours(model, test_sets, domains, device, batch: int, workers: int, a
         n, seconds, ious, counts = 0, 0.0, {}, {}
         for d in domains:
             loader = TurnLoader(make_loader(test_sets[d], batch, False, 0, workers, device), turns, label, device)
-            res = evaluate_split(model, loader, device, routed=True, desc=f"bench {d}", amp=amp)
+            res = evaluate_split(model, loader, device, routed(model), desc=f"bench {d}", amp=amp)
             n += res["metrics"]["n"]
             seconds += sum(loader.seconds)
             ious[d] = res["metrics"]["iou"]

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 import torch
 
 from . import distributed
-from .config import CHOICES, CONFIG_DIR, FAMILY_NAMES, MODULE_BACKBONE, Config, load_config
+from .config import CHOICES, CONFIG_DIR, FAMILY_NAMES, MODULE_ALIASES, Config, load_config
 
 DEFAULT_CONFIG = {"sam": CONFIG_DIR / "samcl_vit_b.yaml", "sam2": CONFIG_DIR / "samcl2_hiera_t.yaml"}
 # --module CAD without --config starts from CAD's own recipe (SPEC §11)
@@ -82,8 +82,8 @@ SCRIPTS = {("sam", "train"): "train.py", ("sam", "test"): "test.py",
 
 def check_module_family(module: Optional[str], family: str, kind: str) -> None:
     """--module must be one the script's backbone family runs (CAD and SAMCL: SAM; SAMCL_2: SAM 2.1)."""
-    if module is not None and MODULE_BACKBONE[module] != family:
-        right = MODULE_BACKBONE[module]
+    if module is not None and MODULE_ALIASES[module].backbone != family:
+        right = MODULE_ALIASES[module].backbone
         raise CLIError(f"--module {module} runs on the {FAMILY_NAMES[right]} backbone, but {SCRIPTS[family, kind]} "
                        f"is the {FAMILY_NAMES[family]} script: use {SCRIPTS[right, kind]}")
 

@@ -42,12 +42,21 @@ CHOICES = {
 # Settings newer than some run folders, with the value that reproduces how such older runs
 # were made: a run folder whose stored configuration lacks one resumes (and reports) with it.
 LEGACY_SETTINGS = {"focal": "logits", "train_mode": "every_epoch", "module_init": "per_domain"}
-# --module names the reference's module files: SAMCL for SAM (ViT), SAMCL_2 for SAM 2.1;
-# CAD (convolutional adapter + decoder copy, SPEC §11) is SAM (ViT) only
-MODULE_BACKBONE = {"SAMCL": "sam", "SAMCL_2": "sam2", "CAD": "sam"}
 FAMILY_NAMES = {"sam": "SAM (ViT)", "sam2": "SAM 2.1 (Hiera)"}
-# the learning-module kind each --module trains (samcl.model)
-MODULE_KIND = {"SAMCL": "augmodule", "SAMCL_2": "augmodule", "CAD": "cad"}
+
+
+class Alias(NamedTuple):
+    """What a ``--module`` name of the release's scripts stands for."""
+
+    method: str
+    learning_module: str
+    backbone: str
+
+
+# --module names the release's module files (SAMCL for SAM (ViT), SAMCL_2 for SAM 2.1); CAD is the
+# convolutional adapter + decoder copy, on SAM (ViT). --method and --learning_module choose any pair.
+MODULE_ALIASES = {"SAMCL": Alias("samcl", "augmodule", "sam"), "SAMCL_2": Alias("samcl", "augmodule", "sam2"),
+                  "CAD": Alias("samcl", "cad", "sam")}
 
 
 class Bounds(NamedTuple):
@@ -95,8 +104,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class Config:
-    # what to train
+    # what to train: --module is a name for a (method, learning module, backbone) triple
     module: str = "SAMCL"
+    method: str = "samcl"  # how learning proceeds across domains (samcl.methods)
+    learning_module: Optional[str] = None  # what trains inside the frozen model (samcl.modules); None: --module's
     backbone: str = "sam"
     vit_name: str = "vit_b"  # SAM size (backbone sam)
     hiera_name: str = "hiera_t"  # SAM 2.1 size (backbone sam2): configs/models/sam2.yaml
@@ -157,8 +168,15 @@ class Config:
     def domains(self) -> List[str]:
         return [d for d in self.order.split("_") if d]
 
+    @property
+    def module_kind(self) -> str:
+        """The learning-module kind: ``learning_module``, or the one ``module`` names."""
+        return self.learning_module or MODULE_ALIASES[self.module].learning_module
+
     def run_name(self) -> str:
-        return f"{self.module}_{self.order}_{self.num_embedding}_{self.seed}_training"
+        alias = MODULE_ALIASES[self.module]
+        name = self.module if (self.method, self.module_kind) == alias[:2] else f"{self.method}-{self.module_kind}"
+        return f"{name}_{self.order}_{self.num_embedding}_{self.seed}_training"
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path(self.output_dir) / self.run_name()
@@ -171,13 +189,8 @@ class Config:
         sources = sources or {}
         for f in fields(self):
             setattr(self, f.name, check_setting(f.name, getattr(self, f.name), sources.get(f.name, "default")))
-        if self.module == "CAD" and self.backbone != "sam":
-            raise ValueError(
-                "--module CAD needs the SAM (ViT) backbone (train.py / test.py): SAM 2's mask decoder also owns "
-                "the high-resolution projections inside its image path, so CAD does not fit it (README, 'CAD')")
-        if self.prompt == "box" and self.module != "CAD":
-            raise ValueError("prompt: box is CAD's recipe (--module CAD); SAMCL's AugModule reads the point heatmap")
-        if MODULE_BACKBONE[self.module] != self.backbone:
+        self._check_plugins()
+        if MODULE_ALIASES[self.module].backbone != self.backbone:
             raise ValueError(
                 f"--module {self.module} is the {'SAM 2.1' if self.module == 'SAMCL_2' else 'SAM (ViT)'} variant, "
                 f"but the backbone is {self.backbone!r}: use train.py / test.py with --module SAMCL (SAM) or "
@@ -190,6 +203,21 @@ class Config:
             raise ValueError(f"--order names {dup} more than once")
         self._check_unseen(sources)
         return self
+
+    def _check_plugins(self) -> None:
+        """The method and the learning module are registered and fit each other and the backbone."""
+        from . import methods, modules  # noqa: F401  (they register the plug-ins; they import torch)
+        from .registry import METHODS, MODULES
+
+        method, module = METHODS.get(self.method), MODULES.get(self.module_kind)
+        if method.learning_modules is not None and module.name not in method.learning_modules:
+            raise ConfigError(f"method {method.name} works with the learning modules {list(method.learning_modules)}, "
+                              f"not {module.name}")
+        if module.backbones is not None and self.backbone not in module.backbones:
+            raise ConfigError(f"learning module {module.name} needs the {' or '.join(module.backbones)} backbone, "
+                              f"not {self.backbone}: {module.backbone_reason}")
+        if self.prompt == "box" and module.needs_heatmap:
+            raise ConfigError(f"prompt: box is CAD's recipe; the {module.name} module reads the point heatmap")
 
     def _check_unseen(self, sources: Dict[str, str]) -> None:
         """Test-only domains must be in the order. A stray name given by a flag, or by a config file

@@ -13,18 +13,19 @@ from . import distributed as dist
 from .backbones import build_backbone
 from .backbones.build import default_checkpoint
 from .bounded import check_torch_file
-from .config import MODULE_KIND, Config, build_config
-from .continual import (RESUMABLE_SETTINGS, ContinualTrainer, evaluate_split, make_loader, seed_everything,
-                        selector_accuracy)
+from .config import Config, build_config
+from . import methods  # noqa: F401  (registers the methods)
+from .continual import RESUMABLE_SETTINGS, ContinualTrainer
 from .data import SegmentationSplit, read_domain_map
 from .metrics import METRICS
 from .model import SAMCLModel
 from .precision import check_amp
-from .registry import MODULES
+from .registry import METHODS, MODULES
 from .release.folder import is_release_folder, load_release_run, release_manifest, report_dir_for
 from .run_folder import (MANIFEST, METRICS_FILE, TEST_METRICS_FILE, RunFolderError, backbone_identity,
                          check_same_checkpoint, checkpoint_identity, load_module, load_selector, module_path,
                          package_versions, read_manifest, selector_snapshot, setup_logging, verify_files, write_json)
+from .training import evaluate_split, make_loader, seed_everything, selector_accuracy
 
 log = logging.getLogger("samcl.pipeline")
 
@@ -36,7 +37,7 @@ def build_model(cfg: Config, device: torch.device) -> SAMCLModel:
     if path is not None and os.path.lexists(path):  # bounded checks first; build_backbone names a missing file
         check_torch_file(path, "backbone checkpoint")
     backbone = build_backbone(cfg)
-    spec = MODULES.get(MODULE_KIND[cfg.module]).spec_class.for_backbone(backbone, cfg)
+    spec = MODULES.get(cfg.module_kind).spec_class.for_backbone(backbone, cfg)
     return SAMCLModel(backbone, spec, prompt=cfg.prompt).to(device)
 
 
@@ -152,6 +153,7 @@ def test(run_dir: Path, cfg: Config, device: torch.device, with_vanilla: bool = 
     manifest, report_dir = run_info(run_dir, cfg)
     check_amp(cfg.amp, device)
     model = load_run(run_dir, cfg, device)
+    method = METHODS.get(manifest.get("config", {}).get("method", "samcl"))(cfg, model, device)
     setup_logging(report_dir, "test_log.txt")
     test_map = read_domain_map(Path(cfg.test_json), Path(cfg.data_root))
     order = manifest["order"]
@@ -162,7 +164,8 @@ def test(run_dir: Path, cfg: Config, device: torch.device, with_vanilla: bool = 
     for d in order:
         ds = SegmentationSplit(test_map[d], model.backbone.img_size, cfg.mask_binarize, cfg.mask_threshold, d)
         loader = make_loader(ds, cfg.eval_batch_size, False, 0, cfg.num_workers, device)
-        res = evaluate_split(model, loader, device, with_vanilla=with_vanilla, desc=f"test {d}", amp=cfg.amp)
+        res = evaluate_split(model, loader, device, method.segment, with_vanilla=with_vanilla, desc=f"test {d}",
+                             amp=cfg.amp)
         res["selector_accuracy"] = selector_accuracy(res["selector_counts"], d)
         res["trained"] = d in model.modules_by_domain
         results[d] = res

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from samcl.config import ConfigError, load_config
-from samcl.continual import make_loader
+from samcl.training import make_loader
 from samcl.data import DataError, SegmentationSplit
 from samcl.demo import make_demo_data
 from tests.conftest import REPO

@@ -9,7 +9,7 @@ import torch
 
 from samcl import pipeline
 from samcl.config import CONFIG_DIR, load_config
-from samcl.continual import evaluate_split, make_loader
+from samcl.training import evaluate_split, make_loader, routed
 from samcl.data import SegmentationSplit, read_domain_map
 from samcl.demo import make_demo_data
 from samcl.selector import EmbeddingBuffer
@@ -68,7 +68,8 @@ def test_every_test_image_counted_once_and_equal_to_single_process(ddp_run):
     for d in DOMAINS:
         assert final[d]["metrics"]["n"] == 5 and sum(final[d]["selector_counts"].values()) == 5
         ds = SegmentationSplit(test_map[d], model.backbone.img_size, domain=d)
-        single = evaluate_split(model, make_loader(ds, 3, False, 0, 0, torch.device("cpu")), torch.device("cpu"))
+        single = evaluate_split(model, make_loader(ds, 3, False, 0, 0, torch.device("cpu")), torch.device("cpu"),
+                                routed(model))
         for m in ("iou", "f1", "mae"):
             assert abs(single["metrics"][m] - final[d]["metrics"][m]) < 1e-6, (d, m)
         assert single["selector_counts"] == final[d]["selector_counts"]

@@ -107,7 +107,7 @@ def test_scripts_run_from_the_command_line(demo_data):
 def test_evaluation_progress_counts_images(demo_data):
     import io
 
-    from samcl.continual import image_progress, make_loader
+    from samcl.training import image_progress, make_loader
     from samcl.data import SegmentationSplit
 
     ds = SegmentationSplit(demo_data / "data" / "Polyp" / "test", 64)

@@ -242,7 +242,7 @@ def test_resume_checks_metrics_json_against_its_checksum(data, ckpt_run, tmp_pat
     cfg = pipeline.resume_config(run, overrides)
     trainer = ContinualTrainer(cfg, pipeline.build_model(cfg, CPU), CPU, run, resume=True,
                                checkpoint=pipeline._checkpoint_identity(cfg))
-    assert trainer.steps == metrics["steps"] and "one step ahead" in caplog.text
+    assert trainer.state.steps == metrics["steps"] and "one step ahead" in caplog.text
 
 
 def test_resume_settings_are_typed_with_their_source(ckpt_run, tmp_path):

@@ -17,7 +17,7 @@ from torch import nn
 
 from samcl import pipeline
 from samcl.config import CONFIG_DIR, load_config
-from samcl.continual import evaluate_split, make_loader
+from samcl.training import evaluate_split, make_loader, routed
 from samcl.data import SegmentationSplit
 from samcl.demo import make_demo_data
 from samcl.feature_cache import PrefixCache
@@ -240,7 +240,7 @@ def test_batched_routed_evaluation_equals_per_image(data, tiny_sam):
     with torch.no_grad():
         model.selector.layer4.bias.copy_(torch.tensor([0.0, 0.5, 0.2]))
     ds = SegmentationSplit(data / "data/Polyp/test", 128, domain="polyp")
-    results = [evaluate_split(model, make_loader(ds, bs, False, 0, 0, CPU), CPU, with_vanilla=True)
+    results = [evaluate_split(model, make_loader(ds, bs, False, 0, 0, CPU), CPU, routed(model), with_vanilla=True)
                for bs in (4, 1)]
     batched, single = results
     assert batched["selector_counts"] == single["selector_counts"]

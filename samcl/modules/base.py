@@ -86,6 +86,9 @@ class LearningModule(nn.Module):
     needs_heatmap: ClassVar[bool] = False
     reads_images: ClassVar[bool] = False
     has_unused_parameters: ClassVar[bool] = False
+    # the backbone families the kind fits (None: every family), and why not the others
+    backbones: ClassVar[Optional[Tuple[str, ...]]] = None
+    backbone_reason: ClassVar[str] = ""
 
     def __init__(self, spec: ModuleSpec) -> None:
         super().__init__()

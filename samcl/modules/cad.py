@@ -184,6 +184,10 @@ class CADModule(LearningModule):
     reads_images = True
     # under CAD's loss the decoder's IoU head and the extra multimask tokens get no gradient
     has_unused_parameters = True
+    backbones = ("sam",)
+    backbone_reason = ("SAM 2's mask decoder also owns the high-resolution projections (conv_s0/conv_s1) inside "
+                       "its image path, so fine-tuning the whole decoder beside an autograd-free encoder does not "
+                       "fit that backbone (README, 'CAD')")
 
     def __init__(self, spec: CADSpec, mask_decoder: nn.Module) -> None:
         super().__init__(spec)

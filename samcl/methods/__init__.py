@@ -1,0 +1,8 @@
+"""Continual-learning methods: how learning proceeds across domains (one file per method).
+
+Importing the package registers every method (``samcl.registry.METHODS``).
+"""
+from . import samcl  # noqa: F401  (registers the methods)
+from .base import ContinualMethod
+
+__all__ = ["ContinualMethod"]

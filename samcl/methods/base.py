@@ -1,0 +1,93 @@
+"""What every continual-learning method is: how learning proceeds across domains.
+
+A method (mammoth's ContinualModel, in spirit) is driven by the protocol
+(:mod:`samcl.continual`), which owns the data, the epochs, the run folder, resume,
+DDP, bf16 and the feature cache, and calls for every domain t of the order:
+
+* :meth:`ContinualMethod.begin_domain` -> the learning module that trains on domain t
+  (None: the domain trains nothing, e.g. an unseen, test-only domain);
+* :meth:`ContinualMethod.observe` for every training batch of every epoch -> the loss
+  (the protocol runs backward and the optimiser and scheduler steps);
+* :meth:`ContinualMethod.end_domain` -> what the method records for the step;
+
+and :meth:`ContinualMethod.segment` to evaluate a batch, saying which module each image
+used. The optimiser, the scheduler and the loss are the method's, built from the
+configuration. A new method is one file: subclass, register it with
+``@register_method("name")`` and import the file in ``samcl/methods/__init__.py``.
+"""
+from pathlib import Path
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..backbones.base import Features
+from ..losses import training_loss
+from ..model import SAMCLModel
+from ..modules.base import LearningModule
+from ..selector import EmbeddingBuffer
+from ..training import Batch
+
+# the training forward the protocol hands to observe: SegmentStep (possibly under DDP and autocast)
+Forward = nn.Module
+
+
+class ContinualMethod:
+    """Base of every method. ``model`` is the module bank (backbone, modules by domain,
+    selector); ``buffer`` the embedding buffer the protocol fills from each domain's first
+    training images; ``run_dir`` where the method writes its own files (None when testing)."""
+
+    name: ClassVar[str]
+    # the learning-module kinds the method works with (None: any)
+    learning_modules: ClassVar[Optional[Tuple[str, ...]]] = None
+
+    def __init__(self, cfg: Any, model: SAMCLModel, device: torch.device, buffer: Optional[EmbeddingBuffer] = None,
+                 run_dir: Optional[Path] = None) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.device = device
+        self.buffer = buffer
+        self.run_dir = run_dir
+
+    # ------------------------------------------------------------------ lifecycle
+    def begin_domain(self, t: int, domain: str, trains: bool) -> Optional[LearningModule]:
+        raise NotImplementedError
+
+    def observe(self, batch: Batch, prefix: Features, forward: Forward) -> torch.Tensor:
+        """The loss of one training batch: the module's forward through ``forward`` and the configured loss."""
+        heat = self.model.heatmap(batch.points, batch.labels) if self.model.needs_heatmap else None
+        logits, iou = forward(prefix, heat, batch.points, batch.labels, batch.images, self.model.boxes(len(batch.names)))
+        return training_loss(self.cfg.loss, logits, iou, batch.masks, self.cfg.iou_target, self.cfg.focal)
+
+    def end_domain(self, t: int, domain: str, module: Optional[LearningModule]) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def segment(self, prefix: Features, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(logits (N, 1, S, S), choice (N,)) of a test batch: which domain's module each image used."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ state in the run folder
+    def restore(self, completed: List[str]) -> None:
+        """Reload the method's own state after the finished steps ``completed`` (resume, test)."""
+
+    def step_files(self, domain: str) -> List[str]:
+        """Files (relative to the run folder) the method writes once for a step, checksummed at its commit."""
+        return []
+
+    def run_files(self) -> List[str]:
+        """Files the method rewrites at every step, checksummed at each commit."""
+        return []
+
+    # ------------------------------------------------------------------ optimisation, from the configuration
+    def make_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
+        """Adam (SAMCL's recipe) or AdamW (CAD's) over the module's trainable parameters."""
+        params = [p for p in module.parameters() if p.requires_grad]
+        if self.cfg.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        return torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def make_scheduler(self, optimizer: torch.optim.Optimizer, batches_per_epoch: int):
+        """Cosine annealing stepped every iteration: T_max = epochs as the release (quirk Q4,
+        scheduler "reference") or one cosine over the domain's iterations ("cosine")."""
+        t_max = self.cfg.epoch if self.cfg.scheduler == "reference" else self.cfg.epoch * batches_per_epoch
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max, eta_min=1e-7)

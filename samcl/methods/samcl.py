@@ -1,0 +1,78 @@
+"""SAMCL: a learning module per domain, routed by the Module Selector (the paper's method).
+
+Every trained domain gets its own module (they never overwrite each other); after each
+domain the selector, an MLP on the frozen selector-layer embedding, is grown to the
+domains seen so far and retrained on the embedding buffer. At test time every image is
+routed to the module of the domain the selector picks (task-agnostic); an unseen,
+test-only domain has no module, so its images run through the frozen backbone.
+"""
+import logging
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .. import distributed as dist
+from ..backbones.base import Features
+from ..modules.base import LearningModule
+from ..registry import register_method
+from ..run_folder import SELECTOR_FILE, load_selector, save_selector, selector_snapshot
+from ..selector import ModuleSelector, train_selector
+from ..training import Batch, routed
+from .base import ContinualMethod
+
+log = logging.getLogger("samcl.methods.samcl")
+
+
+@register_method("samcl")
+class SAMCL(ContinualMethod):
+    def begin_domain(self, t: int, domain: str, trains: bool) -> Optional[LearningModule]:
+        """A fresh module for step t. module_init "shared" (the release: one module built once and
+        copied for every domain) draws it from the same seed at every step, so every domain starts
+        from identical parameters; "per_domain" draws it from seed + t."""
+        if not trains:
+            return None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed + (t if self.cfg.module_init == "per_domain" else 0))
+            return self.model.new_module()
+
+    def end_domain(self, t: int, domain: str, module: Optional[LearningModule]) -> Dict[str, Any]:
+        self.model.add_domain(domain, module)
+        return {"selector_loss": self._fit_selector(t)}
+
+    def segment(self, prefix: Features, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Task-agnostic: every image with the module of the domain the selector picks."""
+        return routed(self.model)(prefix, batch)
+
+    def restore(self, completed: List[str]) -> None:
+        if completed:
+            selector, domains = load_selector(self.run_dir / selector_snapshot(completed[-1]))
+            assert domains == completed
+            self.model.selector = selector.to(self.device)
+
+    def step_files(self, domain: str) -> List[str]:
+        return [selector_snapshot(domain)]
+
+    def run_files(self) -> List[str]:
+        return [SELECTOR_FILE]
+
+    def _fit_selector(self, t: int) -> List[float]:
+        """Grow the selector to the domains so far (the new outputs drawn from seed + 1000 + t) and
+        retrain it on the whole buffer; write it as the step's snapshot and as the run's selector."""
+        model, cfg = self.model, self.cfg
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 1000 + t)
+            if model.selector is None:
+                model.selector = ModuleSelector(model.backbone.selector_dim, len(model.domains)).to(self.device)
+            else:
+                model.selector.grow(len(model.domains))
+        x, y = self.buffer.dataset(model.domains)
+        history = train_selector(model.selector, x, y, lr=cfg.selector_lr, epochs=cfg.selector_epochs,
+                                 batch_size=cfg.selector_batch_size,
+                                 generator=torch.Generator().manual_seed(cfg.seed + t))
+        dist.broadcast_module(model.selector)  # every rank routes with rank 0's selector
+        if dist.is_main():
+            save_selector(model.selector, model.domains, self.run_dir / selector_snapshot(model.domains[-1]))
+            save_selector(model.selector, model.domains, self.run_dir / SELECTOR_FILE)
+        log.info("selector: %d domains, %d buffered embeddings (%.2f MB), final loss %.4f", len(model.domains),
+                 x.shape[0], self.buffer.size_bytes() / 1024**2, history[-1] if history else float("nan"))
+        return history
