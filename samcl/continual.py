@@ -76,12 +76,14 @@ class ContinualTrainer:
                 collect_embeddings(self.model.backbone, st.buffer, domain, loader, self.device)
             else:
                 step["training"] = self._train_module(domain, module, loader)
+            step["training_seconds"] = round(time.time() - start, 2)
             st.save_step(domain, module)
             step["buffer"] = {d: int(e.shape[0]) for d, e in st.buffer.store.items()}
             step.update(self.method.end_domain(t, domain, module))
             step["evaluation"] = {st.domains[j]: self._evaluate_domain(t, j)
                                   for j in range(min(len(st.domains) - 1, t + 1) + 1)}
             step["summary"] = {m: st.matrix.summary(t, m) for m in METRICS}
+            step["storage"] = st.storage(domain)
             step["seconds"] = round(time.time() - start, 2)
             st.steps.append(step)
             st.log_step(t)

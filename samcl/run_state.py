@@ -147,6 +147,12 @@ class RunState:
             save_module(module, self.model.backbone, domain, module_path(self.run_dir, domain))
         self.buffer.save_part(self.run_dir / buffer_part(domain), domain)
 
+    def storage(self, domain: str) -> Dict[str, Any]:
+        """What the step keeps on disk: bytes of each of its files (the module, the buffer part, the
+        method's own files) and their sum."""
+        files = {rel: (self.run_dir / rel).stat().st_size for rel in self.step_files(domain)} if dist.is_main() else {}
+        return {"files": files, "bytes": sum(files.values())}
+
     def commit(self, domain: str) -> None:
         """Record the step: metrics.json, then run.json with the checksums (the commit point)."""
         self.completed.append(domain)

@@ -1,0 +1,109 @@
+"""Compare finished runs: AA / FM / FT per metric, storage per domain and training time.
+
+    python -m samcl.compare log_sam1/SAMCL_... log_sam1/samcl-lora_... [--csv compare.csv]
+
+Prints a markdown table (one row per run folder, the summary after its last step) and
+writes the same as CSV. Storage is what a run keeps per trained domain (its module file,
+its part of the embedding buffer, the method's own files such as the selector snapshot),
+from ``metrics.json`` or, for runs written before it recorded storage, from the files.
+"""
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from .config import MODULE_ALIASES
+from .run_folder import MANIFEST, METRICS_FILE, RunFolderError, buffer_part, selector_snapshot
+
+METRICS = ("iou", "f1", "mae")  # as samcl.metrics.METRICS, without importing torch
+SUMMARY = ("AA", "FM", "FT")
+MB = 1024**2
+
+
+def step_storage(run_dir: Path, step: Dict[str, Any]) -> int:
+    """Bytes a step keeps: recorded in metrics.json, else the sizes of its files."""
+    if "storage" in step:
+        return int(step["storage"]["bytes"])
+    d = step["domain"]
+    files = [f"{d}.pth", buffer_part(d), selector_snapshot(d)]
+    return sum((run_dir / f).stat().st_size for f in files if (run_dir / f).is_file())
+
+
+def summarise(run_dir: Path) -> Dict[str, Any]:
+    """One row of the comparison for a finished (or partly finished) run folder."""
+    run_dir = Path(run_dir)
+    path = run_dir / METRICS_FILE
+    if not (run_dir / MANIFEST).is_file() or not path.is_file():
+        raise RunFolderError(f"{run_dir} is not a run folder with a {METRICS_FILE} (train it first)")
+    try:
+        metrics = json.loads(path.read_text())
+        steps: List[Dict[str, Any]] = metrics["steps"]
+        cfg = metrics["config"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise RunFolderError(f"{path} is not a readable metrics file ({e})") from None
+    if not steps:
+        raise RunFolderError(f"{run_dir} has no finished step yet")
+    alias = MODULE_ALIASES.get(cfg.get("module"), MODULE_ALIASES["SAMCL"])
+    trained = [s for s in steps if s.get("trained")]
+    row: Dict[str, Any] = {
+        "run": run_dir.name,
+        "method": cfg.get("method") or alias.method,
+        "module": cfg.get("learning_module") or alias.learning_module,
+        "backbone": f"{cfg.get('backbone', alias.backbone)}/{metrics.get('backbone', {}).get('arch', '?')}",
+        "domains": len(steps),
+    }
+    last = steps[-1]["summary"]
+    for m in METRICS:
+        for k in SUMMARY:
+            row[f"{m}_{k}"] = last[m][k]
+    row["stored_mb_per_domain"] = (sum(step_storage(run_dir, s) for s in trained) / len(trained) / MB
+                                   if trained else 0.0)
+    row["training_seconds"] = sum(s.get("training_seconds", s.get("seconds", 0.0)) for s in steps)
+    return row
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def markdown(rows: Sequence[Dict[str, Any]]) -> str:
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_csv(rows: Sequence[Dict[str, Any]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m samcl.compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, help="run folders (each with run.json and metrics.json)")
+    p.add_argument("--csv", type=Path, default=Path("compare.csv"), help="where to write the table as CSV "
+                   "(default compare.csv)")
+    args = p.parse_args(argv)
+    try:
+        rows = [summarise(r) for r in args.runs]
+    except (RunFolderError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(markdown(rows))
+    write_csv(rows, args.csv)
+    print(f"\nwrote {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
