@@ -112,7 +112,7 @@ class SAMCLModel(nn.Module):
 
     def segment_routed(self, prefix: Features, choice: torch.Tensor, points: torch.Tensor,
                        labels: torch.Tensor, images: Optional[torch.Tensor] = None,
-                       low_res: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                       low_res: bool = False, boxes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Each image with its chosen module, one pass per chosen domain (choice -1: vanilla).
 
         ``images`` (N, 3, S, S) are needed by modules that read the image (CAD).
@@ -120,7 +120,7 @@ class SAMCLModel(nn.Module):
         predicted IoU (N, 1), in input order.
         """
         heat = self.heatmap(points, labels) if self.needs_heatmap else None
-        boxes = self.boxes(choice.shape[0])
+        boxes = self.boxes(choice.shape[0]) if boxes is None else boxes
         logits: Optional[torch.Tensor] = None
         iou: Optional[torch.Tensor] = None
         for k in torch.unique(choice).tolist():
@@ -147,24 +147,27 @@ class SAMCLModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, points: torch.Tensor, labels: torch.Tensor,
-                domain: Optional[str] = None) -> Dict[str, torch.Tensor]:
+                domain: Optional[str] = None, boxes: Optional[torch.Tensor] = None,
+                prefix: Optional[Features] = None) -> Dict[str, torch.Tensor]:
         """Segment a batch: task-agnostic (``domain`` None: every image goes to the module the
         selector picks), or every image with one domain's module (``domain`` a name in
         ``domains``), or with none ("vanilla").
 
         Args:
             images: (N, 3, S, S) float 0..255; points: (N, P, 2) (x, y) in the S x S frame; labels: (N, P).
+            boxes: (N, 4) box prompts (x0, y0, x1, y1) instead of the model's own prompt, where supported.
+            prefix: the images' frozen prefix if already computed (:meth:`Backbone.encode_prefix`).
         Returns:
             "logits" (N, 1, S, S), "low_res_logits" (N, 1, 4G, 4G), "iou" (N, 1), "choice" (N,)
             (index into ``domains``; -1: vanilla) and "probabilities" (N, K), the selector's
             softmax over ``domains`` (computed also when ``domain`` forces the choice).
         """
-        prefix = self.backbone.encode_prefix(images)
+        prefix = self.backbone.encode_prefix(images) if prefix is None else prefix
         probs = self.route_probabilities(prefix)
         if domain is None:
             choice = probs.argmax(dim=1)
         else:
             choice = torch.full((images.shape[0],), self.domain_index(domain), dtype=torch.long, device=self.device)
-        low, iou = self.segment_routed(prefix, choice, points, labels, images=images, low_res=True)
+        low, iou = self.segment_routed(prefix, choice, points, labels, images=images, low_res=True, boxes=boxes)
         return {"logits": self.backbone.upsample_logits(low), "low_res_logits": low, "iou": iou, "choice": choice,
                 "probabilities": probs}
