@@ -139,6 +139,10 @@ class SAMCLPredictor:
         s = resize_image(Image.fromarray(image, "RGB"), self.img_size)
         return torch.from_numpy(np.ascontiguousarray(s.transpose(2, 0, 1)))[None].to(self.device).float()
 
+    def check_prompts(self, point_coords: Optional[ArrayLike], point_labels: Optional[ArrayLike], hw) -> None:
+        """Raise ValueError if the points do not fit an image of size ``hw`` (H, W)."""
+        self._prompts(point_coords, point_labels, hw)
+
     def _scale(self, hw) -> np.ndarray:
         h, w = hw
         return np.array([self.img_size / w, self.img_size / h])
