@@ -2,8 +2,8 @@
 
     python -m samcl.compare log_sam1/SAMCL_... log_sam1/samcl-lora_... [--csv compare.csv]
 
-Prints a markdown table (one row per run folder, the summary after its last step) and
-writes the same as CSV. Storage is what a run keeps per trained domain (its module file,
+Prints a markdown table (one row per run folder, the summary after its last step),
+writes the same as CSV and draws it beside (``compare.png``: AA and FM per run, storage). Storage is what a run keeps per trained domain (its module file,
 its part of the embedding buffer, the method's own files such as the selector snapshot),
 from ``metrics.json`` or, for runs written before it recorded storage, from the files.
 """
@@ -101,7 +101,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     print(markdown(rows))
     write_csv(rows, args.csv)
-    print(f"\nwrote {args.csv}")
+    from .pictures import draw_comparison  # matplotlib only once there is something to draw
+
+    figure = draw_comparison(rows, args.csv.with_suffix(".png"))
+    print(f"\nwrote {args.csv} and {figure}")
     return 0
 
 

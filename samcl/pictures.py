@@ -1,5 +1,6 @@
 """Pictures of results: a mask and its prompt points drawn over the image, with a caption."""
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -36,3 +37,86 @@ def overlay(image: np.ndarray, mask: np.ndarray, points: Optional[np.ndarray] = 
     framed.paste(picture, (0, 0))
     framed.paste(strip, (0, h))
     return framed
+
+
+METRIC_NAMES = {"iou": "IoU", "f1": "F1", "mae": "MAE"}
+
+
+def _pyplot():
+    """matplotlib with the non-interactive Agg backend: pictures are files, on machines without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def draw_report(accuracy_matrix: Dict, path: Path, title: str = "") -> Path:
+    """``report.png`` of a run: the accuracy matrix A[t][j] of every metric as an annotated
+    heatmap (row t: after training step t; column j: test domain j; blank: not measured), and
+    AA and FM of every metric over the steps. ``accuracy_matrix``: metrics.json's."""
+    plt = _pyplot()
+    domains = accuracy_matrix["domains"]
+    matrices = accuracy_matrix["matrix"]
+    summary = accuracy_matrix["summary"]
+    metrics = [m for m in METRIC_NAMES if m in matrices]
+    n = len(domains)
+    fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(4.2 * (len(metrics) + 1), 0.55 * n + 2.6),
+                             gridspec_kw={"width_ratios": [1] * len(metrics) + [1.15]})
+    for ax, m in zip(axes, metrics):
+        rows = matrices[m]
+        values = np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
+        cmap = "viridis_r" if m == "mae" else "viridis"
+        ax.imshow(values, cmap=cmap, vmin=0, vmax=1, aspect="auto")
+        for t in range(values.shape[0]):
+            for j in range(values.shape[1]):
+                if not np.isnan(values[t, j]):
+                    v = values[t, j]
+                    ax.text(j, t, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                            color="white" if (v < 0.55) != (m == "mae") else "black")
+        ax.set_xticks(range(n), domains, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(values.shape[0]), [f"after {domains[t]}" for t in range(values.shape[0])], fontsize=8)
+        ax.set_title(f"{METRIC_NAMES[m]}: A[t][j]", fontsize=10)
+    ax = axes[-1]
+    steps = list(range(len(summary[metrics[0]])))
+    for m, colour in zip(metrics, ("tab:blue", "tab:green", "tab:red")):
+        aa = [s["AA"] for s in summary[m]]
+        fm = [s["FM"] for s in summary[m]]
+        ax.plot(steps, [np.nan if v is None else v for v in aa], "-o", color=colour, label=f"AA {METRIC_NAMES[m]}")
+        ax.plot(steps, [np.nan if v is None else v for v in fm], "--x", color=colour, label=f"FM {METRIC_NAMES[m]}")
+    ax.set_xticks(steps, [domains[t] for t in steps], rotation=45, ha="right", fontsize=8)
+    ax.set_xlabel("after training step", fontsize=9)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("average accuracy and forgetting", fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def draw_comparison(rows: Sequence[Dict], path: Path) -> Path:
+    """The comparison of ``python -m samcl.compare``: AA and FM (IoU) per run as bars, and the
+    storage per domain."""
+    plt = _pyplot()
+    names = [r["run"] if len(r["run"]) <= 28 else r["run"][:25] + "..." for r in rows]
+    x = np.arange(len(rows))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(max(6, 1.6 * len(rows) + 4), 3.8))
+    a.bar(x - 0.2, [r["iou_AA"] or 0 for r in rows], 0.4, label="AA (IoU)")
+    a.bar(x + 0.2, [r["iou_FM"] or 0 for r in rows], 0.4, label="FM (IoU)")
+    a.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+    a.axhline(0, color="grey", lw=0.5)
+    a.legend(fontsize=8)
+    a.set_title("after the last step", fontsize=10)
+    b.bar(x, [r["stored_mb_per_domain"] for r in rows], 0.5, color="tab:purple")
+    b.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+    b.set_ylabel("MB", fontsize=9)
+    b.set_title("stored per trained domain", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)

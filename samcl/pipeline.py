@@ -7,19 +7,22 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import distributed as dist
+from . import methods  # noqa: F401  (registers the methods)
 from .backbones import build_backbone
 from .backbones.build import default_checkpoint
 from .bounded import check_torch_file
 from .config import Config, build_config
-from . import methods  # noqa: F401  (registers the methods)
 from .continual import RESUMABLE_SETTINGS, ContinualTrainer
-from .data import SegmentationSplit, read_domain_map
-from .metrics import METRICS
+from .data import SegmentationSplit, binarize_mask, read_domain_map, read_image
+from .metrics import METRICS, per_image_metrics
 from .model import SAMCLModel
-from .precision import check_amp
+from .pictures import overlay
+from .precision import autocast, check_amp
 from .registry import METHODS, MODULES
 from .release.folder import is_release_folder, load_release_run, release_manifest, report_dir_for
 from .run_folder import (MANIFEST, METRICS_FILE, TEST_METRICS_FILE, RunFolderError, backbone_identity,
@@ -28,6 +31,7 @@ from .run_folder import (MANIFEST, METRICS_FILE, TEST_METRICS_FILE, RunFolderErr
 from .training import evaluate_split, make_loader, seed_everything, selector_accuracy
 
 log = logging.getLogger("samcl.pipeline")
+OVERLAY_DIR = "overlays"
 
 
 def build_model(cfg: Config, device: torch.device) -> SAMCLModel:
@@ -141,12 +145,13 @@ def run_info(run_dir: Path, cfg: Config) -> Tuple[Dict, Path]:
 
 
 def test(run_dir: Path, cfg: Config, device: torch.device, with_vanilla: bool = True,
-         output: Optional[Path] = None) -> Dict:
+         output: Optional[Path] = None, save_overlays: int = 0) -> Dict:
     """Route every test image of every domain of the run's order; write and print the report.
 
     Works on a run folder of this project and on a release-style folder (whose
     report goes to ``<output_dir>/release_<folder name>/``, the folder itself being
-    read-only data).
+    read-only data). ``save_overlays``: that many pictures per domain in the report
+    folder's ``overlays/`` (prediction, ground truth, points, the routed domain).
     """
     run_dir = Path(run_dir)
     setup_logging(None, hold=True)  # the log file only once the folder and the weights passed verification
@@ -169,12 +174,40 @@ def test(run_dir: Path, cfg: Config, device: torch.device, with_vanilla: bool = 
         res["selector_accuracy"] = selector_accuracy(res["selector_counts"], d)
         res["trained"] = d in model.modules_by_domain
         results[d] = res
+        if save_overlays > 0:
+            save_test_overlays(model, ds, range(min(save_overlays, len(ds))), report_dir / OVERLAY_DIR, cfg.amp)
     report = {"format": "samcl-test", "run_dir": str(run_dir), "domains": order,
               "unseen": manifest["unseen"], "selector_domains": model.domains, "results": results,
               "config": cfg.to_dict(), "versions": package_versions()}
     write_json(output or report_dir / TEST_METRICS_FILE, report)
     print(format_table(report, _train_summary(run_dir)))
     return report
+
+
+@torch.no_grad()
+def save_test_overlays(model: SAMCLModel, split: SegmentationSplit, indices, folder: Path, amp: str = "off") -> None:
+    """Pictures of test images: the routed prediction resized to the image's own size, the ground
+    truth's outline, the points, and the routed domain and IoU in a caption (``<domain>_<image>.png``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    device = model.device
+    for i in indices:
+        item = split[i]
+        img_path, mask_path = split.pairs[i]
+        image = np.asarray(read_image(img_path))
+        truth = binarize_mask(np.asarray(read_image(mask_path, gray=True)), split.mask_binarize,
+                              split.mask_threshold).astype(bool)
+        h, w = image.shape[:2]
+        with autocast(amp, device):
+            out = model.predict(item["image"][None].to(device).float(), item["points"][None].to(device),
+                                item["labels"][None].to(device))
+        logits = F.interpolate(out["logits"].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        mask = (logits > 0).cpu().numpy()
+        k = int(out["choice"][0])
+        iou = per_image_metrics(out["logits"].float(), item["mask"][None].to(device))["iou"].item()
+        scale = np.array([w / model.backbone.img_size, h / model.backbone.img_size])
+        caption = f"{split.domain}/{img_path.name}: routed to {'vanilla' if k < 0 else model.domains[k]}, IoU {iou:.3f}"
+        overlay(image, mask, item["points"].numpy() * scale, item["labels"].tolist(), caption, truth).save(
+            folder / f"{split.domain}_{img_path.stem}.png")
 
 
 def _train_summary(run_dir: Path) -> Optional[Dict]:

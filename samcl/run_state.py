@@ -21,6 +21,7 @@ from . import distributed as dist
 from .bounded import check_torch_file
 from .io import atomic_torch_save
 from .methods.base import ContinualMethod
+from .pictures import draw_report
 from .metrics import AccuracyMatrix
 from .run_folder import (MANIFEST, METRICS_FILE, PARTIAL_DIR, RunFolderError, backbone_identity, buffer_part,
                          load_module, module_path, package_versions, read_manifest, save_module, sha256_file,
@@ -28,6 +29,7 @@ from .run_folder import (MANIFEST, METRICS_FILE, PARTIAL_DIR, RunFolderError, ba
 from .selector import EmbeddingBuffer
 
 log = logging.getLogger("samcl.run_state")
+REPORT_FILE = "report.png"
 
 
 class RunState:
@@ -162,6 +164,7 @@ class RunState:
         for rel in self.step_files(domain) + self.method.run_files() + [METRICS_FILE]:
             self.checksums[rel] = sha256_file(self.run_dir / rel)
         self.write_manifest()
+        self.draw_report()
         partial = self.partial_path(domain)
         if partial.exists():
             partial.unlink()
@@ -206,6 +209,14 @@ class RunState:
             self.buffer.seen[domain] = state["buffer_index"]
         log.info("%s: resuming after epoch %d (from %s)", domain, state["epoch"] + 1, path)
         return state
+
+    def draw_report(self) -> None:
+        """``report.png``: the accuracy matrices and AA / FM over the steps so far. A picture is
+        derived data: if it cannot be drawn the run goes on with a warning."""
+        try:
+            draw_report(self.matrix.to_dict(), self.run_dir / REPORT_FILE, self.run_dir.name)
+        except Exception as e:  # noqa: BLE001 (matplotlib's errors are many; none may end a run)
+            log.warning("%s could not be drawn (%s: %s)", self.run_dir / REPORT_FILE, type(e).__name__, e)
 
     def log_step(self, t: int) -> None:
         step, domain = self.steps[-1], self.domains[t]

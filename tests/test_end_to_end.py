@@ -115,3 +115,30 @@ def test_evaluation_progress_counts_images(demo_data):
     batches = list(image_progress(make_loader(ds, 2, False, 0, 0, torch.device("cpu")), "test polyp",
                                   disable=False, file=out, leave=True, mininterval=0))
     assert len(batches) == 2 and "3/3" in out.getvalue() and "img" in out.getvalue()
+
+
+def test_report_png_after_every_step_and_test_overlays(demo_data, tmp_path, monkeypatch):
+    import matplotlib
+    from PIL import Image
+
+    monkeypatch.delenv("DISPLAY", raising=False)
+    cfg = small_cfg(demo_data, epoch=1, order="polyp_natural", unseen=["natural"], run_dir=str(tmp_path / "run"))
+    drawn = []
+    from samcl import run_state
+
+    real = run_state.draw_report
+    monkeypatch.setattr(run_state, "draw_report", lambda m, p, t: drawn.append(len(m["matrix"]["iou"])) or real(m, p, t))
+    pipeline.train(cfg, torch.device("cpu"))
+    assert drawn == [1, 2]  # redrawn after each step, with the rows so far
+    assert matplotlib.get_backend().lower() == "agg"
+    report = Image.open(tmp_path / "run" / "report.png")
+    assert report.format == "PNG" and report.size[0] > 3 * report.size[1] / 2
+    pipeline.test(tmp_path / "run", cfg, torch.device("cpu"), with_vanilla=False, save_overlays=2)
+    pictures = sorted((tmp_path / "run" / "overlays").iterdir())
+    assert [p.name.split("_")[0] for p in pictures] == ["natural", "natural", "polyp", "polyp"]
+    for p in pictures:
+        stem = p.stem.split("_", 1)[1]
+        domain_dir = "Natural" if p.name.startswith("natural") else "Polyp"
+        source = next((demo_data / "data" / domain_dir / "test" / "images").glob(stem + ".*"))
+        w, h = Image.open(source).size
+        assert Image.open(p).format == "PNG" and Image.open(p).size == (w, h + 22)

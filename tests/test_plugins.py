@@ -85,6 +85,9 @@ def test_compare_tables_runs_with_their_storage(data, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.startswith("| run | method | module | backbone | domains | iou_AA |")
     rows = list(csv.DictReader(out_csv.open()))
+    from PIL import Image
+
+    assert Image.open(out_csv.with_suffix(".png")).format == "PNG"
     assert [r["module"] for r in rows] == ["augmodule", "lora"] and all(r["method"] == "samcl" for r in rows)
     for r, run in zip(rows, runs):
         stored = sum((run / f).stat().st_size for f in ("polyp.pth", "embedding_buffer/polyp.pth",
