@@ -189,7 +189,6 @@ class Config:
         sources = sources or {}
         for f in fields(self):
             setattr(self, f.name, check_setting(f.name, getattr(self, f.name), sources.get(f.name, "default")))
-        self._check_plugins()
         if MODULE_ALIASES[self.module].backbone != self.backbone:
             raise ValueError(
                 f"--module {self.module} is the {'SAM 2.1' if self.module == 'SAMCL_2' else 'SAM (ViT)'} variant, "
@@ -203,21 +202,6 @@ class Config:
             raise ValueError(f"--order names {dup} more than once")
         self._check_unseen(sources)
         return self
-
-    def _check_plugins(self) -> None:
-        """The method and the learning module are registered and fit each other and the backbone."""
-        from . import methods, modules  # noqa: F401  (they register the plug-ins; they import torch)
-        from .registry import METHODS, MODULES
-
-        method, module = METHODS.get(self.method), MODULES.get(self.module_kind)
-        if method.learning_modules is not None and module.name not in method.learning_modules:
-            raise ConfigError(f"method {method.name} works with the learning modules {list(method.learning_modules)}, "
-                              f"not {module.name}")
-        if module.backbones is not None and self.backbone not in module.backbones:
-            raise ConfigError(f"learning module {module.name} needs the {' or '.join(module.backbones)} backbone, "
-                              f"not {self.backbone}: {module.backbone_reason}")
-        if self.prompt == "box" and module.needs_heatmap:
-            raise ConfigError(f"prompt: box is CAD's recipe; the {module.name} module reads the point heatmap")
 
     def _check_unseen(self, sources: Dict[str, str]) -> None:
         """Test-only domains must be in the order. A stray name given by a flag, or by a config file

@@ -22,6 +22,7 @@ from .data import SegmentationSplit, binarize_mask, read_domain_map, read_image
 from .metrics import METRICS, per_image_metrics
 from .model import SAMCLModel
 from .pictures import overlay
+from .plugins import check_plugins
 from .precision import autocast, check_amp
 from .registry import METHODS, MODULES
 from .release.folder import is_release_folder, load_release_run, release_manifest, report_dir_for
@@ -35,7 +36,8 @@ OVERLAY_DIR = "overlays"
 
 
 def build_model(cfg: Config, device: torch.device) -> SAMCLModel:
-    """Backbone with its weights, an empty module bank of ``cfg.module``'s kind, on ``device``."""
+    """Backbone with its weights, an empty module bank of ``cfg``'s learning-module kind, on ``device``."""
+    check_plugins(cfg)  # names first: an unknown or unfitting method or module before any weights are read
     seed_everything(cfg.seed, cfg.deterministic)
     path = _checkpoint_path(cfg)
     if path is not None and os.path.lexists(path):  # bounded checks first; build_backbone names a missing file

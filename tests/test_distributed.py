@@ -50,7 +50,7 @@ def test_torchrun_finishes_with_one_buffer_and_one_copy_of_each_file(ddp_run):
         assert torch.unique(buf.store[d], dim=0).shape[0] == 5  # five different images
     files = sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file())
     assert not [f for f in files if f.endswith(".tmp") or "/." in f or f.startswith(".")]
-    assert files == sorted(["run.json", "config.yaml", "log.txt", "metrics.json", "Module_Selector.pth",
+    assert files == sorted(["run.json", "config.yaml", "log.txt", "metrics.json", "report.png", "Module_Selector.pth",
                             "polyp.pth", "shadow.pth", *(f"embedding_buffer/{d}.pth" for d in DOMAINS),
                             *(f"selector/after_{d}.pth" for d in DOMAINS)])
     log = (run / "log.txt").read_text()

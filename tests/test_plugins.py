@@ -9,6 +9,7 @@ import torch
 
 from samcl import compare, pipeline
 from samcl.config import CONFIG_DIR, ConfigError, load_config
+from samcl.plugins import check_plugins
 from samcl.demo import make_demo_data
 from samcl.registry import UnknownName
 
@@ -24,10 +25,10 @@ def data(tmp_path_factory):
 
 
 def cfg_for(data, family, run_dir, **kw):
-    return load_config(CONFIG_DIR / CONFIGS[family], {
+    return check_plugins(load_config(CONFIG_DIR / CONFIGS[family], {
         "data_root": str(data), "run_dir": str(run_dir), "epoch": 1, "num_embedding": 2, "batch_size": 2,
         "eval_batch_size": 2, "selector_epochs": 2, "val_every": 1, "order": "polyp_natural", "unseen": ["natural"],
-        "num_workers": 0, **kw})
+        "num_workers": 0, **kw}))
 
 
 def test_unknown_names_are_refused_listing_the_known_ones(data, tmp_path):

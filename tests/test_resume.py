@@ -39,8 +39,9 @@ def module_tensors(path):
 
 def comparable_steps(run_dir):
     steps = json.loads((run_dir / "metrics.json").read_text())["steps"]
-    for s in steps:
+    for s in steps:  # wall-clock fields differ between any two runs
         s.pop("seconds")
+        s.pop("training_seconds")
     return steps
 
 
