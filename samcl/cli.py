@@ -1,4 +1,4 @@
-"""Command-line flags shared by the top-level scripts, device selection, and how errors end.
+"""Command-line flags shared by the top-level scripts, device selection, and how a script ends.
 
 Every flag defaults to None so that only what the user typed overrides the
 ``--config`` file, which overrides the built-in defaults (the published setting).
@@ -8,20 +8,24 @@ the ValueErrors and OSErrors the package raises with a message naming what to fi
 ends a script with that message on one line of stderr and exit status 2, before
 anything is written where possible; any other exception is a bug and keeps its
 traceback.
+
+This module imports neither torch nor the backbones at import time: the scripts parse
+their flags (and answer ``--help``) and read their settings first, and import the
+heavy modules only for the work.
 """
 import argparse
 import os
 import sys
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional
 
-import torch
-
-from . import distributed
 from .config import CHOICES, CONFIG_DIR, FAMILY_NAMES, MODULE_BACKBONE, Config, load_config
 
+if TYPE_CHECKING:
+    import torch
+
 DEFAULT_CONFIG = {"sam": CONFIG_DIR / "samcl_vit_b.yaml", "sam2": CONFIG_DIR / "samcl2_hiera_t.yaml"}
-# --module CAD without --config starts from CAD's own recipe (SPEC §11)
+# --module CAD without --config starts from CAD's own recipe (configs/cad_vit_b.yaml)
 MODULE_CONFIG = {"CAD": CONFIG_DIR / "cad_vit_b.yaml"}
 
 
@@ -46,13 +50,20 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
+def rank_prefix() -> str:
+    """'[rank r/w] ' in a process of torchrun's group, else ''. A process that never imported
+    samcl.distributed (which imports torch) has joined no group, so it is not imported here."""
+    dist = sys.modules.get(__package__ + ".distributed")
+    return dist.rank_prefix() if dist is not None else ""
+
+
 @contextmanager
 def explained_errors() -> Iterator[None]:
     """Turn the errors the package explains into a CLIError (with the rank under torchrun)."""
     try:
         yield
     except EXPLAINED as e:
-        raise CLIError(distributed.rank_prefix() + one_line(e)) from None
+        raise CLIError(rank_prefix() + one_line(e)) from None
 
 
 def run_script(main: Callable[..., Any], *args: Any) -> None:
@@ -193,8 +204,10 @@ def config_from_args(args: argparse.Namespace, default_config: Optional[str] = N
         return load_config(args.config or default_config, overrides, flags)
 
 
-def parse_device(device: str) -> torch.device:
+def parse_device(device: str) -> "torch.device":
     """--device as a torch device: cpu or cuda[:N] (what the package runs on)."""
+    import torch
+
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
@@ -204,9 +217,13 @@ def parse_device(device: str) -> torch.device:
     return dev
 
 
-def resolve_device(cuda: Optional[int], device: Optional[str]) -> torch.device:
+def resolve_device(cuda: Optional[int], device: Optional[str]) -> "torch.device":
     """--cuda -1 under torchrun joins the process group (one GPU per process, or Gloo on the CPU
     with --device cpu or without CUDA); otherwise --device wins, --cuda N is GPU N, default GPU 0 or CPU."""
+    import torch
+
+    from . import distributed
+
     if cuda is not None and cuda < -1:
         raise CLIError(f"--cuda {cuda} is not a GPU index (use 0, 1, ... or -1 for torchrun)")
     if distributed.launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1 and cuda != -1:
@@ -242,17 +259,22 @@ def train_main(family: str, doc: str, argv: Optional[list] = None) -> None:
     add_train_flags(p, family)
     args = p.parse_args(argv)
     check_module_family(args.module, family, "train")
+    if args.resume:
+        if args.config or args.overwrite:
+            raise CLIError("--resume keeps the run's own settings; drop --config/--overwrite")
+    else:
+        cfg = config_from_args(args, default_config(family, args.module), flag_names(p))
+    # torch and the backbones only now, once the flags and settings passed
+    from . import distributed
     from .pipeline import resume, train
 
     try:
         with explained_errors():
+            device = resolve_device(args.cuda, args.device)
             if args.resume:
-                if args.config or args.overwrite:
-                    raise CLIError("--resume keeps the run's own settings; drop --config/--overwrite")
-                resume(Path(args.resume), explicit_settings(args), resolve_device(args.cuda, args.device))
+                resume(Path(args.resume), explicit_settings(args), device)
             else:
-                cfg = config_from_args(args, default_config(family, args.module), flag_names(p))
-                train(cfg, resolve_device(args.cuda, args.device), overwrite=args.overwrite)
+                train(cfg, device, overwrite=args.overwrite)
     except BaseException as e:
         if distributed.is_distributed():  # torchrun then ends the other ranks instead of letting them hang
             print(f"{distributed.rank_prefix()}failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
@@ -266,7 +288,7 @@ RELEASE_FOLDERS = {"sam": "SAM1", "sam2": "SAM2"}
 
 def default_test_folder(cfg: Config, family: str):
     """--run_dir if given; else the run folder train.py makes with the same flags; else, as in the
-    seed README's "simple testing", the authors' release folder checkpoint/SAM1 (SAM2) if present."""
+    README's "simple testing", the authors' release folder checkpoint/SAM1 (SAM2) if present."""
     from .config import REPO_ROOT
     from .release import is_release_folder
 
@@ -287,9 +309,9 @@ def test_main(family: str, doc: str, argv: Optional[list] = None) -> None:
     p.add_argument("--output", help="where to write the report (default <run_dir>/test_metrics.json)")
     args = p.parse_args(argv)
     check_module_family(args.module, family, "test")
-    from .pipeline import test
+    cfg = config_from_args(args, default_config(family, args.module), flag_names(p))
+    from .pipeline import test  # torch and the backbones only now, once the flags and settings passed
 
     with explained_errors():
-        cfg = config_from_args(args, default_config(family, args.module), flag_names(p))
         device = resolve_device(args.cuda, args.device)
         test(default_test_folder(cfg, family), cfg, device, with_vanilla=not args.no_vanilla, output=args.output)
