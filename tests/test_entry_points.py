@@ -1,5 +1,5 @@
-"""Entry points: every process ends promptly after its last line with its files complete and the
-right exit status."""
+"""Entry points: ``--help`` answers without importing torch or a backbone package, and every
+process ends promptly after its last line with its files complete and the right exit status."""
 import json
 import os
 import subprocess
@@ -12,6 +12,56 @@ import pytest
 
 from samcl.demo import make_demo_data
 from tests.conftest import REPO
+
+HEAVY = ("torch", "segment_anything", "sam2")
+# Records (on stderr, with the importing stack) every import of a heavy package, then lets it
+# proceed, so the entry point behaves exactly as it does for a user.
+WATCH = f"""
+import runpy, sys, traceback
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {HEAVY!r}:
+            sys.stderr.write(f"HEAVY IMPORT {{name}}\\n" + "".join(traceback.format_stack(limit=12)))
+            sys.stderr.flush()
+        return None
+sys.meta_path.insert(0, Watch())
+"""
+# entry point -> how the command line (or the console script pip writes) starts it
+ENTRY_POINTS = {
+    "train.py": "runpy.run_path('train.py', run_name='__main__')",
+    "test.py": "runpy.run_path('test.py', run_name='__main__')",
+    "train_SAM2.py": "runpy.run_path('train_SAM2.py', run_name='__main__')",
+    "test_SAM2.py": "runpy.run_path('test_SAM2.py', run_name='__main__')",
+    "generate_point.py": "runpy.run_path('generate_point.py', run_name='__main__')",
+    "python -m samcl.demo": "runpy.run_module('samcl.demo', run_name='__main__', alter_sys=True)",
+    "python -m samcl.weights": "runpy.run_module('samcl.weights', run_name='__main__', alter_sys=True)",
+    "python -m samcl.datacheck": "runpy.run_module('samcl.datacheck', run_name='__main__', alter_sys=True)",
+    "samcl-train": "from samcl.scripts import train; sys.exit(train())",
+    "samcl-test": "from samcl.scripts import test; sys.exit(test())",
+    "samcl-points": "from samcl.scripts import points; sys.exit(points())",
+    "samcl-demo": "from samcl.scripts import demo; sys.exit(demo())",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
+def test_help_imports_no_heavy_package(name):
+    code = WATCH + f"sys.argv = [{name.split()[-1]!r}, '--help']\n" + ENTRY_POINTS[name] + "\n"
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "HEAVY IMPORT" not in r.stderr, r.stderr
+    assert r.stdout.startswith("usage:") and "--help" in r.stdout
+
+
+def test_console_scripts_show_the_top_level_scripts_help():
+    """samcl-train --help is train.py --help (the same text; under its own name, which argparse takes
+    from sys.argv[0] and aligns the usage lines on, so the name is the script's here)."""
+    for script, entry in (("train.py", "train"), ("test.py", "test"), ("generate_point.py", "points")):
+        top = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True).stdout
+        console = subprocess.run([sys.executable, "-c", f"import sys; sys.argv = [{script!r}, '--help']; "
+                                  f"from samcl.scripts import {entry}; {entry}()"],
+                                 cwd=REPO, capture_output=True, text=True).stdout
+        assert console == top and "python " + script in top
+
 
 # ----------------------------------------------------------------------------- prompt exit
 # After the last line a process flushes its streams and logging and leaves; the interpreter's
