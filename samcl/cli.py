@@ -325,17 +325,29 @@ RELEASE_FOLDERS = {"sam": "SAM1", "sam2": "SAM2"}
 
 
 def default_test_folder(cfg: Config, family: str):
-    """--run_dir if given; else the run folder train.py makes with the same flags; else, as in the
-    README's "simple testing", the authors' release folder checkpoint/SAM1 (SAM2) if present."""
+    """--run_dir if given; else the run folder train.py makes with the same flags; else the
+    authors' release folder checkpoint/SAM1 (SAM2) if it holds their modules. If none of them
+    exists, a CLIError says where it looked."""
     from .config import REPO_ROOT
-    from .release import is_release_folder
 
     run_dir = cfg.resolved_run_dir()
+    if cfg.run_dir is not None and not run_dir.exists():
+        raise CLIError(f"--run_dir {run_dir} does not exist (give a run folder of {SCRIPTS[family, 'train']} or "
+                       f"a release folder such as checkpoint/{RELEASE_FOLDERS[family]})")
+    if run_dir.exists():
+        return run_dir
+    from .release import is_release_folder
+
     release = REPO_ROOT / "checkpoint" / RELEASE_FOLDERS[family]
-    if cfg.run_dir is None and not run_dir.exists() and is_release_folder(release):
+    if is_release_folder(release):
         print(f"no run folder {run_dir}: testing the release modules in {release}")
         return release
-    return run_dir
+    state = "is not a release folder (Module_Selector.pth and <domain>.pth)" if release.exists() else "does not exist"
+    train = SCRIPTS[family, "train"]
+    raise CLIError(f"nothing to test: looked for the run folder {run_dir} (where {train} puts a run with these "
+                   f"flags: it does not exist) and for the authors' release modules in {release} (it {state}); "
+                   f"train first (python {train} with the same flags), pass --run_dir, or put the release modules "
+                   f"there")
 
 
 def test_main(family: str, doc: str, argv: Optional[list] = None) -> None:
@@ -348,8 +360,9 @@ def test_main(family: str, doc: str, argv: Optional[list] = None) -> None:
     args = p.parse_args(argv)
     check_module_family(args.module, family, "test")
     cfg = config_from_args(args, default_config(family, args.module), flag_names(p))
-    from .pipeline import test  # torch and the backbones only now, once the flags and settings passed
+    run_dir = default_test_folder(cfg, family)
+    from .pipeline import test  # torch and the backbones only now, once the flags, settings and folder passed
 
     with explained_errors():
-        device = resolve_device(args.cuda, args.device)
-        test(default_test_folder(cfg, family), cfg, device, with_vanilla=not args.no_vanilla, output=args.output)
+        test(run_dir, cfg, resolve_device(args.cuda, args.device), with_vanilla=not args.no_vanilla,
+             output=args.output)
