@@ -176,7 +176,8 @@ def add_common_flags(p: argparse.ArgumentParser, family: str = "sam") -> None:
                    help="logit upsampling to the input size: default nearest on SAM (reference, quirk Q6), "
                         "bilinear on SAM 2.1 (as its image predictor)")
     p.add_argument("--heat_orientation", choices=CHOICES["heat_orientation"],
-                   help="heatmap layout at the SAM neck: reference (quirk Q1, default) or corrected")
+                   help="point heatmap at the SAM neck: reference: added without the transpose used inside the "
+                        "blocks, so x and y are swapped there, as the release (quirk Q1, default); corrected: transposed")
     p.add_argument("--amp", choices=CHOICES["amp"],
                    help="off: fp32, exact reproduction (default); bf16: bfloat16 autocast for the module's forward "
                         "in training and for test inference, faster; CUDA GPUs and CPUs with native bfloat16 "

@@ -1,6 +1,6 @@
 """Run configuration: dataclass defaults < YAML file (``--config``) < command-line flags.
 
-The defaults are the published SAMCL setting for SAM ViT-B (SPEC §6-§8).
+The defaults are the published SAMCL setting for SAM ViT-B (``configs/samcl_vit_b.yaml``).
 
 Every setting is checked when a Config is validated, whatever it came from (YAML,
 flags, a run folder's ``run.json`` on resume): its type from the dataclass field's
@@ -43,7 +43,7 @@ CHOICES = {
 # were made: a run folder whose stored configuration lacks one resumes (and reports) with it.
 LEGACY_SETTINGS = {"focal": "logits", "train_mode": "every_epoch", "module_init": "per_domain"}
 # --module names the reference's module files: SAMCL for SAM (ViT), SAMCL_2 for SAM 2.1;
-# CAD (convolutional adapter + decoder copy, SPEC §11) is SAM (ViT) only
+# CAD (convolutional adapter + decoder copy; README, 'CAD') is SAM (ViT) only
 MODULE_BACKBONE = {"SAMCL": "sam", "SAMCL_2": "sam2", "CAD": "sam"}
 FAMILY_NAMES = {"sam": "SAM (ViT)", "sam2": "SAM 2.1 (Hiera)"}
 # the learning-module kind each --module trains (samcl.model)
@@ -106,7 +106,7 @@ class Config:
     rank: int = 10
     selector_layer: Optional[int] = None  # None: derived from the backbone
     aug_layers: Optional[List[int]] = None  # None: derived from the backbone
-    # reference quirks (SPEC §10): defaults reproduce the release
+    # the release's quirks (README, 'Fidelity to the release, and its quirks'): defaults reproduce it
     heat_orientation: str = "reference"  # Q1
     upsample: Optional[str] = None  # Q6; None: the backbone's own (nearest on SAM as the reference, bilinear on SAM 2)
     mask_binarize: str = "threshold"  # Q5: 'threshold' (>= mask_threshold) or 'reference' (floor(v/255))
@@ -116,7 +116,7 @@ class Config:
     focal: str = "reference"  # focal loss on BCE of sigmoid probabilities (log clamped at -100); 'logits': from logits
     train_mode: str = "reference"  # backbone in train mode once per domain, eval after the first validation
     module_init: str = "shared"  # every domain's module starts from one draw; 'per_domain': a draw per domain
-    # module training (SPEC §6; CAD's recipe, SPEC §11, is configs/cad_vit_b.yaml)
+    # module training (SAMCL's recipe; CAD's is configs/cad_vit_b.yaml)
     loss: str = "samcl"  # 'samcl': focal + 10 dice + IoU-head MSE; 'bce_iou': CAD's BCE + soft-IoU loss
     optimizer: str = "adam"  # 'adam' (SAMCL) or 'adamw' (CAD)
     weight_decay: float = 0.0  # of the optimizer (CAD: AdamW's default 0.01)
@@ -131,12 +131,12 @@ class Config:
     feature_cache: str = "auto"  # frozen-prefix cache over the epochs: auto, off, device, cpu
     cache_budget_gb: Optional[float] = None  # cap on the cache (None: derived from free memory)
     amp: str = "off"  # 'off': fp32 (reproduction); 'bf16': bfloat16 autocast (CUDA, bf16 CPUs)
-    # selector (SPEC §7)
+    # Module Selector and its embedding buffer
     num_embedding: int = 300
     selector_lr: float = 0.01
     selector_epochs: int = 25
     selector_batch_size: int = 24
-    # data (SPEC §2)
+    # data (data/README.md)
     order: str = "Kvasir_camo_ISTD_ISIC_cod_COCO"
     unseen: List[str] = field(default_factory=lambda: ["COCO"])
     data_root: str = "."

@@ -1,4 +1,4 @@
-"""The continual protocol (SPEC §6-§8): one loop for every backbone.
+"""The continual protocol: one loop for every backbone.
 
 For step t over the order: fill the buffer with domain t's embeddings, train its
 learning module (SAMCL's AugModule, or CAD's adapter + decoder; not for an unseen,
@@ -170,7 +170,7 @@ class SegmentStep(nn.Module):
 
 
 def make_optimizer(cfg: Config, module: nn.Module) -> torch.optim.Optimizer:
-    """Adam (SAMCL, SPEC §6) or AdamW (CAD, SPEC §11) over the module's trainable parameters."""
+    """Adam (SAMCL) or AdamW (CAD) over the module's trainable parameters."""
     params = [p for p in module.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
