@@ -20,7 +20,10 @@ from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs"
+# The YAML recipes: configs/ at the top of a checkout (an editable install reads it there too),
+# or the package data samcl/configs that a non-editable install copies it to (pyproject.toml).
+_PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = _PACKAGE_CONFIGS if _PACKAGE_CONFIGS.is_dir() else REPO_ROOT / "configs"
 
 CHOICES = {
     "module": ("SAMCL", "SAMCL_2", "CAD"),
