@@ -110,7 +110,7 @@ class Config:
     selector_layer: Optional[int] = None  # None: derived from the backbone
     aug_layers: Optional[List[int]] = None  # None: derived from the backbone
     # the release's quirks (README, 'Fidelity to the release, and its quirks'): defaults reproduce it
-    heat_orientation: str = "reference"  # Q1
+    heat_orientation: str = "reference"  # Q1: heatmap added at the SAM neck untransposed; "corrected"
     upsample: Optional[str] = None  # Q6; None: the backbone's own (nearest on SAM as the reference, bilinear on SAM 2)
     mask_binarize: str = "threshold"  # Q5: 'threshold' (>= mask_threshold) or 'reference' (floor(v/255))
     mask_threshold: int = 128
