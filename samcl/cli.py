@@ -333,8 +333,8 @@ def default_test_folder(cfg: Config, family: str):
 
     run_dir = cfg.resolved_run_dir()
     if cfg.run_dir is not None and not run_dir.exists():
-        raise CLIError(f"--run_dir {run_dir} does not exist (give a run folder of {SCRIPTS[family, 'train']} or "
-                       f"a release folder such as checkpoint/{RELEASE_FOLDERS[family]})")
+        raise CLIError(f"run folder {run_dir} does not exist (--run_dir takes a run folder of "
+                       f"{SCRIPTS[family, 'train']} or a release folder such as checkpoint/{RELEASE_FOLDERS[family]})")
     if run_dir.exists():
         return run_dir
     from .release import is_release_folder
