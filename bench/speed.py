@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Speed benchmark (issue 8): this project's training and testing against a
+"""Speed benchmark: this project's training and testing against a
 reference-style path that mirrors the authors' release, in one process, on the
 same device, data, weights and seed.
 

@@ -1,6 +1,6 @@
 """Run configuration: dataclass defaults < YAML file (``--config``) < command-line flags.
 
-The defaults are the published SAMCL setting for SAM ViT-B (SPEC §6-§8).
+The defaults are the published SAMCL setting for SAM ViT-B (``configs/samcl_vit_b.yaml``).
 
 Every setting is checked when a Config is validated, whatever it came from (YAML,
 flags, a run folder's ``run.json`` on resume): its type from the dataclass field's
@@ -20,7 +20,10 @@ from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs"
+# The YAML recipes: configs/ at the top of a checkout (an editable install reads it there too),
+# or the package data samcl/configs that a non-editable install copies it to (pyproject.toml).
+_PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = _PACKAGE_CONFIGS if _PACKAGE_CONFIGS.is_dir() else REPO_ROOT / "configs"
 
 CHOICES = {
     "module": ("SAMCL", "SAMCL_2", "CAD"),
@@ -117,8 +120,8 @@ class Config:
     rank: int = 10
     selector_layer: Optional[int] = None  # None: derived from the backbone
     aug_layers: Optional[List[int]] = None  # None: derived from the backbone
-    # reference quirks (SPEC §10): defaults reproduce the release
-    heat_orientation: str = "reference"  # Q1
+    # the release's quirks (README, 'Fidelity to the release, and its quirks'): defaults reproduce it
+    heat_orientation: str = "reference"  # Q1: heatmap added at the SAM neck untransposed; "corrected"
     upsample: Optional[str] = None  # Q6; None: the backbone's own (nearest on SAM as the reference, bilinear on SAM 2)
     mask_binarize: str = "threshold"  # Q5: 'threshold' (>= mask_threshold) or 'reference' (floor(v/255))
     mask_threshold: int = 128
@@ -127,7 +130,7 @@ class Config:
     focal: str = "reference"  # focal loss on BCE of sigmoid probabilities (log clamped at -100); 'logits': from logits
     train_mode: str = "reference"  # backbone in train mode once per domain, eval after the first validation
     module_init: str = "shared"  # every domain's module starts from one draw; 'per_domain': a draw per domain
-    # module training (SPEC §6; CAD's recipe, SPEC §11, is configs/cad_vit_b.yaml)
+    # module training (SAMCL's recipe; CAD's is configs/cad_vit_b.yaml)
     loss: str = "samcl"  # 'samcl': focal + 10 dice + IoU-head MSE; 'bce_iou': CAD's BCE + soft-IoU loss
     optimizer: str = "adam"  # 'adam' (SAMCL) or 'adamw' (CAD)
     weight_decay: float = 0.0  # of the optimizer (CAD: AdamW's default 0.01)
@@ -142,12 +145,12 @@ class Config:
     feature_cache: str = "auto"  # frozen-prefix cache over the epochs: auto, off, device, cpu
     cache_budget_gb: Optional[float] = None  # cap on the cache (None: derived from free memory)
     amp: str = "off"  # 'off': fp32 (reproduction); 'bf16': bfloat16 autocast (CUDA, bf16 CPUs)
-    # selector (SPEC §7)
+    # Module Selector and its embedding buffer
     num_embedding: int = 300
     selector_lr: float = 0.01
     selector_epochs: int = 25
     selector_batch_size: int = 24
-    # data (SPEC §2)
+    # data (data/README.md)
     order: str = "Kvasir_camo_ISTD_ISIC_cod_COCO"
     unseen: List[str] = field(default_factory=lambda: ["COCO"])
     data_root: str = "."

@@ -1,4 +1,4 @@
-"""Domain datasets in the release's folder layout (SPEC §2).
+"""Domain datasets in the release's folder layout.
 
 ``<split>/images/<name>.<ext>``, ``<split>/masks/<name>.<ext>`` and
 ``<split>/masks/points.json``; ``datasets_{train,test}.json`` map domain keys to
@@ -10,16 +10,20 @@ ignored; PIL antialiases when it shrinks), uint8 0..255, CHW; the mask decoded b
 PIL (``convert('L')``), resized with PIL's nearest neighbour (pixel-centre
 sampling) and binarised; the static prompt points scaled from the 1024 x 1024
 frame of ``points.json`` to the S x S frame.
+
+torch is imported where tensors are made, so that reading and checking files
+(``generate_point.py``, ``samcl.datacheck``) starts without it.
 """
 import io
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 from PIL import Image
-from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 POINTS_FILE = "points.json"
@@ -154,8 +158,9 @@ def lookup_points(points: Dict[str, list], image: Path, mask: Path) -> Optional[
     return None
 
 
-class SegmentationSplit(Dataset):
-    """One split of one domain.
+class SegmentationSplit:
+    """One split of one domain: a map-style dataset for torch's DataLoader (``__len__`` and
+    ``__getitem__``; no torch base class, so that this module imports without torch).
 
     Items are dicts: ``image`` (3, S, S) uint8, ``mask`` (1, S, S) float {0, 1},
     ``points`` (P, 2) float (x, y) in the S frame, ``labels`` (P,) long, ``name`` str,
@@ -189,6 +194,8 @@ class SegmentationSplit(Dataset):
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> dict:
+        import torch
+
         img_path, mask_path = self.pairs[i]
         img = read_image(img_path)
         raw_mask = read_image(mask_path, gray=True)
@@ -209,9 +216,11 @@ class SegmentationSplit(Dataset):
         }
 
 
-def parse_points_entry(entry: list, where: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def parse_points_entry(entry: list, where: str) -> Tuple["torch.Tensor", "torch.Tensor"]:
     """``[[[x, y], ...], [1, ...]]`` -> (P, 2) float and (P,) long; points must lie in the
     1024 x 1024 frame of points.json and labels be 1 (foreground) or 0 (background)."""
+    import torch
+
     try:
         coords = torch.tensor(entry[0], dtype=torch.float32).reshape(-1, 2)
         labels = torch.tensor(entry[1], dtype=torch.long).reshape(-1)
@@ -232,6 +241,8 @@ def parse_points_entry(entry: list, where: str) -> Tuple[torch.Tensor, torch.Ten
 
 def collate(batch: Sequence[dict]) -> dict:
     """Stack samples; point sets of different sizes are padded with label -1 (ignored)."""
+    import torch
+
     p = max(b["points"].shape[0] for b in batch)
     points = torch.zeros(len(batch), p, 2)
     labels = torch.full((len(batch), p), PAD_LABEL, dtype=torch.long)

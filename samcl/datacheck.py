@@ -19,7 +19,6 @@ anti-aliased edge of a JPEG mask) is a *warning*: it is counted and shown but do
 fail the check. Exit code 1 if there is any problem, 0 if none.
 """
 import argparse
-import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,4 +259,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import run_script
+
+    run_script(main)

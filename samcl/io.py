@@ -1,11 +1,10 @@
 """Crash-safe file writes (a temporary file in the same folder, flushed, then renamed) and
-restricted reads of the files this project writes."""
+restricted reads of the files this project writes. torch is imported by the functions that
+need it (writing points.json needs none)."""
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Collection, Dict, Type
-
-import torch
 
 from .bounded import check_torch_file
 
@@ -31,6 +30,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
+    import torch
+
     _atomic(path, lambda f: torch.save(obj, f), "wb")
 
 
@@ -38,6 +39,8 @@ def load_tagged(path: Path, formats: Collection[str], what: str, error: Type[Exc
     """A file this project wrote, checked in bounded memory (:mod:`samcl.bounded`), then read with
     torch's restricted unpickler (``weights_only``); its ``format`` tag must be one of ``formats``.
     Failures raise ``error`` naming the file."""
+    import torch
+
     check_torch_file(path, what, error)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)

@@ -1,6 +1,7 @@
 """Command-line behaviour: the reference's flags, device selection, clear errors."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,7 +51,26 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 def test_test_script_without_run_folder_is_a_clear_error(tmp_path):
     r = run("test.py", "--device", "cpu", "--run_dir", str(tmp_path / "nothing"))
-    assert r.returncode != 0 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("script,release", [("test.py", "SAM1"), ("test_SAM2.py", "SAM2")])
+def test_test_without_any_run_folder_says_where_it_looked(tmp_path, script, release):
+    """Neither the run folder train.py would make with these flags nor the release folder: one line
+    naming both places, exit 2, nothing written."""
+    from samcl.release.folder import is_release_folder
+
+    if is_release_folder(REPO / "checkpoint" / release):
+        pytest.skip(f"checkpoint/{release} holds the authors' release, which test.py would then test")
+    r = subprocess.run([sys.executable, str(REPO / script), "--device", "cpu", "--output_dir", "runs"],
+                       cwd=tmp_path, capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    expected_run = Path("runs") / load_config(CONFIG_DIR / ("samcl2_hiera_t.yaml" if release == "SAM2"
+                                                            else "samcl_vit_b.yaml")).run_name()
+    assert f"looked for the run folder {expected_run} " in lines[0]
+    assert f"release modules in {REPO / 'checkpoint' / release} " in lines[0]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_config_layering_and_validation(tmp_path):
@@ -70,7 +90,7 @@ def test_config_layering_and_validation(tmp_path):
 
 
 def test_simple_testing_falls_back_to_the_release_folder(tmp_path, monkeypatch):
-    """`python test.py --module SAMCL` tests checkpoint/SAM1 when no training run exists (seed README)."""
+    """`python test.py --module SAMCL` tests checkpoint/SAM1 when no training run exists (README)."""
     from samcl import config
     from samcl.cli import default_test_folder
     from tests.conftest import RELEASE, require
@@ -79,7 +99,8 @@ def test_simple_testing_falls_back_to_the_release_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(config, "REPO_ROOT", tmp_path)
     monkeypatch.chdir(tmp_path)
     cfg = load_config(CONFIG_DIR / "samcl_vit_b.yaml")
-    assert default_test_folder(cfg, "sam") == cfg.resolved_run_dir()  # nothing there: the usual message follows
+    with pytest.raises(CLIError, match="nothing to test"):  # neither exists (test_test_without_any_run_folder...)
+        default_test_folder(cfg, "sam")
     (tmp_path / "checkpoint").mkdir()
     (tmp_path / "checkpoint" / "SAM1").symlink_to(release)
     assert default_test_folder(cfg, "sam") == tmp_path / "checkpoint" / "SAM1"

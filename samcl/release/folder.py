@@ -213,7 +213,7 @@ def selector_from_state(state: Any, path: Path) -> ModuleSelector:
     except RuntimeError as e:
         msg = " ".join(str(e).split())
         raise ReleaseFormatError(f"{path} does not fit the selector MLP of width {dim} with {k} outputs "
-                                 f"(SPEC §7): {msg[:400]}") from None
+                                 f"(the release's MLP layout): {msg[:400]}") from None
     return selector.eval()
 
 
