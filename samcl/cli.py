@@ -361,9 +361,9 @@ def test_main(family: str, doc: str, argv: Optional[list] = None) -> None:
     args = p.parse_args(argv)
     check_module_family(args.module, family, "test")
     cfg = config_from_args(args, default_config(family, args.module), flag_names(p))
-    run_dir = default_test_folder(cfg, family)
-    from .pipeline import test  # torch and the backbones only now, once the flags, settings and folder passed
-
     with explained_errors():
-        test(run_dir, cfg, resolve_device(args.cuda, args.device), with_vanilla=not args.no_vanilla,
-             output=args.output)
+        device = resolve_device(args.cuda, args.device)
+        run_dir = default_test_folder(cfg, family)
+        from .pipeline import test  # the backbones only now, once the flags, settings and folder passed
+
+        test(run_dir, cfg, device, with_vanilla=not args.no_vanilla, output=args.output)

@@ -253,7 +253,7 @@ def test_readme_commands_parse(tmp_path, monkeypatch):
 
     train_sam2, test_sam2 = partial(train_main, "sam2", ""), partial(test_main, "sam2", "")
     monkeypatch.chdir(tmp_path)  # no checkpoint/ and no run folder here
-    with pytest.raises(SystemExit, match="nothing to test: looked for the run folder .* and for the authors' release modules"):
+    with pytest.raises(SystemExit, match="nothing to test: looked for the run folder log_sam2/.*checkpoint/SAM2"):
         test_sam2(["--module", "SAMCL_2", "--device", "cpu"])
     with pytest.raises(SystemExit, match="sam2.1_hiera_tiny.pt not found.*--random_weights"):
         train_sam2(["--module", "SAMCL_2", "--batch_size", "16", "--device", "cpu"])
