@@ -1,7 +1,6 @@
 #!/usr/bin/env python
-"""Segment your own images with a trained run (see samcl/predict.py, or python predict.py --help)."""
-from samcl.cli import run_script
-from samcl.predict import main
+"""Segment your own images with a trained run: masks, overlays, predictions.json (see --help)."""
+from samcl.scripts import predict
 
 if __name__ == "__main__":
-    run_script(main)
+    predict()

@@ -147,6 +147,14 @@ def add_common_flags(p: argparse.ArgumentParser, family: str = "sam") -> None:
                    help=f"learning module: SAMCL (SAM) or SAMCL_2 (SAM 2.1) (default {'SAMCL_2' if sam2 else 'SAMCL'}); "
                         f"CAD: convolutional adapter + per-domain decoder (SAM only; without --config it takes "
                         f"configs/cad_vit_b.yaml, CAD's recipe)")
+    p.add_argument("--backbone", choices=CHOICES["backbone"],
+                   help="sam: SAM (ViT), as train.py / test.py; sam2: SAM 2.1 (Hiera), as train_SAM2.py / "
+                        "test_SAM2.py (those scripts are this flag's aliases)")
+    p.add_argument("--method", help="continual-learning method, a name registered in samcl/methods (default samcl: "
+                                    "a module per domain, routed by the Module Selector)")
+    p.add_argument("--learning_module",
+                   help="what trains inside the frozen model, a name registered in samcl/modules: augmodule, lora, "
+                        "adapter, decoder, cad (default: the one --module names: augmodule, or cad for CAD)")
     p.add_argument("--vit_name", help="SAM size: vit_b (default), vit_l, vit_h, or vit_tiny (tests/demo)")
     p.add_argument("--hiera_name",
                    help="SAM 2.1 size: hiera_t (default), hiera_s, hiera_b+, hiera_l, or hiera_toy (tests/demo)")
@@ -289,10 +297,20 @@ def resolve_device(cuda: Optional[int], device: Optional[str]) -> "torch.device"
     return torch.device(f"cuda:{cuda}")
 
 
+def chosen_family(argv: Optional[list], family: str) -> str:
+    """The backbone family a script runs: ``--backbone`` if given, else the script's own (train.py and
+    test.py: sam; train_SAM2.py and test_SAM2.py: sam2), so each pair is one script and an alias."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--backbone", choices=CHOICES["backbone"])
+    known, _ = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return known.backbone or family
+
+
 def train_main(family: str, doc: str, argv: Optional[list] = None) -> None:
     """train.py (family "sam") and train_SAM2.py ("sam2"): a new run, or --resume one."""
     from pathlib import Path
 
+    family = chosen_family(argv, family)
     p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_flags(p, family)
     add_train_flags(p, family)
@@ -353,12 +371,18 @@ def default_test_folder(cfg: Config, family: str):
 
 def test_main(family: str, doc: str, argv: Optional[list] = None) -> None:
     """test.py (family "sam") and test_SAM2.py ("sam2"): route, evaluate, print and write the report."""
+    family = chosen_family(argv, family)
     p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_flags(p, family)
     p.add_argument("--batch_size", type=int, dest="eval_batch_size", help="test images per batch (default 8)")
     p.add_argument("--no_vanilla", action="store_true", help="skip the vanilla (no module) comparison pass")
     p.add_argument("--output", help="where to write the report (default <run_dir>/test_metrics.json)")
+    p.add_argument("--save_overlays", type=int, default=0, metavar="N",
+                   help="also draw N test images per domain into the report folder's overlays/ (prediction, "
+                        "ground truth, points, routed domain; default 0)")
     args = p.parse_args(argv)
+    if args.save_overlays < 0:
+        raise CLIError(f"--save_overlays must be >= 0, got {args.save_overlays}")
     check_module_family(args.module, family, "test")
     cfg = config_from_args(args, default_config(family, args.module), flag_names(p))
     with explained_errors():
@@ -366,4 +390,5 @@ def test_main(family: str, doc: str, argv: Optional[list] = None) -> None:
         run_dir = default_test_folder(cfg, family)
         from .pipeline import test  # the backbones only now, once the flags, settings and folder passed
 
-        test(run_dir, cfg, device, with_vanilla=not args.no_vanilla, output=args.output)
+        test(run_dir, cfg, device, with_vanilla=not args.no_vanilla, output=args.output,
+             save_overlays=args.save_overlays)

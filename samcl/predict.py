@@ -18,8 +18,6 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .data import IMAGE_EXTS
-
 log = logging.getLogger("samcl.predict")
 
 
@@ -62,6 +60,8 @@ def prompts_from_json(path: Path) -> Dict[str, Tuple[List[List[float]], Optional
 
 
 def inputs(path: Path) -> List[Path]:
+    from .data import IMAGE_EXTS
+
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)

@@ -80,6 +80,13 @@ def test(family: str = "sam") -> NoReturn:
     run_script(test_main, family, TEST_DOC[family])
 
 
+def predict() -> NoReturn:
+    """``samcl-predict`` and ``predict.py``: segment your own images with a trained run."""
+    from .predict import main
+
+    run_script(main)
+
+
 def points() -> NoReturn:
     """``samcl-points`` and ``generate_point.py``."""
     run_script(points_main)

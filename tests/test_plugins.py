@@ -98,3 +98,38 @@ def test_compare_tables_runs_with_their_storage(data, tmp_path, capsys):
         assert float(r["iou_AA"]) == pytest.approx(steps[-1]["summary"]["iou"]["AA"])
     assert compare.main([str(tmp_path / "nothing")]) == 2
     assert "is not a run folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "ewc2"], "error: unknown method 'ewc2'; known: samcl"),
+    (["--learning_module", "dora"], "error: unknown learning module 'dora'; known: adapter, augmodule, cad, decoder, lora"),
+    (["--backbone", "sam2", "--config", "configs/demo_sam2.yaml", "--learning_module", "cad"],
+     "error: learning module cad needs the sam backbone, not sam2: SAM 2's mask decoder"),
+])
+def test_the_command_line_refuses_before_writing_anything(data, tmp_path, flags, message):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "train.py", "--config", "configs/demo_sam.yaml", "--data_root", str(data),
+                        "--run_dir", str(run), "--device", "cpu", *flags], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), lines
+    assert not run.exists()
+
+
+def test_the_sam2_scripts_are_aliases_of_backbone_sam2():
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    def flags_of(*args):
+        out = subprocess.run([sys.executable, *args, "--help"], cwd=REPO, capture_output=True, text=True).stdout
+        return out[out.index("options:"):]
+
+    assert flags_of("train_SAM2.py") == flags_of("train.py", "--backbone", "sam2")
+    assert flags_of("test_SAM2.py") == flags_of("test.py", "--backbone", "sam2")
