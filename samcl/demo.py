@@ -2,6 +2,7 @@
 
     python -m samcl.demo                 # writes demo_output/, prints the final table
     python -m samcl.demo --backbone sam2 # the same on a tiny SAM 2.1 (Hiera) backbone
+    python -m samcl.demo --pictures docs # also copy the run's report.png and one test overlay to docs/
 
 It (1) draws a small synthetic dataset in the release's layout, four visually
 distinct domains (three to learn, one unseen/test-only), with non-square JPEG
@@ -19,6 +20,7 @@ real numbers; those need the official SAM weights and the real datasets.
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -148,6 +150,8 @@ def main(argv=None) -> None:
                         "(configs/demo_sam2.yaml)")
     p.add_argument("--epoch", type=int, help="epochs per domain (default: the demo config's)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--pictures", type=Path, help="also write the run's report.png and one test overlay into this "
+                                                 "folder as demo_report.png and demo_overlay.png")
     args = p.parse_args(argv)
     device = resolve_device(None, args.device)
     with explained_errors():
@@ -174,7 +178,13 @@ def _run(args: argparse.Namespace, device) -> None:
     print(f"[demo] 2/3 training SAMCL over {cfg.order} (unseen: {cfg.unseen}) with a tiny random-weight {name}")
     train(cfg, device, overwrite=True)
     print("[demo] 3/3 testing the run folder (routed by the Module Selector)")
-    test(cfg.resolved_run_dir(), cfg, device)
+    run_dir = cfg.resolved_run_dir()
+    test(run_dir, cfg, device, save_overlays=1)
+    if args.pictures:
+        args.pictures.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run_dir / "report.png", args.pictures / "demo_report.png")
+        shutil.copyfile(sorted((run_dir / "overlays").glob("polyp_*.png"))[0], args.pictures / "demo_overlay.png")
+        print(f"[demo] pictures: {args.pictures / 'demo_report.png'}, {args.pictures / 'demo_overlay.png'}")
     print(f"[demo] finished in {time.time() - t0:.0f} s; run folder: {cfg.resolved_run_dir()}")
     print(f"[demo] synthetic data and a random tiny backbone: real results need the official {name} weights "
           "and datasets (README).")

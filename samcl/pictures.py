@@ -1,4 +1,5 @@
 """Pictures of results: a mask and its prompt points drawn over the image, with a caption."""
+import textwrap
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
@@ -9,12 +10,15 @@ PREDICTION = (255, 64, 32)  # the predicted mask's colour (RGB)
 TRUTH = (40, 220, 90)  # the ground truth's outline
 POSITIVE, NEGATIVE = (255, 230, 0), (0, 160, 255)  # foreground / background points
 ALPHA = 0.45
+MIN_WIDTH = 320  # pixels; narrower images are enlarged by a whole factor
+CHAR_WIDTH, LINE_HEIGHT = 6, 13  # PIL's default bitmap font
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, points: Optional[np.ndarray] = None,
             labels: Optional[Sequence[int]] = None, caption: str = "", truth: Optional[np.ndarray] = None) -> Image.Image:
     """The image (H, W, 3 uint8) with ``mask`` (H, W bool) tinted, the ``truth`` mask's outline,
-    the points ((P, 2) x, y in pixels; labels 1 yellow, 0 blue) and a caption strip below."""
+    the points ((P, 2) x, y in pixels; labels 1 yellow, 0 blue) and the caption, wrapped, in a strip
+    below. An image narrower than 320 pixels is enlarged by a whole factor first."""
     h, w = image.shape[:2]
     out = image.astype(np.float32).copy()
     m = np.asarray(mask, dtype=bool)
@@ -24,20 +28,25 @@ def overlay(image: np.ndarray, mask: np.ndarray, points: Optional[np.ndarray] = 
         edge = t & ~(np.roll(t, 1, 0) & np.roll(t, -1, 0) & np.roll(t, 1, 1) & np.roll(t, -1, 1))
         out[edge] = TRUTH
     picture = Image.fromarray(out.clip(0, 255).astype(np.uint8))
+    scale = max(1, -(-MIN_WIDTH // w))  # small images are enlarged (nearest) so the picture stays readable
+    if scale > 1:
+        picture = picture.resize((w * scale, h * scale), Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(picture)
-    radius = max(3, round(min(h, w) / 80))
+    radius = max(3, round(min(h, w) * scale / 80))
     for k, (x, y) in enumerate(np.asarray(points if points is not None else np.zeros((0, 2))).reshape(-1, 2)):
         colour = POSITIVE if labels is None or int(labels[k]) == 1 else NEGATIVE
+        x, y = x * scale, y * scale
         draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour, outline=(0, 0, 0))
     if not caption:
         return picture
-    strip = Image.new("RGB", (w, 22), (20, 20, 20))
-    ImageDraw.Draw(strip).text((6, 5), caption, fill=(240, 240, 240))
-    framed = Image.new("RGB", (w, h + strip.height))
+    width = picture.width
+    lines = textwrap.wrap(caption, max(10, (width - 12) // CHAR_WIDTH)) or [""]
+    strip = Image.new("RGB", (width, LINE_HEIGHT * len(lines) + 8), (20, 20, 20))
+    ImageDraw.Draw(strip).multiline_text((6, 4), "\n".join(lines), fill=(240, 240, 240), spacing=2)
+    framed = Image.new("RGB", (width, picture.height + strip.height))
     framed.paste(picture, (0, 0))
-    framed.paste(strip, (0, h))
+    framed.paste(strip, (0, picture.height))
     return framed
-
 
 METRIC_NAMES = {"iou": "IoU", "f1": "F1", "mae": "MAE"}
 
