@@ -347,7 +347,7 @@ def default_test_folder(cfg: Config, family: str):
     """--run_dir if given; else the run folder train.py makes with the same flags; else the
     authors' release folder checkpoint/SAM1 (SAM2) if it holds their modules. If none of them
     exists, a CLIError says where it looked."""
-    from .config import REPO_ROOT
+    from .config import CHECKPOINT_DIR
 
     run_dir = cfg.resolved_run_dir()
     if cfg.run_dir is not None and not run_dir.exists():
@@ -357,7 +357,7 @@ def default_test_folder(cfg: Config, family: str):
         return run_dir
     from .release.folder import is_release_folder
 
-    release = REPO_ROOT / "checkpoint" / RELEASE_FOLDERS[family]
+    release = CHECKPOINT_DIR / RELEASE_FOLDERS[family]
     if is_release_folder(release):
         print(f"no run folder {run_dir}: testing the release modules in {release}")
         return release

@@ -24,6 +24,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # or the package data samcl/configs that a non-editable install copies it to (pyproject.toml).
 _PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
 CONFIG_DIR = _PACKAGE_CONFIGS if _PACKAGE_CONFIGS.is_dir() else REPO_ROOT / "configs"
+# official weights and the authors' release folders: checkpoint/ of the checkout, or of the working
+# directory when the package is installed (site-packages holds no checkpoint/)
+CHECKPOINT_DIR = (REPO_ROOT if (REPO_ROOT / "pyproject.toml").is_file() else Path.cwd()) / "checkpoint"
 
 CHOICES = {
     "module": ("SAMCL", "SAMCL_2", "CAD"),

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Dict, List, Optional, Tuple
 
-from .config import REPO_ROOT, load_model_table
+from .config import CHECKPOINT_DIR, load_model_table
 
 BASE_URL_ENV = "SAMCL_WEIGHTS_BASE_URL"
 # where each model table's official files are published
@@ -36,7 +36,7 @@ BASE_URLS = {
     "sam.yaml": "https://dl.fbaipublicfiles.com/segment_anything/",  # segment-anything README
     "sam2.yaml": "https://dl.fbaipublicfiles.com/segment_anything_2/092824/",  # sam2 checkpoints/download_ckpts.sh
 }
-DEFAULT_DIR = REPO_ROOT / "checkpoint"
+DEFAULT_DIR = CHECKPOINT_DIR
 SUMS_FILE = "SHA256SUMS"  # hashes of files downloaded with --trust-unverified ("<sha256>  <file>" lines)
 PART_SUFFIX = ".part"
 CHUNK = 1 << 20

@@ -96,7 +96,7 @@ def test_simple_testing_falls_back_to_the_release_folder(tmp_path, monkeypatch):
     from tests.conftest import RELEASE, require
 
     release = require(RELEASE / "SAM1")
-    monkeypatch.setattr(config, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(config, "CHECKPOINT_DIR", tmp_path / "checkpoint")
     monkeypatch.chdir(tmp_path)
     cfg = load_config(CONFIG_DIR / "samcl_vit_b.yaml")
     with pytest.raises(CLIError, match="nothing to test"):  # neither exists (test_test_without_any_run_folder...)

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Type
 
-from ..config import REPO_ROOT, Config
+from ..config import CHECKPOINT_DIR, Config
 from ..registry import BACKBONES
 from .base import Backbone
 
@@ -24,7 +24,7 @@ def default_checkpoint(cfg: Config) -> Path:
     name = backbone_family(cfg.backbone).architectures().get(cfg.arch_name, {}).get("checkpoint")
     if name is None:
         raise ValueError(f"{cfg.arch_name} has no official checkpoint; pass --ckpt PATH or --random_weights")
-    return REPO_ROOT / "checkpoint" / name
+    return CHECKPOINT_DIR / name
 
 
 def build_backbone(cfg: Config) -> Backbone:
