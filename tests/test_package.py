@@ -32,7 +32,7 @@ def test_pip_install_gives_console_scripts_that_find_the_shipped_configs(tmp_pat
                         "--target", str(site), str(src)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     scripts = sorted(PYPROJECT["project"]["scripts"])
-    assert scripts == ["samcl-demo", "samcl-points", "samcl-test", "samcl-train"]
+    assert scripts == ["samcl-demo", "samcl-points", "samcl-predict", "samcl-test", "samcl-train"]
     assert all((site / "bin" / s).is_file() for s in scripts)
 
     env = {**os.environ, "PYTHONPATH": str(site)}  # the installed copy, not the checkout (cwd is elsewhere)
