@@ -35,7 +35,7 @@ import yaml
 
 from .backbones.base import Backbone
 from .config import stored_settings
-from .io import atomic_torch_save, atomic_write_text, load_tagged
+from .io import atomic_write_text, load_tagged, save_tagged
 from .modules.base import LearningModule
 from .registry import MODULES
 from .selector import ModuleSelector
@@ -81,10 +81,11 @@ def module_format(kind: str) -> str:
 
 
 def save_module(module: LearningModule, backbone: Backbone, domain: str, path: Path) -> None:
-    """A per-domain module as a plain state dict with its kind, spec and backbone."""
-    atomic_torch_save({"format": module_format(module.name), "version": 1, "kind": module.name, "domain": domain,
-                       "backbone": backbone_identity(backbone), "spec": module.spec.to_dict(),
-                       "state_dict": module.state_dict()}, path)
+    """A per-domain module as a plain state dict with its kind, spec and backbone (in the format
+    ``path``'s suffix says)."""
+    save_tagged({"format": module_format(module.name), "version": 1, "kind": module.name, "domain": domain,
+                 "backbone": backbone_identity(backbone), "spec": module.spec.to_dict(),
+                 "state_dict": module.state_dict()}, path)
 
 
 def load_module(path: Path, backbone: Backbone, kind: str = "augmodule") -> LearningModule:
@@ -110,8 +111,8 @@ def load_module(path: Path, backbone: Backbone, kind: str = "augmodule") -> Lear
 
 
 def save_selector(selector: ModuleSelector, domains: List[str], path: Path) -> None:
-    atomic_torch_save({"format": "samcl-selector", "version": 1, "domains": list(domains),
-                       "dim": selector.layer1.in_features, "state_dict": selector.state_dict()}, path)
+    save_tagged({"format": "samcl-selector", "version": 1, "domains": list(domains),
+                 "dim": selector.layer1.in_features, "state_dict": selector.state_dict()}, path)
 
 
 def load_selector(path: Path) -> tuple:
