@@ -16,6 +16,10 @@ Layout (``log_sam1/<module>_<order>_<num_embedding>_<seed>_training/``)::
     partial/<domain>.pt   the domain in progress, saved after every epoch (for --resume)
     test_metrics.json     written by test.py
 
+The file names come from :func:`module_path`, :func:`selector_file`,
+:func:`selector_snapshot` and :func:`buffer_part` with the run's weight format
+(:func:`run_weights`: run.json's ``"weights"``; absent, ``.pth``).
+
 Every file is written atomically (temporary file + rename). A step *commits* by
 rewriting run.json last, with the checksums of what it wrote; files of finished
 steps (modules, buffer parts, selector snapshots) are never rewritten.
@@ -41,7 +45,7 @@ from .registry import MODULES
 from .selector import ModuleSelector
 
 MANIFEST = "run.json"
-SELECTOR_FILE = "Module_Selector.pth"
+SELECTOR_STEM = "Module_Selector"
 SELECTOR_DIR = "selector"
 BUFFER_DIR = "embedding_buffer"
 PARTIAL_DIR = "partial"
@@ -49,6 +53,11 @@ METRICS_FILE = "metrics.json"
 TEST_METRICS_FILE = "test_metrics.json"
 LOG_FILE = "log.txt"
 CONFIG_FILE = "config.yaml"
+
+# weight formats of a run folder's module, selector and buffer files -> their suffix
+WEIGHT_SUFFIXES = {"safetensors": ".safetensors", "pth": ".pth"}
+WEIGHTS = "pth"  # what new run folders are written in
+LEGACY_WEIGHTS = "pth"  # a run.json without "weights": written before safetensors
 
 
 class RunFolderError(ValueError):
@@ -66,8 +75,29 @@ def package_versions() -> Dict[str, str]:
     return out
 
 
-def module_path(run_dir: Path, domain: str) -> Path:
-    return Path(run_dir) / f"{domain}.pth"
+def run_weights(manifest: Dict[str, Any]) -> str:
+    """The weight format of a run folder from its run.json as :func:`read_manifest` returns it
+    (absent: written before safetensors)."""
+    return manifest.get("weights", LEGACY_WEIGHTS)
+
+
+def module_path(run_dir: Path, domain: str, weights: str) -> Path:
+    return Path(run_dir) / f"{domain}{WEIGHT_SUFFIXES[weights]}"
+
+
+def selector_file(weights: str) -> str:
+    """The run's latest selector (rewritten at every step)."""
+    return f"{SELECTOR_STEM}{WEIGHT_SUFFIXES[weights]}"
+
+
+def selector_snapshot(domain: str, weights: str) -> str:
+    """The selector as committed after ``domain``'s step."""
+    return f"{SELECTOR_DIR}/after_{domain}{WEIGHT_SUFFIXES[weights]}"
+
+
+def buffer_part(domain: str, weights: str) -> str:
+    """``domain``'s stored selector embeddings."""
+    return f"{BUFFER_DIR}/{domain}{WEIGHT_SUFFIXES[weights]}"
 
 
 def backbone_identity(backbone: Backbone) -> Dict[str, Any]:
@@ -164,6 +194,10 @@ def read_manifest(run_dir: Path) -> Dict[str, Any]:
     bad = [k for k, kind in MANIFEST_KEYS.items() if not isinstance(manifest, dict) or not isinstance(manifest.get(k), kind)]
     if bad:
         raise RunFolderError(f"{path} is not a SAMCL run manifest (no valid {', '.join(bad)}); restore it from a copy")
+    weights = run_weights(manifest)
+    if not isinstance(weights, str) or weights not in WEIGHT_SUFFIXES:
+        raise RunFolderError(f"{path} names the weight format {weights!r}, which this version does not "
+                             f"know ({', '.join(WEIGHT_SUFFIXES)}); a newer SAMCL wrote it, or the file was edited")
     manifest["config"] = stored_settings(manifest["config"])
     return manifest
 
@@ -243,14 +277,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def selector_snapshot(domain: str) -> str:
-    return f"{SELECTOR_DIR}/after_{domain}.pth"
-
-
-def buffer_part(domain: str) -> str:
-    return f"{BUFFER_DIR}/{domain}.pth"
 
 
 def verify_files(run_dir: Path, checksums: Dict[str, str], names: Optional[List[str]] = None) -> None:
