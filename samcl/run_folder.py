@@ -3,18 +3,26 @@
 Layout (``log_sam1/<module>_<order>_<num_embedding>_<seed>_training/``)::
 
     run.json              manifest: backbone and checkpoint hash, module spec, order,
-                          domains done, package versions, SHA-256 of every file below
+                          domains done, weight format, package versions, SHA-256 of every
+                          file below
     config.yaml           the resolved configuration
     log.txt               the log
-    <domain>.pth          one module per trained domain (plain state dict + kind + spec):
-                          an AugModule (--module SAMCL/SAMCL_2) or a CAD module (--module CAD)
-    Module_Selector.pth   the latest selector (state dict + its domain order)
-    selector/after_<domain>.pth   the selector as it was after each step
-    embedding_buffer/<domain>.pth the stored selector embeddings of each domain
+    <domain>.safetensors  one module per trained domain (state dict; kind, backbone and spec
+                          as JSON in the header): an AugModule (--module SAMCL/SAMCL_2), a
+                          CAD module (--module CAD), ...
+    Module_Selector.safetensors   the latest selector (state dict + its domain order)
+    selector/after_<domain>.safetensors   the selector as it was after each step
+    embedding_buffer/<domain>.safetensors the stored selector embeddings of each domain
                           (the only record of past domains)
     metrics.json          accuracy matrix, AA/FM/FT per step, selector counts, versions
-    partial/<domain>.pt   the domain in progress, saved after every epoch (for --resume)
+    partial/<domain>.pt   the domain in progress, saved after every epoch (for --resume;
+                          a torch file: optimizer state, bounded-checked before it is read)
     test_metrics.json     written by test.py
+
+Opening a run folder runs no pickle: its weights are safetensors files (:mod:`samcl.io`).
+A run folder written before safetensors holds the same files as ``.pth`` (torch.save) and
+no ``"weights"`` in run.json; it is read with torch's restricted unpickler after the
+bounded checks, and a resume continues it in ``.pth`` so a folder is always one format.
 
 The file names come from :func:`module_path`, :func:`selector_file`,
 :func:`selector_snapshot` and :func:`buffer_part` with the run's weight format
@@ -56,7 +64,7 @@ CONFIG_FILE = "config.yaml"
 
 # weight formats of a run folder's module, selector and buffer files -> their suffix
 WEIGHT_SUFFIXES = {"safetensors": ".safetensors", "pth": ".pth"}
-WEIGHTS = "pth"  # what new run folders are written in
+WEIGHTS = "safetensors"  # what new run folders are written in
 LEGACY_WEIGHTS = "pth"  # a run.json without "weights": written before safetensors
 
 

@@ -59,8 +59,9 @@ def convert(src: Path, dst: Path, family: Optional[str] = None, order: Sequence[
             unseen: Sequence[str] = RELEASE_UNSEEN, overwrite: bool = False) -> Dict[str, Any]:
     """Release folder ``src`` -> run folder ``dst`` in this project's format.
 
-    Writes ``<domain>.pth`` (format samcl-augmodule, plain state dict + spec, plus the
-    authors' ``cnt``), ``Module_Selector.pth`` (format samcl-selector) and ``run.json``.
+    Writes ``<domain>.safetensors`` (format samcl-augmodule, plain state dict + spec, plus
+    the authors' ``cnt``), ``Module_Selector.safetensors`` and its snapshot (format
+    samcl-selector) and ``run.json``: a run folder that opens without a pickle.
     Returns the manifest.
     """
     src, dst = Path(src), Path(dst)
