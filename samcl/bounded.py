@@ -1,8 +1,8 @@
-"""Bounded checks of a torch zip checkpoint before ``torch.load`` reads it.
+"""Bounded checks of a checkpoint before it is read: torch zip files and safetensors files.
 
 Every ``.pth``/``.pt`` a user hands us (backbone weights, the authors' release files,
-this project's module, selector, buffer and partial files) is checked here first,
-in memory bounded by the caps below whatever the file claims:
+the module, selector and buffer files of run folders written before safetensors, partial
+files) is checked here first, in memory bounded by the caps below whatever the file claims:
 
 1. it is a regular file (not a directory, device, FIFO or symlink loop);
 2. the zip's central directory: every member's declared (uncompressed) size, whose
@@ -16,9 +16,17 @@ in memory bounded by the caps below whatever the file claims:
    huge tensor) and no more elements than its storage.
 
 Only then does ``torch.load`` (``weights_only=True``) read the file.
+
+A ``.safetensors`` file (this project's module, selector and buffer files) holds no pickle;
+:func:`read_safetensors_file` checks its header before the safetensors reader sees it: the
+declared header length against the file's size and :data:`MAX_SAFETENSORS_HEADER`, and
+every tensor's dtype, shape and byte range against the file's data section (inside it,
+exactly the shape's bytes, no two tensors overlapping), so reading allocates at most the
+file's size.
 """
 import errno
 import io
+import json
 import math
 import os
 import pickle
@@ -26,7 +34,7 @@ import stat
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Type
+from typing import Any, BinaryIO, Dict, List, Optional, Tuple, Type
 
 MAX_PICKLE_BYTES = 64 << 20  # a checkpoint's pickle holds names and shapes; the tensors are separate records
 MAX_EXPANSION = 4  # declared uncompressed bytes per byte of file
@@ -273,3 +281,86 @@ def check_torch_file(path: Path, what: str = "file", error: Type[Exception] = Va
             names = names if names is not None else _names(root)
             raise error(f"refused {what} {zf.path}: tensor {names.get(id(t), '(unreachable)')} {problem}; the file "
                         f"is corrupt or crafted, nothing was loaded")
+
+
+# ----------------------------------------------------------------------------- safetensors
+MAX_SAFETENSORS_HEADER = MAX_PICKLE_BYTES  # names, dtypes, shapes and offsets; the tensors follow it
+
+# bytes per element of the dtypes the safetensors torch reader knows
+SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1,
+                        "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
+                        "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+
+
+def _safetensors_problem(entry: Any, data_bytes: int) -> Optional[str]:
+    """What is wrong with one tensor entry of a safetensors header (None: nothing)."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        return "has a malformed entry (no dtype, shape and data_offsets)"
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in SAFETENSORS_ITEMSIZE:
+        return f"has an unknown dtype {str(dtype)[:20]!r}"
+    if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
+        return "has a malformed shape"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        return "has malformed data offsets"
+    begin, end = offsets
+    if end > data_bytes:
+        return f"lies past the end of the file (bytes {begin:,}..{end:,} of a data section of {data_bytes:,})"
+    need = math.prod(shape) * SAFETENSORS_ITEMSIZE[dtype]
+    if need != end - begin:
+        return f"claims shape {shape} of {dtype} ({need:,} bytes) but spans {end - begin:,} bytes"
+    return None
+
+
+def _safetensors_header(f: BinaryIO, size: int, path: Path, what: str, error: Type[Exception]) -> Dict[str, str]:
+    """Check the header of the safetensors file open as ``f`` (of ``size`` bytes); its metadata."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise error(f"{what} {path} is not a safetensors file ({size} bytes, less than its header's length); "
+                    f"it is corrupt or truncated")
+    n = int.from_bytes(head, "little")
+    if n > size - 8:
+        raise error(f"refused {what} {path}: its header declares {n:,} bytes but the file holds {size:,} "
+                    f"(truncated or crafted); nothing was read")
+    if n > MAX_SAFETENSORS_HEADER:
+        raise error(f"refused {what} {path}: its header declares {n:,} bytes, more than the "
+                    f"{MAX_SAFETENSORS_HEADER:,} a header needs; nothing was read")
+    try:
+        header = json.loads(f.read(n).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise error(f"{what} {path}: its safetensors header is not JSON ({type(e).__name__}); the file is corrupt") \
+            from None
+    if not isinstance(header, dict):
+        raise error(f"{what} {path}: its safetensors header is not a JSON object; the file is corrupt")
+    meta = header.pop("__metadata__", {})
+    if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise error(f"{what} {path}: its safetensors metadata is not a map of strings; the file is corrupt")
+    data_bytes = size - 8 - n
+    spans = []
+    for name, entry in header.items():
+        problem = _safetensors_problem(entry, data_bytes)
+        if problem:
+            raise error(f"refused {what} {path}: tensor {name[:80]!r} {problem}; the file is corrupt or crafted, "
+                        f"nothing was loaded")
+        spans.append((*entry["data_offsets"], name))
+    spans.sort()
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise error(f"refused {what} {path}: tensors {first[:80]!r} and {second[:80]!r} overlap in the file "
+                        f"(from byte {begin:,}); the file is corrupt or crafted, nothing was loaded")
+    return meta
+
+
+def read_safetensors_file(path: Path, what: str = "file",
+                          error: Type[Exception] = ValueError) -> Tuple[Dict[str, str], bytes]:
+    """(header metadata, the file's bytes) of a safetensors file, refusing (with ``error`` naming the
+    file and the tensor) one whose header could make the reader read or allocate more than the file
+    holds. The 8-byte length and the header are checked first, in memory bounded by the file's size
+    and the cap above; only then is the rest read, from the same open file."""
+    path = Path(path)
+    size = regular_file_size(path, what, error)
+    with open(path, "rb") as f:
+        meta = _safetensors_header(f, size, path, what, error)
+        f.seek(0)
+        return meta, f.read(size)

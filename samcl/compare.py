@@ -15,19 +15,21 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from .config import MODULE_ALIASES
-from .run_folder import MANIFEST, METRICS_FILE, RunFolderError, buffer_part, selector_snapshot
+from .run_folder import (MANIFEST, METRICS_FILE, RunFolderError, buffer_part, module_path, read_manifest, run_weights,
+                         selector_snapshot)
 
 METRICS = ("iou", "f1", "mae")  # as samcl.metrics.METRICS, without importing torch
 SUMMARY = ("AA", "FM", "FT")
 MB = 1024**2
 
 
-def step_storage(run_dir: Path, step: Dict[str, Any]) -> int:
-    """Bytes a step keeps: recorded in metrics.json, else the sizes of its files."""
+def step_storage(run_dir: Path, step: Dict[str, Any], weights: str) -> int:
+    """Bytes a step keeps: recorded in metrics.json, else the sizes of its files (in the run's
+    weight format)."""
     if "storage" in step:
         return int(step["storage"]["bytes"])
     d = step["domain"]
-    files = [f"{d}.pth", buffer_part(d), selector_snapshot(d)]
+    files = [module_path(run_dir, d, weights).name, buffer_part(d, weights), selector_snapshot(d, weights)]
     return sum((run_dir / f).stat().st_size for f in files if (run_dir / f).is_file())
 
 
@@ -58,7 +60,8 @@ def summarise(run_dir: Path) -> Dict[str, Any]:
     for m in METRICS:
         for k in SUMMARY:
             row[f"{m}_{k}"] = last[m][k]
-    row["stored_mb_per_domain"] = (sum(step_storage(run_dir, s) for s in trained) / len(trained) / MB
+    weights = run_weights(read_manifest(run_dir))
+    row["stored_mb_per_domain"] = (sum(step_storage(run_dir, s, weights) for s in trained) / len(trained) / MB
                                    if trained else 0.0)
     row["training_seconds"] = sum(s.get("training_seconds", s.get("seconds", 0.0)) for s in steps)
     return row

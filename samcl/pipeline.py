@@ -28,7 +28,8 @@ from .registry import METHODS, MODULES
 from .release.folder import is_release_folder, load_release_run, release_manifest, report_dir_for
 from .run_folder import (MANIFEST, METRICS_FILE, TEST_METRICS_FILE, RunFolderError, backbone_identity,
                          check_same_checkpoint, checkpoint_identity, load_module, load_selector, module_path,
-                         package_versions, read_manifest, selector_snapshot, setup_logging, verify_files, write_json)
+                         package_versions, read_manifest, run_weights, selector_snapshot, setup_logging, verify_files,
+                         write_json)
 from .training import evaluate_split, make_loader, seed_everything, selector_accuracy
 
 log = logging.getLogger("samcl.pipeline")
@@ -112,8 +113,9 @@ def load_run(run_dir: Path, cfg: Config, device: torch.device) -> SAMCLModel:
     completed, unseen = manifest["completed"], set(manifest["unseen"])
     if not completed:
         raise RunFolderError(f"{run_dir} has no finished domain yet; nothing to test")
-    modules = [module_path(run_dir, d).name for d in completed if d not in unseen]
-    snapshot = selector_snapshot(completed[-1])
+    weights = run_weights(manifest)  # safetensors; "pth" for a folder written before (read with weights_only)
+    modules = [module_path(run_dir, d, weights).name for d in completed if d not in unseen]
+    snapshot = selector_snapshot(completed[-1], weights)
     verify_files(run_dir, manifest["files"], modules + [snapshot])
     model = build_model(run_cfg, device)
     built = json.loads(json.dumps(backbone_identity(model.backbone)))
@@ -122,7 +124,8 @@ def load_run(run_dir: Path, cfg: Config, device: torch.device) -> SAMCLModel:
                              f"its settings is {built}; its run.json is inconsistent")
     selector, sel_domains = load_selector(Path(run_dir) / snapshot)
     for d in sel_domains:
-        model.add_domain(d, None if d in unseen else load_module(module_path(run_dir, d), model.backbone, model.kind))
+        model.add_domain(d, None if d in unseen else load_module(module_path(run_dir, d, weights), model.backbone,
+                                                                 model.kind))
     model.selector = selector.to(device)
     if len(completed) < len(manifest["order"]):
         log.warning("%s is unfinished: only %s of %s are done (train.py --resume %s continues it)", run_dir,

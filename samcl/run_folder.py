@@ -3,18 +3,30 @@
 Layout (``log_sam1/<module>_<order>_<num_embedding>_<seed>_training/``)::
 
     run.json              manifest: backbone and checkpoint hash, module spec, order,
-                          domains done, package versions, SHA-256 of every file below
+                          domains done, weight format, package versions, SHA-256 of every
+                          file below
     config.yaml           the resolved configuration
     log.txt               the log
-    <domain>.pth          one module per trained domain (plain state dict + kind + spec):
-                          an AugModule (--module SAMCL/SAMCL_2) or a CAD module (--module CAD)
-    Module_Selector.pth   the latest selector (state dict + its domain order)
-    selector/after_<domain>.pth   the selector as it was after each step
-    embedding_buffer/<domain>.pth the stored selector embeddings of each domain
+    <domain>.safetensors  one module per trained domain (state dict; kind, backbone and spec
+                          as JSON in the header): an AugModule (--module SAMCL/SAMCL_2), a
+                          CAD module (--module CAD), ...
+    Module_Selector.safetensors   the latest selector (state dict + its domain order)
+    selector/after_<domain>.safetensors   the selector as it was after each step
+    embedding_buffer/<domain>.safetensors the stored selector embeddings of each domain
                           (the only record of past domains)
     metrics.json          accuracy matrix, AA/FM/FT per step, selector counts, versions
-    partial/<domain>.pt   the domain in progress, saved after every epoch (for --resume)
+    partial/<domain>.pt   the domain in progress, saved after every epoch (for --resume;
+                          a torch file: optimizer state, bounded-checked before it is read)
     test_metrics.json     written by test.py
+
+Opening a run folder runs no pickle: its weights are safetensors files (:mod:`samcl.io`).
+A run folder written before safetensors holds the same files as ``.pth`` (torch.save) and
+no ``"weights"`` in run.json; it is read with torch's restricted unpickler after the
+bounded checks, and a resume continues it in ``.pth`` so a folder is always one format.
+
+The file names come from :func:`module_path`, :func:`selector_file`,
+:func:`selector_snapshot` and :func:`buffer_part` with the run's weight format
+(:func:`run_weights`: run.json's ``"weights"``; absent, ``.pth``).
 
 Every file is written atomically (temporary file + rename). A step *commits* by
 rewriting run.json last, with the checksums of what it wrote; files of finished
@@ -35,13 +47,13 @@ import yaml
 
 from .backbones.base import Backbone
 from .config import stored_settings
-from .io import atomic_torch_save, atomic_write_text, load_tagged
+from .io import atomic_write_text, load_tagged, save_tagged
 from .modules.base import LearningModule
 from .registry import MODULES
 from .selector import ModuleSelector
 
 MANIFEST = "run.json"
-SELECTOR_FILE = "Module_Selector.pth"
+SELECTOR_STEM = "Module_Selector"
 SELECTOR_DIR = "selector"
 BUFFER_DIR = "embedding_buffer"
 PARTIAL_DIR = "partial"
@@ -49,6 +61,11 @@ METRICS_FILE = "metrics.json"
 TEST_METRICS_FILE = "test_metrics.json"
 LOG_FILE = "log.txt"
 CONFIG_FILE = "config.yaml"
+
+# weight formats of a run folder's module, selector and buffer files -> their suffix
+WEIGHT_SUFFIXES = {"safetensors": ".safetensors", "pth": ".pth"}
+WEIGHTS = "safetensors"  # what new run folders are written in
+LEGACY_WEIGHTS = "pth"  # a run.json without "weights": written before safetensors
 
 
 class RunFolderError(ValueError):
@@ -66,8 +83,29 @@ def package_versions() -> Dict[str, str]:
     return out
 
 
-def module_path(run_dir: Path, domain: str) -> Path:
-    return Path(run_dir) / f"{domain}.pth"
+def run_weights(manifest: Dict[str, Any]) -> str:
+    """The weight format of a run folder from its run.json as :func:`read_manifest` returns it
+    (absent: written before safetensors)."""
+    return manifest.get("weights", LEGACY_WEIGHTS)
+
+
+def module_path(run_dir: Path, domain: str, weights: str) -> Path:
+    return Path(run_dir) / f"{domain}{WEIGHT_SUFFIXES[weights]}"
+
+
+def selector_file(weights: str) -> str:
+    """The run's latest selector (rewritten at every step)."""
+    return f"{SELECTOR_STEM}{WEIGHT_SUFFIXES[weights]}"
+
+
+def selector_snapshot(domain: str, weights: str) -> str:
+    """The selector as committed after ``domain``'s step."""
+    return f"{SELECTOR_DIR}/after_{domain}{WEIGHT_SUFFIXES[weights]}"
+
+
+def buffer_part(domain: str, weights: str) -> str:
+    """``domain``'s stored selector embeddings."""
+    return f"{BUFFER_DIR}/{domain}{WEIGHT_SUFFIXES[weights]}"
 
 
 def backbone_identity(backbone: Backbone) -> Dict[str, Any]:
@@ -81,10 +119,11 @@ def module_format(kind: str) -> str:
 
 
 def save_module(module: LearningModule, backbone: Backbone, domain: str, path: Path) -> None:
-    """A per-domain module as a plain state dict with its kind, spec and backbone."""
-    atomic_torch_save({"format": module_format(module.name), "version": 1, "kind": module.name, "domain": domain,
-                       "backbone": backbone_identity(backbone), "spec": module.spec.to_dict(),
-                       "state_dict": module.state_dict()}, path)
+    """A per-domain module as a plain state dict with its kind, spec and backbone (in the format
+    ``path``'s suffix says)."""
+    save_tagged({"format": module_format(module.name), "version": 1, "kind": module.name, "domain": domain,
+                 "backbone": backbone_identity(backbone), "spec": module.spec.to_dict(),
+                 "state_dict": module.state_dict()}, path)
 
 
 def load_module(path: Path, backbone: Backbone, kind: str = "augmodule") -> LearningModule:
@@ -110,8 +149,8 @@ def load_module(path: Path, backbone: Backbone, kind: str = "augmodule") -> Lear
 
 
 def save_selector(selector: ModuleSelector, domains: List[str], path: Path) -> None:
-    atomic_torch_save({"format": "samcl-selector", "version": 1, "domains": list(domains),
-                       "dim": selector.layer1.in_features, "state_dict": selector.state_dict()}, path)
+    save_tagged({"format": "samcl-selector", "version": 1, "domains": list(domains),
+                 "dim": selector.layer1.in_features, "state_dict": selector.state_dict()}, path)
 
 
 def load_selector(path: Path) -> tuple:
@@ -163,6 +202,10 @@ def read_manifest(run_dir: Path) -> Dict[str, Any]:
     bad = [k for k, kind in MANIFEST_KEYS.items() if not isinstance(manifest, dict) or not isinstance(manifest.get(k), kind)]
     if bad:
         raise RunFolderError(f"{path} is not a SAMCL run manifest (no valid {', '.join(bad)}); restore it from a copy")
+    weights = run_weights(manifest)
+    if not isinstance(weights, str) or weights not in WEIGHT_SUFFIXES:
+        raise RunFolderError(f"{path} names the weight format {weights!r}, which this version does not "
+                             f"know ({', '.join(WEIGHT_SUFFIXES)}); a newer SAMCL wrote it, or the file was edited")
     manifest["config"] = stored_settings(manifest["config"])
     return manifest
 
@@ -242,14 +285,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def selector_snapshot(domain: str) -> str:
-    return f"{SELECTOR_DIR}/after_{domain}.pth"
-
-
-def buffer_part(domain: str) -> str:
-    return f"{BUFFER_DIR}/{domain}.pth"
 
 
 def verify_files(run_dir: Path, checksums: Dict[str, str], names: Optional[List[str]] = None) -> None:

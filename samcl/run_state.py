@@ -23,9 +23,9 @@ from .io import atomic_torch_save
 from .methods.base import ContinualMethod
 from .pictures import draw_report
 from .metrics import AccuracyMatrix
-from .run_folder import (MANIFEST, METRICS_FILE, PARTIAL_DIR, RunFolderError, backbone_identity, buffer_part,
-                         load_module, module_path, package_versions, read_manifest, save_module, sha256_file,
-                         verify_files, write_config, write_json)
+from .run_folder import (MANIFEST, METRICS_FILE, PARTIAL_DIR, WEIGHTS, RunFolderError, backbone_identity,
+                         buffer_part, load_module, module_path, package_versions, read_manifest, run_weights,
+                         save_module, sha256_file, verify_files, write_config, write_json)
 from .selector import EmbeddingBuffer
 
 log = logging.getLogger("samcl.run_state")
@@ -48,6 +48,8 @@ class RunState:
         self.steps: List[Dict] = []
         self.checksums: Dict[str, str] = {}
         self.completed: List[str] = []
+        self.weights = WEIGHTS  # a resumed run keeps its own (restore)
+        method.weights = self.weights
 
     # ------------------------------------------------------------ a new folder
     def prepare(self, overwrite: bool) -> None:
@@ -90,11 +92,15 @@ class RunState:
                                  f"(new domains are added at the end)")
         self.completed = list(manifest["completed"])
         self.checksums = dict(manifest.get("files", {}))
+        self.weights = self.method.weights = run_weights(manifest)
+        if self.weights != WEIGHTS:
+            log.info("%s was written with .%s weight files: it goes on in that format (one format per folder)",
+                     self.run_dir, self.weights)
         verify_files(self.run_dir, self.checksums, [f for d in self.completed for f in self.step_files(d)])
         for d in self.completed:
-            self.buffer.load_part(self.run_dir / buffer_part(d), d)
-            module = None if d in self.unseen else load_module(module_path(self.run_dir, d), self.model.backbone,
-                                                               self.model.kind)
+            self.buffer.load_part(self.run_dir / buffer_part(d, self.weights), d)
+            module = None if d in self.unseen else load_module(module_path(self.run_dir, d, self.weights),
+                                                               self.model.backbone, self.model.kind)
             self.model.add_domain(d, module)
         self.method.restore(self.completed)
         self.steps = self._restore_steps()
@@ -138,16 +144,16 @@ class RunState:
 
     # ------------------------------------------------------------ a step
     def step_files(self, domain: str) -> List[str]:
-        files = [buffer_part(domain), *self.method.step_files(domain)]
-        return files if domain in self.unseen else [module_path(self.run_dir, domain).name] + files
+        files = [buffer_part(domain, self.weights), *self.method.step_files(domain)]
+        return files if domain in self.unseen else [module_path(self.run_dir, domain, self.weights).name] + files
 
     def save_step(self, domain: str, module: Optional[nn.Module]) -> None:
         """The step's module file and the domain's part of the embedding buffer (rank 0)."""
         if not dist.is_main():
             return
         if module is not None:
-            save_module(module, self.model.backbone, domain, module_path(self.run_dir, domain))
-        self.buffer.save_part(self.run_dir / buffer_part(domain), domain)
+            save_module(module, self.model.backbone, domain, module_path(self.run_dir, domain, self.weights))
+        self.buffer.save_part(self.run_dir / buffer_part(domain, self.weights), domain)
 
     def storage(self, domain: str) -> Dict[str, Any]:
         """What the step keeps on disk: bytes of each of its files (the module, the buffer part, the
@@ -257,7 +263,9 @@ class RunState:
             "order": self.domains,
             "unseen": self.unseen,
             "completed": list(self.completed),
-            "modules": {d: module_path(self.run_dir, d).name for d in self.completed if d not in self.unseen},
+            "weights": self.weights,
+            "modules": {d: module_path(self.run_dir, d, self.weights).name for d in self.completed
+                        if d not in self.unseen},
             "selector": self.method.run_files()[0] if self.method.run_files() else None,
             "files": self.checksums,
             "config": self.cfg.to_dict(),

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .io import atomic_torch_save, load_tagged
+from .io import load_tagged, save_tagged
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +116,10 @@ class EmbeddingBuffer:
         return sum(t.numel() * t.element_size() for t in self.store.values())
 
     def save_part(self, path: Path, domain: str) -> None:
-        """Write one domain's embeddings (written once, when the domain is done)."""
-        atomic_torch_save({"format": "samcl-embedding-buffer", "version": 1, "domain": domain,
-                           "capacity": self.capacity, "embeddings": self.store[domain]}, path)
+        """Write one domain's embeddings (written once, when the domain is done), in the format
+        ``path``'s suffix says."""
+        save_tagged({"format": "samcl-embedding-buffer", "version": 1, "domain": domain,
+                     "capacity": self.capacity, "embeddings": self.store[domain]}, path)
 
     def load_part(self, path: Path, domain: str) -> None:
         data = load_tagged(path, ("samcl-embedding-buffer",), f"embedding buffer of {domain}")

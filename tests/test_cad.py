@@ -14,6 +14,7 @@ from samcl.modules.cad import CADModule, CADSpec, ConvAdapter, high_frequency, h
 from samcl.cli import default_config
 from samcl.config import CONFIG_DIR, load_config
 from samcl.demo import make_demo_data
+from samcl.io import read_tagged
 from samcl.losses import cad_loss, soft_iou_loss
 from samcl.model import SAMCLModel
 from samcl.run_folder import RunFolderError, load_module, save_module
@@ -151,10 +152,10 @@ def test_continual_run_with_module_cad_writes_run_folder_tests_and_resumes(data,
     run = tmp_path / "cad_run"
     cfg = cad_cfg(data, run, order="polyp_shadow_natural")
     metrics = pipeline.train(cfg, CPU)
-    for f in ("run.json", "polyp.pth", "shadow.pth", "Module_Selector.pth", "metrics.json",
-              "embedding_buffer/natural.pth", "selector/after_natural.pth"):
+    for f in ("run.json", "polyp.safetensors", "shadow.safetensors", "Module_Selector.safetensors", "metrics.json",
+              "embedding_buffer/natural.safetensors", "selector/after_natural.safetensors"):
         assert (run / f).is_file(), f
-    assert not (run / "natural.pth").exists()
+    assert not (run / "natural.safetensors").exists()
     saved = json.loads((run / "metrics.json").read_text())
     lm = saved["learning_module"]
     assert lm["kind"] == "cad" and lm["module"] == "CAD" and "aug_module" not in saved
@@ -168,7 +169,7 @@ def test_continual_run_with_module_cad_writes_run_folder_tests_and_resumes(data,
     manifest = json.loads((run / "run.json").read_text())
     assert manifest["module"] == "CAD" and manifest["spec"]["in_side"] == 128
 
-    data_file = torch.load(run / "polyp.pth", weights_only=True)
+    data_file = read_tagged(run / "polyp.safetensors", "module file")
     assert data_file["format"] == "samcl-cad" and data_file["kind"] == "cad"
     assert any(k.startswith("decoder.") for k in data_file["state_dict"])
     assert any(k.startswith("adapter.blocks.0.bn.running_mean") for k in data_file["state_dict"])
@@ -185,8 +186,8 @@ def test_continual_run_with_module_cad_writes_run_folder_tests_and_resumes(data,
     model = pipeline.load_run(run, cfg, CPU)
     assert isinstance(model.module_for("polyp"), CADModule) and not model.module_for("polyp").training
     with pytest.raises(RunFolderError, match="holds a cad module, but this run uses augmodule modules"):
-        load_module(run / "polyp.pth", model.backbone, "augmodule")
-    aug_file = tmp_path / "aug.pth"
+        load_module(run / "polyp.safetensors", model.backbone, "augmodule")
+    aug_file = tmp_path / "aug.safetensors"
     save_module(AugModule(AugModuleSpec.for_backbone(model.backbone)), model.backbone, "polyp", aug_file)
     with pytest.raises(RunFolderError, match="holds a augmodule module, but this run uses cad modules"):
         load_module(aug_file, model.backbone, "cad")
@@ -196,13 +197,13 @@ def test_continual_run_with_module_cad_writes_run_folder_tests_and_resumes(data,
         pipeline.resume(run, {"module": "SAMCL"}, CPU)
 
     # resume adds a domain: the finished CAD modules are read back, one new module trained
-    before = torch.load(run / "polyp.pth", weights_only=True)["state_dict"]
+    before = read_tagged(run / "polyp.safetensors", "module file")["state_dict"]
     pipeline.resume(run, {"order": "polyp_shadow_natural_lesion"}, CPU)
-    assert (run / "lesion.pth").is_file()
+    assert (run / "lesion.safetensors").is_file()
     after = json.loads((run / "metrics.json").read_text())
     assert [s["domain"] for s in after["steps"]] == ["polyp", "shadow", "natural", "lesion"]
     assert after["steps"][3]["trained"] and after["steps"][2]["evaluation"]["lesion"].get("measured_when_added")
-    assert all(torch.equal(v, torch.load(run / "polyp.pth", weights_only=True)["state_dict"][k])
+    assert all(torch.equal(v, read_tagged(run / "polyp.safetensors", "module file")["state_dict"][k])
                for k, v in before.items())
 
 
@@ -216,8 +217,8 @@ def test_cad_training_with_the_cache_equals_without(data, tmp_path):
     assert m_off["steps"][0]["training"]["epoch_loss"] == m_on["steps"][0]["training"]["epoch_loss"]
     assert m_off["steps"][0]["evaluation"] == m_on["steps"][0]["evaluation"]
     model = pipeline.build_model(cfg_off, CPU)
-    a = load_module(cfg_off.resolved_run_dir() / "polyp.pth", model.backbone, "cad").state_dict()
-    b = load_module(cfg_on.resolved_run_dir() / "polyp.pth", model.backbone, "cad").state_dict()
+    a = load_module(cfg_off.resolved_run_dir() / "polyp.safetensors", model.backbone, "cad").state_dict()
+    b = load_module(cfg_on.resolved_run_dir() / "polyp.safetensors", model.backbone, "cad").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "hit rate 66.7%" in (cfg_on.resolved_run_dir() / "log.txt").read_text()  # epochs 2-3 skip the encoder
 

@@ -48,7 +48,7 @@ def symlink_loop(tmp: Path) -> None:
 def run_folder_without_manifest(tmp: Path) -> None:
     run = tmp / "lost"
     (run / "selector").mkdir(parents=True)
-    for name in ("config.yaml", "metrics.json", "log.txt", "Module_Selector.pth", "polyp.pth"):
+    for name in ("config.yaml", "metrics.json", "log.txt", "Module_Selector.safetensors", "polyp.safetensors"):
         (run / name).write_text("x")
 
 

@@ -45,14 +45,15 @@ def test_torchrun_finishes_with_one_buffer_and_one_copy_of_each_file(ddp_run):
     root, run, r = ddp_run
     for d in DOMAINS:
         buf = EmbeddingBuffer(5)
-        buf.load_part(run / f"embedding_buffer/{d}.pth", d)
+        buf.load_part(run / f"embedding_buffer/{d}.safetensors", d)
         assert buf.store[d].shape == (5, 32)
         assert torch.unique(buf.store[d], dim=0).shape[0] == 5  # five different images
     files = sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file())
     assert not [f for f in files if f.endswith(".tmp") or "/." in f or f.startswith(".")]
-    assert files == sorted(["run.json", "config.yaml", "log.txt", "metrics.json", "report.png", "Module_Selector.pth",
-                            "polyp.pth", "shadow.pth", *(f"embedding_buffer/{d}.pth" for d in DOMAINS),
-                            *(f"selector/after_{d}.pth" for d in DOMAINS)])
+    assert files == sorted(["run.json", "config.yaml", "log.txt", "metrics.json", "report.png",
+                            "Module_Selector.safetensors", "polyp.safetensors", "shadow.safetensors",
+                            *(f"embedding_buffer/{d}.safetensors" for d in DOMAINS),
+                            *(f"selector/after_{d}.safetensors" for d in DOMAINS)])
     log = (run / "log.txt").read_text()
     assert log.count("=== step 2/3: shadow ===") == 1 and "2 process(es)" in log  # rank 0 alone writes
     assert r.stdout.count("=== step 1/3: polyp ===") == 1  # and alone logs to the console

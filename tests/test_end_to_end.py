@@ -34,16 +34,16 @@ def test_train_then_test_writes_every_promised_file(demo_data, capsys):
     metrics = pipeline.train(cfg, torch.device("cpu"))
     run = cfg.resolved_run_dir()
     assert run.name == "SAMCL_polyp_shadow_lesion_natural_4_1234_training"
-    for f in ("run.json", "config.yaml", "log.txt", "polyp.pth", "shadow.pth", "lesion.pth",
-              "Module_Selector.pth", "metrics.json", *(f"embedding_buffer/{d}.pth" for d in DOMAINS),
-              *(f"selector/after_{d}.pth" for d in DOMAINS)):
+    for f in ("run.json", "config.yaml", "log.txt", "polyp.safetensors", "shadow.safetensors", "lesion.safetensors",
+              "Module_Selector.safetensors", "metrics.json", *(f"embedding_buffer/{d}.safetensors" for d in DOMAINS),
+              *(f"selector/after_{d}.safetensors" for d in DOMAINS)):
         assert (run / f).is_file(), f
-    assert not (run / "natural.pth").exists()  # the unseen domain trains no module
+    assert not (run / "natural.safetensors").exists()  # the unseen domain trains no module
 
     assert not (run / "partial").exists()  # committed steps leave no partial state, nor its folder
     buf = EmbeddingBuffer(4)
     for d in DOMAINS:
-        buf.load_part(run / f"embedding_buffer/{d}.pth", d)
+        buf.load_part(run / f"embedding_buffer/{d}.safetensors", d)
     assert buf.domains == DOMAINS and all(buf.store[d].shape == (4, 32) for d in DOMAINS)
 
     saved = json.loads((run / "metrics.json").read_text())

@@ -27,6 +27,8 @@ if __name__ == "__main__":  # --record runs from the repository root
 from samcl import pipeline  # noqa: E402
 from samcl.config import CONFIG_DIR, load_config  # noqa: E402
 from samcl.demo import make_demo_data  # noqa: E402
+from samcl.io import read_tagged  # noqa: E402
+from samcl.run_folder import WEIGHT_SUFFIXES  # noqa: E402
 
 GOLDEN = Path(__file__).with_name("golden_runs.json")
 RUNS = {"SAMCL": "demo_sam.yaml", "SAMCL_2": "demo_sam2.yaml", "CAD": "demo_cad.yaml"}
@@ -56,9 +58,9 @@ def tensor_digest(obj, h) -> None:
 
 def fingerprint(run_dir: Path) -> dict:
     out = {}
-    for f in sorted(run_dir.rglob("*.pth")):
+    for f in sorted(p for p in run_dir.rglob("*") if p.suffix in WEIGHT_SUFFIXES.values()):
         h = hashlib.sha256()
-        tensor_digest(torch.load(f, map_location="cpu", weights_only=True), h)
+        tensor_digest(read_tagged(f, "weights file"), h)
         out[f.relative_to(run_dir).as_posix()] = h.hexdigest()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     kept = {"accuracy_matrix": metrics["accuracy_matrix"], "learning_module": metrics["learning_module"],

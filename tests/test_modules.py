@@ -142,9 +142,12 @@ def test_module_files_round_trip_and_refuse_another_backbone(backbone, tmp_path)
     other = tiny("sam2" if backbone.family == "sam" else "sam")
     for kind in kinds_for(backbone):
         module = randomise(build(kind, backbone))
-        save_module(module, backbone, "polyp", tmp_path / f"{kind}.pth")
-        back = load_module(tmp_path / f"{kind}.pth", backbone, kind)
-        assert type(back) is type(module) and back.spec == module.spec
-        assert torch.equal(run(back, backbone, images, points, labels)[0], run(module, backbone, images, points, labels)[0])
-        with pytest.raises(ValueError, match="was trained on"):
-            load_module(tmp_path / f"{kind}.pth", other, kind)
+        for suffix in (".safetensors", ".pth"):  # run folders, and those written before safetensors
+            path = tmp_path / f"{kind}{suffix}"
+            save_module(module, backbone, "polyp", path)
+            back = load_module(path, backbone, kind)
+            assert type(back) is type(module) and back.spec == module.spec
+            assert torch.equal(run(back, backbone, images, points, labels)[0],
+                               run(module, backbone, images, points, labels)[0])
+            with pytest.raises(ValueError, match="was trained on"):
+                load_module(path, other, kind)

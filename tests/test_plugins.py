@@ -11,6 +11,7 @@ from samcl import compare, pipeline
 from samcl.config import CONFIG_DIR, ConfigError, load_config
 from samcl.plugins import check_plugins
 from samcl.demo import make_demo_data
+from samcl.io import read_tagged
 from samcl.registry import UnknownName
 
 CPU = torch.device("cpu")
@@ -50,27 +51,27 @@ def test_samcl_routing_over_other_modules_trains_tests_and_resumes(data, tmp_pat
     cfg = cfg_for(data, family, run, learning_module=kind)
     assert cfg.run_name().startswith(f"samcl-{kind}_polyp_natural")
     metrics = pipeline.train(cfg, CPU)
-    module_file = torch.load(run / "polyp.pth", weights_only=True)
+    module_file = read_tagged(run / "polyp.safetensors", "module file")
     assert module_file["format"] == f"samcl-{kind}" and module_file["kind"] == kind
     assert metrics["learning_module"]["kind"] == kind and "aug_module" not in metrics
     steps = metrics["steps"]
     assert [s["domain"] for s in steps] == ["polyp", "natural"] and steps[0]["trained"] and not steps[1]["trained"]
     # storage: the step's files, by name and size
     files = steps[0]["storage"]["files"]
-    assert set(files) == {"polyp.pth", "embedding_buffer/polyp.pth", "selector/after_polyp.pth"}
-    assert files["polyp.pth"] == (run / "polyp.pth").stat().st_size
+    assert set(files) == {"polyp.safetensors", "embedding_buffer/polyp.safetensors", "selector/after_polyp.safetensors"}
+    assert files["polyp.safetensors"] == (run / "polyp.safetensors").stat().st_size
     assert steps[0]["storage"]["bytes"] == sum(files.values()) and steps[0]["training_seconds"] > 0
     model = pipeline.load_run(run, cfg, CPU)
     assert type(model.module_for("polyp")).name == kind
     report = pipeline.test(run, cfg, CPU, with_vanilla=False)
     assert report["results"]["polyp"]["metrics"]["iou"] == pytest.approx(steps[1]["evaluation"]["polyp"]["metrics"]["iou"])
     # resume adds a domain: the finished module is read back, one more trained
-    before = torch.load(run / "polyp.pth", weights_only=True)["state_dict"]
+    before = read_tagged(run / "polyp.safetensors", "module file")["state_dict"]
     pipeline.resume(run, {"order": "polyp_natural_shadow"}, CPU)
     after = json.loads((run / "metrics.json").read_text())
     assert [s["domain"] for s in after["steps"]] == ["polyp", "natural", "shadow"]
-    assert torch.load(run / "shadow.pth", weights_only=True)["kind"] == kind
-    kept = torch.load(run / "polyp.pth", weights_only=True)["state_dict"]
+    assert read_tagged(run / "shadow.safetensors", "module file")["kind"] == kind
+    kept = read_tagged(run / "polyp.safetensors", "module file")["state_dict"]
     assert all(torch.equal(before[k], kept[k]) for k in before)
 
 
@@ -91,8 +92,8 @@ def test_compare_tables_runs_with_their_storage(data, tmp_path, capsys):
     assert Image.open(out_csv.with_suffix(".png")).format == "PNG"
     assert [r["module"] for r in rows] == ["augmodule", "lora"] and all(r["method"] == "samcl" for r in rows)
     for r, run in zip(rows, runs):
-        stored = sum((run / f).stat().st_size for f in ("polyp.pth", "embedding_buffer/polyp.pth",
-                                                        "selector/after_polyp.pth"))
+        stored = sum((run / f).stat().st_size for f in ("polyp.safetensors", "embedding_buffer/polyp.safetensors",
+                                                        "selector/after_polyp.safetensors"))
         assert float(r["stored_mb_per_domain"]) == pytest.approx(stored / 1024**2)
         steps = json.loads((run / "metrics.json").read_text())["steps"]
         assert float(r["iou_AA"]) == pytest.approx(steps[-1]["summary"]["iou"]["AA"])

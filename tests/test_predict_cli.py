@@ -62,7 +62,7 @@ def test_points_outside_an_image_and_a_bad_run_folder_are_named(run, tmp_path):
     assert r.returncode == 1 and f"lie outside the {w}x{h} image" in r.stdout and image.name in r.stdout
     bad = tmp_path / "bad_run"
     shutil.copytree(run / "run", bad)
-    (bad / "polyp.pth").write_bytes((bad / "polyp.pth").read_bytes()[:-10])
+    (bad / "polyp.safetensors").write_bytes((bad / "polyp.safetensors").read_bytes()[:-10])
     r = predict("--run_dir", bad, "--input", image, "--points", "5,5", "--output", tmp_path / "o2", "--device", "cpu")
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "polyp.pth" in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "polyp.safetensors" in r.stderr
     assert r.stderr.strip().count("\n") == 0  # one line

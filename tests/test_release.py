@@ -252,6 +252,7 @@ def test_release_folder_detection_and_reading(name):
 
 @pytest.mark.parametrize("name", ["SAM1", "SAM2"])
 def test_convert_round_trip_is_bit_exact(name, tmp_path):
+    from samcl.io import read_tagged
     from samcl.run_folder import load_selector, read_manifest
 
     src = release_dir(name)
@@ -259,15 +260,16 @@ def test_convert_round_trip_is_bit_exact(name, tmp_path):
     manifest = convert(src, dst, FAMILY[name])
     assert not is_release_folder(dst) and read_manifest(dst)["order"] == list(RELEASE_ORDER)
     assert manifest["unseen"] == ["COCO"] and sorted(manifest["modules"]) == sorted(module_files(src))
+    assert manifest["weights"] == "safetensors" and not list(dst.rglob("*.pth"))  # it opens without a pickle
     for domain, path in module_files(src).items():
         rm = read_release_module(path)
-        data = torch.load(dst / f"{domain}.pth", map_location="cpu", weights_only=True)
+        data = read_tagged(dst / f"{domain}.safetensors", "module file")  # converted: safetensors
         assert data["format"] == "samcl-augmodule" and data["backbone"]["family"] == FAMILY[name]
         assert data["release"]["cnt"] == rm.cnt
         ref = rm.module.state_dict()
         assert data["state_dict"].keys() == ref.keys()
         assert all(torch.equal(data["state_dict"][k], ref[k]) for k in ref)
-    sel, domains = load_selector(dst / "Module_Selector.pth")
+    sel, domains = load_selector(dst / "Module_Selector.safetensors")
     orig = read_release_selector(src / "Module_Selector.pth").state_dict()
     assert domains == list(RELEASE_ORDER)
     assert all(torch.equal(v, orig[k]) for k, v in sel.state_dict().items())
@@ -434,6 +436,7 @@ def test_export_of_a_trained_tiny_run_reads_back_and_tests(tmp_path):
     from samcl.modules.augmodule import AugModuleSpec
     from samcl.config import CONFIG_DIR, load_config
     from samcl.demo import make_demo_data
+    from samcl.io import read_tagged
 
     root = tmp_path / "demo"
     make_demo_data(root, n_train=4, n_test=2)
@@ -446,7 +449,7 @@ def test_export_of_a_trained_tiny_run_reads_back_and_tests(tmp_path):
     assert info["order"] == ["polyp", "natural"] and info["unseen"] == ["natural"] and list(info["modules"]) == ["polyp"]
     assert is_release_folder(exp) and sorted(module_files(exp)) == ["polyp"]
     rm = read_release_module(exp / "polyp.pth")
-    ours = torch.load(run / "polyp.pth", map_location="cpu", weights_only=True)
+    ours = read_tagged(run / "polyp.safetensors", "module file")
     assert rm.family == "sam" and rm.spec == AugModuleSpec.from_dict(ours["spec"])
     got = rm.module.state_dict()
     assert all(torch.equal(got[k], v) for k, v in ours["state_dict"].items())

@@ -15,6 +15,7 @@ from samcl import pipeline
 from samcl.backbones.sam import build_sam
 from samcl.config import CONFIG_DIR, load_config
 from samcl.demo import make_demo_data
+from samcl.io import read_tagged
 from samcl.run_folder import RunFolderError, load_selector, sha256_file
 from tests.conftest import REPO
 
@@ -34,7 +35,7 @@ def settings(root, run_dir, **kw):
 
 
 def module_tensors(path):
-    return torch.load(path, weights_only=True)["state_dict"]
+    return read_tagged(path, "module file")["state_dict"]
 
 
 def comparable_steps(run_dir):
@@ -61,15 +62,15 @@ def test_sigkill_during_second_domain_then_resume_equals_uninterrupted(data, tmp
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert json.loads((killed / "run.json").read_text())["completed"] == ["polyp"]
-    polyp_bytes = (killed / "polyp.pth").read_bytes()
+    polyp_bytes = (killed / "polyp.safetensors").read_bytes()
 
     r = subprocess.run([sys.executable, "train.py", "--resume", str(killed), "--device", "cpu"], cwd=REPO,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "resuming" in r.stdout and "shadow: resuming after epoch" in r.stdout
-    assert (killed / "polyp.pth").read_bytes() == polyp_bytes  # a finished module is never rewritten
+    assert (killed / "polyp.safetensors").read_bytes() == polyp_bytes  # a finished module is never rewritten
     for d in ("polyp", "shadow"):
-        a, b = module_tensors(reference / f"{d}.pth"), module_tensors(killed / f"{d}.pth")
+        a, b = module_tensors(reference / f"{d}.safetensors"), module_tensors(killed / f"{d}.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in a), d
     assert comparable_steps(killed) == comparable_steps(reference)
     assert json.loads((killed / "run.json").read_text())["completed"] == ["polyp", "shadow", "natural"]
@@ -78,9 +79,10 @@ def test_sigkill_during_second_domain_then_resume_equals_uninterrupted(data, tmp
 def test_adding_a_domain_to_a_finished_run(data, tmp_path):
     run = tmp_path / "run"
     pipeline.train(load_config(CONFIG_DIR / "demo_sam.yaml", settings(data, run, order="polyp_natural")), CPU)
-    before = {f: (run / f).read_bytes() for f in ("polyp.pth", "embedding_buffer/polyp.pth",
-                                                  "embedding_buffer/natural.pth", "selector/after_natural.pth")}
-    old_selector, _ = load_selector(run / "selector/after_natural.pth")
+    before = {f: (run / f).read_bytes() for f in ("polyp.safetensors", "embedding_buffer/polyp.safetensors",
+                                                  "embedding_buffer/natural.safetensors",
+                                                  "selector/after_natural.safetensors")}
+    old_selector, _ = load_selector(run / "selector/after_natural.safetensors")
 
     # the old domains' training images are never needed again: only the buffer
     hidden = data / "hidden_polyp_train"
@@ -91,7 +93,7 @@ def test_adding_a_domain_to_a_finished_run(data, tmp_path):
         shutil.move(hidden, data / "data/Polyp/train")
 
     assert all((run / f).read_bytes() == b for f, b in before.items())
-    selector, domains = load_selector(run / "Module_Selector.pth")
+    selector, domains = load_selector(run / "Module_Selector.safetensors")
     assert domains == ["polyp", "natural", "shadow"] and selector.num_domains == old_selector.num_domains + 1 == 3
     iou = metrics["accuracy_matrix"]["matrix"]["iou"]
     assert len(iou) == 3 and all(len(row) == 3 for row in iou)
@@ -99,7 +101,7 @@ def test_adding_a_domain_to_a_finished_run(data, tmp_path):
     assert metrics["steps"][1]["evaluation"]["shadow"]["measured_when_added"]
     assert metrics["steps"][2]["summary"]["iou"]["FT"] is not None
     assert [s["domain"] for s in metrics["steps"]] == ["polyp", "natural", "shadow"]
-    assert (run / "shadow.pth").is_file()
+    assert (run / "shadow.safetensors").is_file()
     manifest = json.loads((run / "run.json").read_text())
     assert manifest["order"] == ["polyp", "natural", "shadow"] and manifest["completed"] == manifest["order"]
 
@@ -108,15 +110,15 @@ def test_truncated_module_file_is_reported_by_name_and_nothing_is_touched(data, 
     run = tmp_path / "run"
     cfg = load_config(CONFIG_DIR / "demo_sam.yaml", settings(data, run, order="polyp_natural", epoch=1))
     pipeline.train(cfg, CPU)
-    data_bytes = (run / "polyp.pth").read_bytes()
-    (run / "polyp.pth").write_bytes(data_bytes[: len(data_bytes) // 2])
+    data_bytes = (run / "polyp.safetensors").read_bytes()
+    (run / "polyp.safetensors").write_bytes(data_bytes[: len(data_bytes) // 2])
     def state():  # every file but the logs, which record the refused attempt
         return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file() and p.suffix != ".txt"}
 
     snapshot = state()
-    with pytest.raises(RunFolderError, match=r"polyp\.pth \(checksum mismatch: truncated or modified\)"):
+    with pytest.raises(RunFolderError, match=r"polyp\.safetensors \(checksum mismatch: truncated or modified\)"):
         pipeline.load_run(run, cfg, CPU)
-    with pytest.raises(RunFolderError, match=r"polyp\.pth \(checksum mismatch"):
+    with pytest.raises(RunFolderError, match=r"polyp\.safetensors \(checksum mismatch"):
         pipeline.resume(run, {"order": "polyp_natural_shadow"}, CPU)
     assert state() == snapshot
 
@@ -138,7 +140,7 @@ def test_resume_with_another_backbone_checkpoint_or_setting_is_refused(data, tmp
         pipeline.resume(run, {"order": "shadow_polyp", "ckpt": str(ckpt_a)}, CPU)
     # the run folder is intact: the same checkpoint resumes (nothing left to do) fine
     pipeline.resume(run, {"ckpt": str(ckpt_a)}, CPU)
-    assert os.path.exists(run / "polyp.pth")
+    assert os.path.exists(run / "polyp.safetensors")
 
 
 def test_run_folder_made_before_the_release_defaults_resumes_as_it_was_trained(data, tmp_path):
@@ -160,7 +162,7 @@ def test_run_folder_made_before_the_release_defaults_resumes_as_it_was_trained(d
     pipeline.resume(run, {"order": "polyp_shadow"}, CPU)
     for k, v in old.items():
         assert json.loads((run / "run.json").read_text())["config"][k] == v
-    for f in ("polyp.pth", "shadow.pth"):
+    for f in ("polyp.safetensors", "shadow.safetensors"):
         a, b = module_tensors(whole / f), module_tensors(run / f)
         assert all(torch.equal(a[k], b[k]) for k in a), f
 

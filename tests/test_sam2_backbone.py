@@ -278,8 +278,8 @@ def test_short_continual_run_on_tiny_hiera(tmp_path):
     metrics = train(cfg, device, overwrite=True)
     run_dir = cfg.resolved_run_dir()
     assert run_dir.name == "SAMCL_2_polyp_shadow_natural_4_1234_training"
-    assert (run_dir / "polyp.pth").is_file() and (run_dir / "shadow.pth").is_file()
-    assert not (run_dir / "natural.pth").exists()
+    assert (run_dir / "polyp.safetensors").is_file() and (run_dir / "shadow.safetensors").is_file()
+    assert not (run_dir / "natural.safetensors").exists()
     manifest = json.loads((run_dir / "run.json").read_text())
     assert manifest["backbone"]["family"] == "sam2" and manifest["backbone"]["arch"] == "hiera_toy"
     assert manifest["spec"] == {"dim": 32, "layers": [6, 7, 8, 9], "neck_channels": None, "rank": 10}

@@ -66,13 +66,14 @@ def test_buffer_capacity_labels_and_round_trip(tmp_path):
     assert b.store["Kvasir"].shape == (4, 8) and b.missing("Kvasir") == 0 and b.missing("COCO") == 2
     x, y = b.dataset(["Kvasir", "camo", "COCO"])
     assert x.shape == (6, 8) and y.tolist() == [0, 0, 0, 0, 2, 2]
-    for d in b.domains:
-        b.save_part(tmp_path / f"{d}.pth", d)
-    c = EmbeddingBuffer(4)
-    for d in b.domains:
-        c.load_part(tmp_path / f"{d}.pth", d)
-    assert c.domains == ["Kvasir", "COCO"]
-    assert all(torch.equal(c.store[k], b.store[k]) for k in b.store)
-    with pytest.raises(ValueError, match="not the embedding buffer of COCO"):
-        c.load_part(tmp_path / "Kvasir.pth", "COCO")
+    for suffix in (".safetensors", ".pth"):  # run folders, and those written before safetensors
+        for d in b.domains:
+            b.save_part(tmp_path / f"{d}{suffix}", d)
+        c = EmbeddingBuffer(4)
+        for d in b.domains:
+            c.load_part(tmp_path / f"{d}{suffix}", d)
+        assert c.domains == ["Kvasir", "COCO"]
+        assert all(torch.equal(c.store[k], b.store[k]) for k in b.store)
+        with pytest.raises(ValueError, match="not the embedding buffer of COCO"):
+            c.load_part(tmp_path / f"Kvasir{suffix}", "COCO")
     assert b.size_bytes() == 6 * 8 * 4

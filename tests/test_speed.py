@@ -117,14 +117,14 @@ def test_training_with_and_without_the_cache_is_identical(data):
         assert s_off["evaluation"] == s_on["evaluation"]
     model = pipeline.build_model(cfg_off, CPU)
     for d in ("polyp",):
-        a = load_module(cfg_off.resolved_run_dir() / f"{d}.pth", model.backbone).state_dict()
-        b = load_module(cfg_on.resolved_run_dir() / f"{d}.pth", model.backbone).state_dict()
+        a = load_module(cfg_off.resolved_run_dir() / f"{d}.safetensors", model.backbone).state_dict()
+        b = load_module(cfg_on.resolved_run_dir() / f"{d}.safetensors", model.backbone).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     from samcl.selector import EmbeddingBuffer
 
     buffers = [EmbeddingBuffer(4), EmbeddingBuffer(4)]
     for buf, cfg in zip(buffers, (cfg_off, cfg_on)):
-        buf.load_part(cfg.resolved_run_dir() / "embedding_buffer" / "polyp.pth", "polyp")
+        buf.load_part(cfg.resolved_run_dir() / "embedding_buffer" / "polyp.safetensors", "polyp")
     assert torch.equal(buffers[0].store["polyp"], buffers[1].store["polyp"])
     log = (cfg_on.resolved_run_dir() / "log.txt").read_text()
     assert "feature cache: 6 images" in log and "hit rate 66.7%" in log  # epochs 2 and 3 hit every image
@@ -150,8 +150,8 @@ def test_a_whole_run_under_bf16_on_a_bfloat16_cpu_stays_close_to_fp32(data):
     stores = []
     for amp in ("off", "bf16"):
         buf = EmbeddingBuffer(4)
-        buf.load_part(cfg_for(data, f"amp_{amp}", amp=amp).resolved_run_dir() / "embedding_buffer" / "polyp.pth",
-                      "polyp")
+        run_dir = cfg_for(data, f"amp_{amp}", amp=amp).resolved_run_dir()
+        buf.load_part(run_dir / "embedding_buffer" / "polyp.safetensors", "polyp")
         stores.append(buf.store["polyp"])
     assert torch.equal(*stores)
 

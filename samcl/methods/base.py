@@ -25,6 +25,7 @@ from ..backbones.base import Features
 from ..losses import training_loss
 from ..model import SAMCLModel
 from ..modules.base import LearningModule
+from ..run_folder import WEIGHTS
 from ..selector import EmbeddingBuffer
 from ..training import Batch
 
@@ -40,6 +41,9 @@ class ContinualMethod:
     name: ClassVar[str]
     # the learning-module kinds the method works with (None: any)
     learning_modules: ClassVar[Optional[Tuple[str, ...]]] = None
+    # the weight format of the run folder's files, which names the method's own files too
+    # (run_folder.selector_snapshot, ...); the run state sets the run's own ("pth": written before safetensors)
+    weights: str = WEIGHTS
 
     def __init__(self, cfg: Any, model: SAMCLModel, device: torch.device, buffer: Optional[EmbeddingBuffer] = None,
                  run_dir: Optional[Path] = None) -> None:

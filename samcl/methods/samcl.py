@@ -15,7 +15,7 @@ from .. import distributed as dist
 from ..backbones.base import Features
 from ..modules.base import LearningModule
 from ..registry import register_method
-from ..run_folder import SELECTOR_FILE, load_selector, save_selector, selector_snapshot
+from ..run_folder import load_selector, save_selector, selector_file, selector_snapshot
 from ..selector import ModuleSelector, train_selector
 from ..training import Batch, routed
 from .base import ContinualMethod
@@ -45,15 +45,15 @@ class SAMCL(ContinualMethod):
 
     def restore(self, completed: List[str]) -> None:
         if completed:
-            selector, domains = load_selector(self.run_dir / selector_snapshot(completed[-1]))
+            selector, domains = load_selector(self.run_dir / selector_snapshot(completed[-1], self.weights))
             assert domains == completed
             self.model.selector = selector.to(self.device)
 
     def step_files(self, domain: str) -> List[str]:
-        return [selector_snapshot(domain)]
+        return [selector_snapshot(domain, self.weights)]
 
     def run_files(self) -> List[str]:
-        return [SELECTOR_FILE]
+        return [selector_file(self.weights)]
 
     def _fit_selector(self, t: int) -> List[float]:
         """Grow the selector to the domains so far (the new outputs drawn from seed + 1000 + t) and
@@ -71,8 +71,8 @@ class SAMCL(ContinualMethod):
                                  generator=torch.Generator().manual_seed(cfg.seed + t))
         dist.broadcast_module(model.selector)  # every rank routes with rank 0's selector
         if dist.is_main():
-            save_selector(model.selector, model.domains, self.run_dir / selector_snapshot(model.domains[-1]))
-            save_selector(model.selector, model.domains, self.run_dir / SELECTOR_FILE)
+            for name in (selector_snapshot(model.domains[-1], self.weights), selector_file(self.weights)):
+                save_selector(model.selector, model.domains, self.run_dir / name)
         log.info("selector: %d domains, %d buffered embeddings (%.2f MB), final loss %.4f", len(model.domains),
                  x.shape[0], self.buffer.size_bytes() / 1024**2, history[-1] if history else float("nan"))
         return history

@@ -17,12 +17,13 @@ from torch import nn
 from ..backbones.build import backbone_family
 from ..backbones.sam import sam_architectures
 from ..config import FAMILY_NAMES, Config
-from ..io import atomic_torch_save, atomic_write_text, load_tagged
+from ..io import atomic_write_text, load_tagged, save_tagged
 from ..modules.augmodule import AugModule, AugModuleSpec
 from ..registry import MODULES
-from ..run_folder import (MANIFEST, SELECTOR_FILE, RunFolderError, load_selector, module_format, package_versions,
-                          read_manifest, save_selector, selector_snapshot, sha256_file, verify_files, write_json)
-from .folder import (EXPORT_INFO_FILE, RELEASE_MODULE_NAMES, RELEASE_ORDER, RELEASE_UNSEEN, SAM2_ARCH,
+from ..run_folder import (MANIFEST, WEIGHTS, RunFolderError, load_selector, module_format, module_path,
+                          package_versions, read_manifest, run_weights, save_selector, selector_file,
+                          selector_snapshot, sha256_file, verify_files, write_json)
+from .folder import (EXPORT_INFO_FILE, RELEASE_MODULE_NAMES, RELEASE_ORDER, RELEASE_UNSEEN, SAM2_ARCH, SELECTOR_FILE,
                      read_release_folder, read_release_module)
 from .unpickle import EXTRA_CLASSES, ReleaseExtra, ReleaseFormatError
 
@@ -58,8 +59,9 @@ def convert(src: Path, dst: Path, family: Optional[str] = None, order: Sequence[
             unseen: Sequence[str] = RELEASE_UNSEEN, overwrite: bool = False) -> Dict[str, Any]:
     """Release folder ``src`` -> run folder ``dst`` in this project's format.
 
-    Writes ``<domain>.pth`` (format samcl-augmodule, plain state dict + spec, plus the
-    authors' ``cnt``), ``Module_Selector.pth`` (format samcl-selector) and ``run.json``.
+    Writes ``<domain>.safetensors`` (format samcl-augmodule, plain state dict + spec, plus
+    the authors' ``cnt``), ``Module_Selector.safetensors`` and its snapshot (format
+    samcl-selector) and ``run.json``: a run folder that opens without a pickle.
     Returns the manifest.
     """
     src, dst = Path(src), Path(dst)
@@ -69,16 +71,17 @@ def convert(src: Path, dst: Path, family: Optional[str] = None, order: Sequence[
                                  f" (--family {family}); pass --family {rel.family}")
     _prepare_destination(dst, overwrite, src)
     ident = _identity(rel.family, rel.spec)
+    modules = {d: module_path(dst, d, WEIGHTS).name for d in rel.modules}
     written: List[str] = []
     for d, rm in rel.modules.items():
-        atomic_torch_save({"format": "samcl-augmodule", "version": 1, "domain": d, "backbone": ident,
-                           "spec": rm.spec.to_dict(), "state_dict": rm.module.state_dict(),
-                           "release": {"extra_class": ".".join(EXTRA_CLASSES[rm.family].release_global),
-                                       "cnt": rm.cnt, "source": str(rm.path)}}, dst / f"{d}.pth")
-        written.append(f"{d}.pth")
+        save_tagged({"format": "samcl-augmodule", "version": 1, "domain": d, "backbone": ident,
+                     "spec": rm.spec.to_dict(), "state_dict": rm.module.state_dict(),
+                     "release": {"extra_class": ".".join(EXTRA_CLASSES[rm.family].release_global),
+                                 "cnt": rm.cnt, "source": str(rm.path)}}, dst / modules[d])
+        written.append(modules[d])
     # the release has only the final selector: it is the snapshot "after" the last domain
-    snapshot = selector_snapshot(rel.order[-1])
-    for name in (snapshot, SELECTOR_FILE):
+    snapshot = selector_snapshot(rel.order[-1], WEIGHTS)
+    for name in (snapshot, selector_file(WEIGHTS)):
         save_selector(rel.selector, rel.order, dst / name)
     written.append(snapshot)
     size = {"hiera_name": ident["arch"]} if rel.family == "sam2" else {"vit_name": ident["arch"]}
@@ -91,7 +94,7 @@ def convert(src: Path, dst: Path, family: Optional[str] = None, order: Sequence[
         "format": "samcl-run", "version": 1, "module": cfg.module, "backbone": ident,
         "checkpoint": {"file": official, "sha256": None},  # trained on the official weights; hash not shipped
         "spec": rel.spec.to_dict(), "order": rel.order, "unseen": rel.unseen, "completed": rel.order,
-        "modules": {d: f"{d}.pth" for d in rel.modules}, "selector": SELECTOR_FILE,
+        "weights": WEIGHTS, "modules": modules, "selector": selector_file(WEIGHTS),
         "files": {name: sha256_file(dst / name) for name in written},
         "config": cfg.to_dict(), "versions": package_versions(),
         "converted_from": {"format": "samcl-release", "folder": str(src.resolve()),
@@ -201,12 +204,13 @@ def export(run_dir: Path, dst: Path, overwrite: bool = False) -> Dict[str, Any]:
     completed = list(manifest.get("completed") or [])
     if not completed:
         raise RunFolderError(f"{run_dir} has no finished domain yet; nothing to export")
-    # the selector as committed after the last finished domain (Module_Selector.pth may be newer)
-    snapshot = selector_snapshot(completed[-1])
-    selector_path = run_dir / (snapshot if (run_dir / snapshot).is_file() else SELECTOR_FILE)
+    weights = run_weights(manifest)
+    # the selector as committed after the last finished domain (the latest selector may be newer)
+    snapshot = selector_snapshot(completed[-1], weights)
+    selector_path = run_dir / (snapshot if (run_dir / snapshot).is_file() else selector_file(weights))
     unseen = [d for d in completed if d in set(manifest["unseen"])]
     if "files" in manifest:
-        names = [f"{d}.pth" for d in completed if d not in unseen]
+        names = [module_path(run_dir, d, weights).name for d in completed if d not in unseen]
         verify_files(run_dir, manifest["files"], names + ([snapshot] if snapshot in manifest["files"] else []))
     selector, domains = load_selector(selector_path)
     if domains != completed:
@@ -217,7 +221,7 @@ def export(run_dir: Path, dst: Path, overwrite: bool = False) -> Dict[str, Any]:
     for d in domains:
         if d in unseen:
             continue
-        module, data = _read_own_module(run_dir / f"{d}.pth")
+        module, data = _read_own_module(module_path(run_dir, d, weights))
         cnt = int(data.get("release", {}).get("cnt", 0))
         out = dst / f"{d}.pth"
         save_release_module(module, family, out, cnt)

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import FAMILY_NAMES
 from ..modules.augmodule import AugModule, AugModuleSpec
-from ..run_folder import MANIFEST, SELECTOR_FILE, run_markers
+from ..run_folder import MANIFEST, run_markers
 from ..selector import ModuleSelector
 from . import RELEASE_ORDER, RELEASE_UNSEEN
 from .unpickle import MODULE_GLOBALS, ReleaseExtra, ReleaseFormatError, SELECTOR_GLOBALS, restricted_load
@@ -21,6 +21,7 @@ from .unpickle import MODULE_GLOBALS, ReleaseExtra, ReleaseFormatError, SELECTOR
 log = logging.getLogger("samcl.release")
 
 EXPORT_INFO_FILE = "samcl_export.json"  # written by `export`: the order the selector's outputs follow
+SELECTOR_FILE = "Module_Selector.pth"  # the release's selector (a plain state dict)
 NON_MODULE_FILES = frozenset({SELECTOR_FILE, "embedding_buffer.pth"})
 LAYERNORM_EPS = 1e-5  # nn.LayerNorm's default, used by AugModule and by the release
 
