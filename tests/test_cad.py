@@ -119,10 +119,14 @@ def test_encoder_gets_no_gradient_and_keeps_no_graph(tiny_sam):
 
 
 def test_cad_refuses_sam2_and_prompt_box_needs_cad():
-    with pytest.raises(ValueError, match="SAM 2's mask decoder"):
+    from samcl.plugins import check_plugins
+
+    with pytest.raises(ValueError, match=r"--module CAD is the SAM \(ViT\) variant, but the backbone is 'sam2'"):
         load_config(CONFIG_DIR / "samcl2_hiera_t.yaml", {"module": "CAD"})
+    with pytest.raises(ValueError, match="learning module cad needs the sam backbone, not sam2: SAM 2's mask decoder"):
+        check_plugins(load_config(CONFIG_DIR / "samcl2_hiera_t.yaml", {"learning_module": "cad"}))
     with pytest.raises(ValueError, match="prompt: box is CAD's recipe"):
-        load_config(CONFIG_DIR / "samcl_vit_b.yaml", {"prompt": "box"})
+        check_plugins(load_config(CONFIG_DIR / "samcl_vit_b.yaml", {"prompt": "box"}))
 
 
 def test_module_cad_defaults_to_cads_own_recipe():
