@@ -1,5 +1,4 @@
 """SAMCLPredictor: the same masks as test.py for the same image and points, at the image's own size."""
-import json
 
 import numpy as np
 import pytest
