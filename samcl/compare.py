@@ -91,8 +91,9 @@ def write_csv(rows: Sequence[Dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m samcl.compare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .cli import Parser  # one-line errors for bad flags, as every entry point
+
+    p = Parser(prog="python -m samcl.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="run folders (each with run.json and metrics.json)")
     p.add_argument("--csv", type=Path, default=Path("compare.csv"), help="where to write the table as CSV "
                    "(default compare.csv)")
