@@ -1,4 +1,4 @@
-"""AugModule: counted size, zero init, heat layouts (SPEC §4)."""
+"""AugModule: counted size, zero init, heat layouts."""
 import pytest
 import torch
 

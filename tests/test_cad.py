@@ -1,4 +1,4 @@
-"""CAD (SPEC §11) as a second learning module: adapter, high-pass input, frozen encoder,
+"""CAD as a second learning module: adapter, high-pass input, frozen encoder,
 the continual loop and run folder with --module CAD, single-domain mode, the memory bench."""
 import json
 import math

@@ -1,4 +1,4 @@
-"""Dataset over the release layout: pairing, decoding, binarisation, points, errors (SPEC §2)."""
+"""Dataset over the release layout: pairing, decoding, binarisation, points, errors."""
 import json
 
 import cv2

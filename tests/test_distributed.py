@@ -1,4 +1,4 @@
-"""torchrun with 2 CPU processes (Gloo): one buffer, every test image once, one copy of each file (issue 4)."""
+"""torchrun with 2 CPU processes (Gloo): one buffer, every test image once, one copy of each file."""
 import json
 import socket
 import subprocess

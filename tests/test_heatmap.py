@@ -1,4 +1,4 @@
-"""Heatmaps against hand-computed grids (SPEC §4, OpenCV's 9-tap kernel)."""
+"""Heatmaps against hand-computed grids (OpenCV's 9-tap kernel)."""
 import cv2
 import numpy as np
 import pytest

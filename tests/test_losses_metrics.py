@@ -1,4 +1,4 @@
-"""Loss and metric values against hand-computed small cases (SPEC §6, §8)."""
+"""Loss and metric values against hand-computed small cases."""
 import math
 
 import pytest

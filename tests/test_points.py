@@ -1,4 +1,4 @@
-"""Static point generation (generate_point.py, SPEC §2)."""
+"""Static point generation (generate_point.py)."""
 import json
 import os
 import subprocess

@@ -103,7 +103,7 @@ def test_release_files_only_reference_allow_listed_globals():
 
 # ----------------------------------------------------------------------------- selector
 def reference_mlp(state, x: torch.Tensor) -> torch.Tensor:
-    """SPEC §7 written out: Linear -> BN -> Linear -> BN -> ReLU -> Linear -> BN -> ReLU -> Linear (eval BN)."""
+    """The release's selector MLP written out: Linear -> BN -> Linear -> BN -> ReLU -> Linear -> BN -> ReLU -> Linear (eval BN)."""
 
     def bn(h, i):
         s = {k: state[f"norm{i}.{k}"] for k in ("weight", "bias", "running_mean", "running_var")}

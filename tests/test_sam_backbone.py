@@ -1,4 +1,4 @@
-"""SAM backbone: prefix/suffix split, decoding, routing, checkpoint loading (SPEC §3, §5, §9)."""
+"""SAM backbone: prefix/suffix split, decoding, routing, checkpoint loading."""
 import pytest
 import torch
 import torch.nn.functional as F
