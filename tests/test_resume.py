@@ -1,4 +1,4 @@
-"""Durable run folders: kill and resume, adding domains, corrupt files, foreign setups (issue 7)."""
+"""Durable run folders: kill and resume, adding domains, corrupt files, foreign setups."""
 import json
 import logging
 import os

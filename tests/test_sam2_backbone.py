@@ -1,5 +1,5 @@
 """SAM 2.1 (Hiera) backbone: split points, sizes, equivalence with the stock sam2 path,
-AugModule hooks, checkpoint errors, and a short continual run (SPEC §2-§9)."""
+AugModule hooks, checkpoint errors, and a short continual run."""
 import json
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Module Selector and embedding buffer (SPEC §7, quirk Q7)."""
+"""Module Selector and embedding buffer (quirk Q7)."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""Speed (issue 8): the frozen-prefix cache changes nothing that is computed, --amp is guarded
+"""Speed: the frozen-prefix cache changes nothing that is computed, --amp is guarded
 and its code path runs, test-time batching equals per-image inference, the benchmark runs.
 
 Routed batched inference equal to per-image inference at the model level is
