@@ -70,8 +70,9 @@ class ContinualTrainer:
             log.info("=== step %d/%d: %s ===", t + 1, len(st.domains), domain)
             loader = make_loader(self.train_sets[domain], cfg.batch_size, True, cfg.seed + t, cfg.num_workers,
                                  self.device)
-            step: Dict = {"step": t, "domain": domain, "trained": domain not in st.unseen}
-            module = self.method.begin_domain(t, domain, trains=step["trained"])
+            step: Dict = {"step": t, "domain": domain}
+            module = self.method.begin_domain(t, domain, trains=domain not in st.unseen)
+            step["trained"] = module is not None
             if module is None:
                 collect_embeddings(self.model.backbone, st.buffer, domain, loader, self.device)
             else:
@@ -158,8 +159,9 @@ class ContinualTrainer:
         """Domain j's test split after step t, each image with the module the method chooses."""
         d = self.state.domains[j]
         loader = make_loader(self.test_sets[d], self.cfg.eval_batch_size, False, 0, self.cfg.num_workers, self.device)
-        res = evaluate_split(self.model, loader, self.device, self.method.segment, desc=f"test {d}", amp=self.cfg.amp)
-        res["selector_accuracy"] = selector_accuracy(res["selector_counts"], d)
+        res = evaluate_split(self.model, loader, self.device, self.method.segment, routed=self.method.routes,
+                             desc=f"test {d}", amp=self.cfg.amp)
+        res["selector_accuracy"] = selector_accuracy(res.get("selector_counts", {}), d)
         self.state.matrix.set(t, j, res["metrics"])
         return res
 
@@ -175,4 +177,4 @@ class ContinualTrainer:
         st.steps[t]["evaluation"][st.domains[t + 1]] = res
         st.steps[t]["summary"] = {m: st.matrix.summary(t, m) for m in METRICS}
         log.info("new domain %s before training: IoU %.4f (routed %s)", st.domains[t + 1], res["metrics"]["iou"],
-                 res["selector_counts"])
+                 res.get("selector_counts", "-"))

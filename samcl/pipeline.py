@@ -110,23 +110,24 @@ def load_run(run_dir: Path, cfg: Config, device: torch.device) -> SAMCLModel:
     run_cfg = dataclasses.replace(build_config([(str(Path(run_dir) / MANIFEST), manifest["config"])]),
                                   ckpt=cfg.ckpt, random_weights=cfg.random_weights)
     _check_weights(run_dir, manifest, run_cfg)
-    completed, unseen = manifest["completed"], set(manifest["unseen"])
+    completed, with_module = manifest["completed"], set(manifest.get("modules", {}))
     if not completed:
         raise RunFolderError(f"{run_dir} has no finished domain yet; nothing to test")
     weights = run_weights(manifest)  # safetensors; "pth" for a folder written before (read with weights_only)
-    modules = [module_path(run_dir, d, weights).name for d in completed if d not in unseen]
+    modules = [module_path(run_dir, d, weights).name for d in completed if d in with_module]
     snapshot = selector_snapshot(completed[-1], weights)
-    verify_files(run_dir, manifest["files"], modules + [snapshot])
+    routed = snapshot in manifest["files"]  # methods without a selector (e.g. finetune) write none
+    verify_files(run_dir, manifest["files"], modules + ([snapshot] if routed else []))
     model = build_model(run_cfg, device)
     built = json.loads(json.dumps(backbone_identity(model.backbone)))
     if manifest.get("backbone") not in (None, built):
         raise RunFolderError(f"{run_dir} was trained on the backbone {manifest['backbone']}, but the one built from "
                              f"its settings is {built}; its run.json is inconsistent")
-    selector, sel_domains = load_selector(Path(run_dir) / snapshot)
-    for d in sel_domains:
-        model.add_domain(d, None if d in unseen else load_module(module_path(run_dir, d, weights), model.backbone,
-                                                                 model.kind))
-    model.selector = selector.to(device)
+    selector, domains = load_selector(Path(run_dir) / snapshot) if routed else (None, completed)
+    for d in domains:
+        model.add_domain(d, load_module(module_path(run_dir, d, weights), model.backbone, model.kind)
+                         if d in with_module else None)
+    model.selector = None if selector is None else selector.to(device)
     if len(completed) < len(manifest["order"]):
         log.warning("%s is unfinished: only %s of %s are done (train.py --resume %s continues it)", run_dir,
                     completed, manifest["order"], run_dir)
@@ -174,9 +175,9 @@ def test(run_dir: Path, cfg: Config, device: torch.device, with_vanilla: bool = 
     for d in order:
         ds = SegmentationSplit(test_map[d], model.backbone.img_size, cfg.mask_binarize, cfg.mask_threshold, d)
         loader = make_loader(ds, cfg.eval_batch_size, False, 0, cfg.num_workers, device)
-        res = evaluate_split(model, loader, device, method.segment, with_vanilla=with_vanilla, desc=f"test {d}",
-                             amp=cfg.amp)
-        res["selector_accuracy"] = selector_accuracy(res["selector_counts"], d)
+        res = evaluate_split(model, loader, device, method.segment, routed=method.routes, with_vanilla=with_vanilla,
+                             desc=f"test {d}", amp=cfg.amp)
+        res["selector_accuracy"] = selector_accuracy(res.get("selector_counts", {}), d)
         res["trained"] = d in model.modules_by_domain
         results[d] = res
         if save_overlays > 0:
@@ -239,7 +240,7 @@ def format_table(report: Dict, summary: Optional[Dict] = None) -> str:
         m, v = r["metrics"], r.get("vanilla", {})
         lines.append(f"{d:<10} {'trained' if r['trained'] else 'vanilla':<8} {_f(m['iou'])} {_f(m['f1'])} "
                      f"{_f(m['mae'])} {_f(v.get('iou')):>11} {_f(r['selector_accuracy'], True):>7}%  "
-                     + ", ".join(f"{k}:{c}" for k, c in r["selector_counts"].items() if c))
+                     + ", ".join(f"{k}:{c}" for k, c in r.get("selector_counts", {}).items() if c))
     lines.append("-" * len(head))
     if summary:
         for m in METRICS:

@@ -48,6 +48,7 @@ class RunState:
         self.steps: List[Dict] = []
         self.checksums: Dict[str, str] = {}
         self.completed: List[str] = []
+        self.with_module: set = set()  # the steps that saved a module file
         self.weights = WEIGHTS  # a resumed run keeps its own (restore)
         method.weights = self.weights
 
@@ -96,11 +97,12 @@ class RunState:
         if self.weights != WEIGHTS:
             log.info("%s was written with .%s weight files: it goes on in that format (one format per folder)",
                      self.run_dir, self.weights)
+        self.with_module = set(manifest.get("modules", {}))
         verify_files(self.run_dir, self.checksums, [f for d in self.completed for f in self.step_files(d)])
         for d in self.completed:
             self.buffer.load_part(self.run_dir / buffer_part(d, self.weights), d)
-            module = None if d in self.unseen else load_module(module_path(self.run_dir, d, self.weights),
-                                                               self.model.backbone, self.model.kind)
+            module = None if d not in self.with_module else load_module(module_path(self.run_dir, d, self.weights),
+                                                                        self.model.backbone, self.model.kind)
             self.model.add_domain(d, module)
         self.method.restore(self.completed)
         self.steps = self._restore_steps()
@@ -145,10 +147,12 @@ class RunState:
     # ------------------------------------------------------------ a step
     def step_files(self, domain: str) -> List[str]:
         files = [buffer_part(domain, self.weights), *self.method.step_files(domain)]
-        return files if domain in self.unseen else [module_path(self.run_dir, domain, self.weights).name] + files
+        return [module_path(self.run_dir, domain, self.weights).name] + files if domain in self.with_module else files
 
     def save_step(self, domain: str, module: Optional[nn.Module]) -> None:
         """The step's module file and the domain's part of the embedding buffer (rank 0)."""
+        if module is not None:
+            self.with_module.add(domain)
         if not dist.is_main():
             return
         if module is not None:
@@ -230,7 +234,7 @@ class RunState:
             m, acc = res["metrics"], res["selector_accuracy"]
             log.info("after %s | test %-10s IoU %.4f F1 %.4f MAE %.4f | selector %s | routed %s", domain, d,
                      m["iou"], m["f1"], m["mae"], "n/a (not learned yet)" if acc is None else f"{acc:.1%}",
-                     res["selector_counts"])
+                     res.get("selector_counts", "-"))
         s = step["summary"]["iou"]
         log.info("after %s | IoU AA %s FM %s FT %s", domain, *(_fmt(s[k]) for k in ("AA", "FM", "FT")))
 
@@ -265,7 +269,7 @@ class RunState:
             "completed": list(self.completed),
             "weights": self.weights,
             "modules": {d: module_path(self.run_dir, d, self.weights).name for d in self.completed
-                        if d not in self.unseen},
+                        if d in self.with_module},
             "selector": self.method.run_files()[0] if self.method.run_files() else None,
             "files": self.checksums,
             "config": self.cfg.to_dict(),

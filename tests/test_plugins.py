@@ -33,7 +33,7 @@ def cfg_for(data, family, run_dir, **kw):
 
 
 def test_unknown_names_are_refused_listing_the_known_ones(data, tmp_path):
-    with pytest.raises(UnknownName, match="unknown method 'ewc2'; known: samcl"):
+    with pytest.raises(UnknownName, match="unknown method 'ewc2'; known: finetune, samcl, zeroshot"):
         cfg_for(data, "sam", tmp_path / "a", method="ewc2")
     with pytest.raises(UnknownName, match="unknown learning module 'dora'; known: adapter, augmodule, cad, decoder, lora"):
         cfg_for(data, "sam", tmp_path / "b", learning_module="dora")
@@ -102,7 +102,7 @@ def test_compare_tables_runs_with_their_storage(data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--method", "ewc2"], "error: unknown method 'ewc2'; known: samcl"),
+    (["--method", "ewc2"], "error: unknown method 'ewc2'; known: finetune, samcl, zeroshot"),
     (["--learning_module", "dora"], "error: unknown learning module 'dora'; known: adapter, augmodule, cad, decoder, lora"),
     (["--backbone", "sam2", "--config", "configs/demo_sam2.yaml", "--learning_module", "cad"],
      "error: learning module cad needs the sam backbone, not sam2: SAM 2's mask decoder"),

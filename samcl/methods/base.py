@@ -41,6 +41,8 @@ class ContinualMethod:
     name: ClassVar[str]
     # the learning-module kinds the method works with (None: any)
     learning_modules: ClassVar[Optional[Tuple[str, ...]]] = None
+    # whether segment() chooses a domain's module per image (then its choices are counted per test domain)
+    routes: ClassVar[bool] = True
     # the weight format of the run folder's files, which names the method's own files too
     # (run_folder.selector_snapshot, ...); the run state sets the run's own ("pth": written before safetensors)
     weights: str = WEIGHTS
