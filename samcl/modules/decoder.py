@@ -26,7 +26,9 @@ class DecoderSpec(ModuleSpec):
 
     @classmethod
     def for_backbone(cls, backbone: Backbone, cfg: Any = None) -> "DecoderSpec":
-        return cls(parameters=sum(p.numel() for p in _copy(backbone).parameters()))
+        """Counted on the backbone's decoder itself (no copy), without the image-path parts."""
+        return cls(parameters=sum(p.numel() for name, p in backbone.mask_decoder.named_parameters()
+                                  if name.split(".")[0] not in IMAGE_PATH_PARTS))
 
     def check(self, backbone: Backbone) -> None:
         have = DecoderSpec.for_backbone(backbone).parameters
