@@ -222,6 +222,20 @@ def add_train_flags(p: argparse.ArgumentParser, family: str = "sam") -> None:
                    help="shared: every domain's module starts from the same random draw, as the release (default); "
                         "per_domain: a new draw per domain")
     p.add_argument("--selector_epochs", type=int, help="selector epochs after each domain (default 25)")
+    g = p.add_argument_group("baselines", "settings of the other continual methods (--method); each reads its own")
+    g.add_argument("--replay_size", type=int, help="er, der: training samples kept in the reservoir (default 200)")
+    g.add_argument("--ewc_lambda", type=float, help="ewc: weight of the penalty lambda/2 sum F (theta-theta*)^2 "
+                   "(default 100)")
+    g.add_argument("--ewc_gamma", type=float, help="ewc: decay of the running Fisher, online EWC (default 1.0)")
+    g.add_argument("--der_alpha", type=float, help="der: weight of the MSE to the stored logits (default 0.1)")
+    g.add_argument("--der_beta", type=float, help="der: weight of the replayed samples' loss (default 0.5)")
+    g.add_argument("--lwf_lambda", type=float, help="lwf: weight of the distillation term (default 1.0)")
+    g.add_argument("--lwf_temperature", type=float, help="lwf: distillation temperature (default 2.0)")
+    g.add_argument("--olora_lambda", type=float, help="olora: weight of the orthogonality loss (default 0.5)")
+    g.add_argument("--l2p_pool_size", type=int, help="l2p: key/prompt pairs in the pool (default 10)")
+    g.add_argument("--l2p_top_k", type=int, help="l2p: prompts chosen per image (default 5)")
+    g.add_argument("--l2p_prompt_length", type=int, help="l2p: prefix tokens per prompt and block (default 5)")
+    g.add_argument("--l2p_pull_weight", type=float, help="l2p: weight of the key-pull loss (default 0.1)")
     p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
                    help="deterministic algorithms (default on)")
     p.add_argument("--feature_cache", choices=CHOICES["feature_cache"],

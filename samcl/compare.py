@@ -3,9 +3,11 @@
     python -m samcl.compare log_sam1/SAMCL_... log_sam1/samcl-lora_... [--csv compare.csv]
 
 Prints a markdown table (one row per run folder, the summary after its last step),
-writes the same as CSV and draws it beside (``compare.png``: AA and FM per run, storage). Storage is what a run keeps per trained domain (its module file,
-its part of the embedding buffer, the method's own files such as the selector snapshot),
-from ``metrics.json`` or, for runs written before it recorded storage, from the files.
+writes the same as CSV and draws it beside (``compare.png``: AA and FM per run, storage). Storage is
+what a run keeps after its last step, per trained domain: its module files (all of them for a
+module bank, the latest for one shared module), its embedding buffer and the method's own
+files (a selector, a replay buffer, a Fisher), from ``metrics.json`` or, for runs written before it
+recorded storage, from the files.
 """
 import argparse
 import csv
@@ -61,8 +63,10 @@ def summarise(run_dir: Path) -> Dict[str, Any]:
         for k in SUMMARY:
             row[f"{m}_{k}"] = last[m][k]
     weights = run_weights(read_manifest(run_dir))
-    row["stored_mb_per_domain"] = (sum(step_storage(run_dir, s, weights) for s in trained) / len(trained) / MB
-                                   if trained else 0.0)
+    kept = steps[-1].get("storage", {}).get("kept_bytes")  # what the method keeps, recorded since baselines
+    if kept is None:
+        kept = sum(step_storage(run_dir, s, weights) for s in trained)
+    row["stored_mb_per_domain"] = kept / len(trained) / MB if trained else 0.0
     row["training_seconds"] = sum(s.get("training_seconds", s.get("seconds", 0.0)) for s in steps)
     return row
 

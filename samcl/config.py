@@ -100,6 +100,11 @@ RANGES: Dict[str, Bounds] = {
     "selector_epochs": POSITIVE_INT,
     "selector_batch_size": POSITIVE_INT,
     "eval_batch_size": POSITIVE_INT,
+    "replay_size": POSITIVE_INT,
+    "lwf_temperature": Bounds(0, open_low=True),
+    "l2p_pool_size": POSITIVE_INT,
+    "l2p_top_k": POSITIVE_INT,
+    "l2p_prompt_length": POSITIVE_INT,
 }
 
 
@@ -153,6 +158,19 @@ class Config:
     selector_lr: float = 0.01
     selector_epochs: int = 25
     selector_batch_size: int = 24
+    # the baselines' own settings (samcl/methods/<name>.py; configs/baselines/ says where each default comes from)
+    replay_size: int = 200  # er, der: training samples the reservoir keeps, all domains together
+    ewc_lambda: float = 100.0  # ewc: weight of the penalty lambda/2 sum F (theta - theta*)^2
+    ewc_gamma: float = 1.0  # ewc: decay of the running Fisher (online EWC)
+    der_alpha: float = 0.1  # der: weight of the MSE between replayed samples' logits and their stored logits
+    der_beta: float = 0.5  # der: weight of the segmentation loss of replayed samples
+    lwf_lambda: float = 1.0  # lwf: weight of the distillation of the previous model's mask logits
+    lwf_temperature: float = 2.0  # lwf: temperature of that distillation
+    olora_lambda: float = 0.5  # olora: weight of the orthogonality loss sum |A_old^T A_new|
+    l2p_pool_size: int = 10  # l2p: key/prompt pairs in the pool
+    l2p_top_k: int = 5  # l2p: prompts chosen per image
+    l2p_prompt_length: int = 5  # l2p: prefix tokens per prompt and block
+    l2p_pull_weight: float = 0.1  # l2p: weight of the key-pull loss
     # data (data/README.md)
     order: str = "Kvasir_camo_ISTD_ISIC_cod_COCO"
     unseen: List[str] = field(default_factory=lambda: ["COCO"])

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from . import distributed as dist
 from . import methods  # noqa: F401  (registers the methods)
+from .data import JointSplit
 from .feature_cache import PrefixCache
 from .metrics import METRICS
 from .model import SAMCLModel
@@ -68,19 +69,27 @@ class ContinualTrainer:
             self.run_bar.set_description(f"run: domain {t + 1}/{len(st.domains)} {domain}")
             start = time.time()
             log.info("=== step %d/%d: %s ===", t + 1, len(st.domains), domain)
-            loader = make_loader(self.train_sets[domain], cfg.batch_size, True, cfg.seed + t, cfg.num_workers,
-                                 self.device)
             step: Dict = {"step": t, "domain": domain}
             module = self.method.begin_domain(t, domain, trains=domain not in st.unseen)
             step["trained"] = module is not None
-            if module is None:
-                collect_embeddings(self.model.backbone, st.buffer, domain, loader, self.device)
-            else:
+            loader = None
+            if module is not None:
+                sources = self.method.training_domains(t, domain, [d for d in st.domains if d not in st.unseen])
+                if sources != [domain]:
+                    step["trained_on"] = sources
+                loader = make_loader(self.train_sets[domain] if sources == [domain] else
+                                     JointSplit([self.train_sets[d] for d in sources]),
+                                     cfg.batch_size, True, cfg.seed + t, cfg.num_workers, self.device)
                 step["training"] = self._train_module(domain, module, loader)
+            elif self.method.keeps_embeddings:
+                collect_embeddings(self.model.backbone, st.buffer, domain,
+                                   make_loader(self.train_sets[domain], cfg.batch_size, True, cfg.seed + t,
+                                               cfg.num_workers, self.device), self.device)
             step["training_seconds"] = round(time.time() - start, 2)
             st.save_step(domain, module)
-            step["buffer"] = {d: int(e.shape[0]) for d, e in st.buffer.store.items()}
-            step.update(self.method.end_domain(t, domain, module))
+            if self.method.keeps_embeddings:
+                step["buffer"] = {d: int(e.shape[0]) for d, e in st.buffer.store.items()}
+            step.update(self.method.end_domain(t, domain, module, loader))
             step["evaluation"] = {st.domains[j]: self._evaluate_domain(t, j)
                                   for j in range(min(len(st.domains) - 1, t + 1) + 1)}
             step["summary"] = {m: st.matrix.summary(t, m) for m in METRICS}
@@ -113,6 +122,7 @@ class ContinualTrainer:
         # never back, so every epoch after the first validation trains in eval mode (train_mode
         # "reference"). Only SAM 2's decoder behaves differently (mask choice by stability).
         backbone_training = cfg.train_mode == "every_epoch" or not history["validation"]
+        keep_embeddings = self.method.keeps_embeddings
         self.run_bar.update(first)  # epochs done before a resume
         for epoch in range(first, cfg.epoch):
             set_epoch(loader, epoch)
@@ -123,7 +133,7 @@ class ContinualTrainer:
             for raw in progress(loader, f"{domain} epoch {epoch + 1}/{cfg.epoch}", unit="batch"):
                 b = to_device(raw, self.device)
                 prefix = cache.prefix(model.backbone, b.images, raw["index"])
-                if st.buffer.missing(domain) > 0:
+                if keep_embeddings and st.buffer.missing(domain) > 0:
                     buffer_batch(model.backbone, st.buffer, domain, prefix, raw["index"])
                 loss = self.method.observe(b, prefix, forward)
                 opt.zero_grad(set_to_none=True)
@@ -150,9 +160,9 @@ class ContinualTrainer:
             self.run_bar.update(1)
         self.cache_stats = cache.close()
         module.eval()
-        if st.buffer.missing(domain) > 0:
+        if keep_embeddings and st.buffer.missing(domain) > 0:
             log.warning("%s has only %d training images: the buffer keeps all of them (num_embedding %d)",
-                        domain, len(self.train_sets[domain]), cfg.num_embedding)
+                        domain, len(loader.dataset), cfg.num_embedding)
         return history
 
     def _evaluate_domain(self, t: int, j: int) -> Dict:

@@ -216,6 +216,27 @@ class SegmentationSplit:
         }
 
 
+class JointSplit:
+    """Several splits read as one dataset, in the order given; ``index`` runs on through them
+    (unique over the union, as the feature cache and the evaluation need)."""
+
+    def __init__(self, splits: Sequence[SegmentationSplit]) -> None:
+        self.splits = list(splits)
+        self.starts = np.cumsum([0] + [len(s) for s in self.splits])
+        self.domain = "+".join(s.domain for s in self.splits)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} samples")
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        item = self.splits[k][i - int(self.starts[k])]
+        item["index"] = i
+        return item
+
+
 def parse_points_entry(entry: list, where: str) -> Tuple["torch.Tensor", "torch.Tensor"]:
     """``[[[x, y], ...], [1, ...]]`` -> (P, 2) float and (P,) long; points must lie in the
     1024 x 1024 frame of points.json and labels be 1 (foreground) or 0 (background)."""

@@ -100,7 +100,8 @@ class RunState:
         self.with_module = set(manifest.get("modules", {}))
         verify_files(self.run_dir, self.checksums, [f for d in self.completed for f in self.step_files(d)])
         for d in self.completed:
-            self.buffer.load_part(self.run_dir / buffer_part(d, self.weights), d)
+            if self.method.keeps_embeddings:
+                self.buffer.load_part(self.run_dir / buffer_part(d, self.weights), d)
             module = None if d not in self.with_module else load_module(module_path(self.run_dir, d, self.weights),
                                                                         self.model.backbone, self.model.kind)
             self.model.add_domain(d, module)
@@ -146,7 +147,8 @@ class RunState:
 
     # ------------------------------------------------------------ a step
     def step_files(self, domain: str) -> List[str]:
-        files = [buffer_part(domain, self.weights), *self.method.step_files(domain)]
+        files = [buffer_part(domain, self.weights)] if self.method.keeps_embeddings else []
+        files += self.method.step_files(domain)
         return [module_path(self.run_dir, domain, self.weights).name] + files if domain in self.with_module else files
 
     def save_step(self, domain: str, module: Optional[nn.Module]) -> None:
@@ -157,13 +159,22 @@ class RunState:
             return
         if module is not None:
             save_module(module, self.model.backbone, domain, module_path(self.run_dir, domain, self.weights))
-        self.buffer.save_part(self.run_dir / buffer_part(domain, self.weights), domain)
+        if self.method.keeps_embeddings:
+            self.buffer.save_part(self.run_dir / buffer_part(domain, self.weights), domain)
 
     def storage(self, domain: str) -> Dict[str, Any]:
-        """What the step keeps on disk: bytes of each of its files (the module, the buffer part, the
-        method's own files) and their sum."""
-        files = {rel: (self.run_dir / rel).stat().st_size for rel in self.step_files(domain)} if dist.is_main() else {}
-        return {"files": files, "bytes": sum(files.values())}
+        """What the step wrote: bytes of each of its files (the module, the buffer part, the method's
+        own files) and their sum; and ``kept_bytes``, what the method keeps after this step: the
+        files of every step that trained for a method that keeps a module bank, those of the
+        latest one for a method that trains one shared module (its earlier snapshots stay in the
+        run folder as a record, uncounted)."""
+        if not dist.is_main():
+            return {"files": {}, "bytes": 0, "kept_bytes": 0}
+        files = {rel: (self.run_dir / rel).stat().st_size for rel in self.step_files(domain)}
+        trained = [d for d in self.completed + [domain] if d in self.with_module]
+        steps = trained if self.method.keeps_every_module else trained[-1:]
+        kept = sum((self.run_dir / rel).stat().st_size for d in steps for rel in self.step_files(d))
+        return {"files": files, "bytes": sum(files.values()), "kept_bytes": kept}
 
     def commit(self, domain: str) -> None:
         """Record the step: metrics.json, then run.json with the checksums (the commit point)."""
@@ -193,7 +204,7 @@ class RunState:
                            "scheduler": sched.state_dict(), "history": history,
                            "generator": None if loader.generator is None else loader.generator.get_state(),
                            "buffer": self.buffer.store.get(domain), "buffer_index": self.buffer.seen.get(domain),
-                           "world_size": dist.world_size()},
+                           "method": self.method.state_dict(), "world_size": dist.world_size()},
                           self.partial_path(domain))
 
     def load_partial(self, domain: str, module: nn.Module, opt, sched, loader: DataLoader) -> Optional[Dict]:
@@ -217,6 +228,7 @@ class RunState:
         if state["buffer"] is not None:
             self.buffer.store[domain] = state["buffer"]
             self.buffer.seen[domain] = state["buffer_index"]
+        self.method.load_state_dict(state.get("method", {}))
         log.info("%s: resuming after epoch %d (from %s)", domain, state["epoch"] + 1, path)
         return state
 

@@ -209,8 +209,10 @@ class SegmentStep(nn.Module):
         self.module = module
 
     def forward(self, prefix: Dict[str, torch.Tensor], heat: Optional[torch.Tensor], points: torch.Tensor,
-                labels: torch.Tensor, images: Optional[torch.Tensor] = None, boxes: Optional[torch.Tensor] = None):
-        return self.module.segment(self.backbone, prefix, images, heat, points, labels, boxes=boxes)
+                labels: torch.Tensor, images: Optional[torch.Tensor] = None, boxes: Optional[torch.Tensor] = None,
+                low_res: bool = False):
+        """(logits (N, 1, S, S), or the decoder's (N, 1, 4G, 4G) with ``low_res``; IoU (N, 1))."""
+        return self.module.segment(self.backbone, prefix, images, heat, points, labels, boxes=boxes, low_res=low_res)
 
 
 def load_splits(cfg: Any, img_size: int, domains: Sequence[str], todo: Sequence[str], unseen: Sequence[str]

@@ -5,10 +5,12 @@ A method (mammoth's ContinualModel, in spirit) is driven by the protocol
 DDP, bf16 and the feature cache, and calls for every domain t of the order:
 
 * :meth:`ContinualMethod.begin_domain` -> the learning module that trains on domain t
-  (None: the domain trains nothing, e.g. an unseen, test-only domain);
+  (None: the domain trains nothing, e.g. an unseen, test-only domain), on the training
+  data of :meth:`ContinualMethod.training_domains` (by default domain t's alone);
 * :meth:`ContinualMethod.observe` for every training batch of every epoch -> the loss
   (the protocol runs backward and the optimiser and scheduler steps);
-* :meth:`ContinualMethod.end_domain` -> what the method records for the step;
+* :meth:`ContinualMethod.end_domain` -> what the method records for the step (it may read
+  the domain's training data once more, e.g. for a Fisher);
 
 and :meth:`ContinualMethod.segment` to evaluate a batch, saying which module each image
 used. The optimiser, the scheduler and the loss are the method's, built from the
@@ -20,6 +22,7 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from ..backbones.base import Features
 from ..losses import training_loss
@@ -43,6 +46,10 @@ class ContinualMethod:
     learning_modules: ClassVar[Optional[Tuple[str, ...]]] = None
     # whether segment() chooses a domain's module per image (then its choices are counted per test domain)
     routes: ClassVar[bool] = True
+    # whether the protocol keeps the embedding buffer (each domain's selector embeddings) for the method
+    keeps_embeddings: ClassVar[bool] = True
+    # whether the method keeps every step's module (a bank) or only the latest one (one shared module)
+    keeps_every_module: ClassVar[bool] = True
     # the weight format of the run folder's files, which names the method's own files too
     # (run_folder.selector_snapshot, ...); the run state sets the run's own ("pth": written before safetensors)
     weights: str = WEIGHTS
@@ -59,13 +66,21 @@ class ContinualMethod:
     def begin_domain(self, t: int, domain: str, trains: bool) -> Optional[LearningModule]:
         raise NotImplementedError
 
+    def training_domains(self, t: int, domain: str, trainable: List[str]) -> List[str]:
+        """The domains whose training data the module of step t trains on (``trainable``: every
+        domain of the order that has training data, in order)."""
+        return [domain]
+
     def observe(self, batch: Batch, prefix: Features, forward: Forward) -> torch.Tensor:
         """The loss of one training batch: the module's forward through ``forward`` and the configured loss."""
         heat = self.model.heatmap(batch.points, batch.labels) if self.model.needs_heatmap else None
         logits, iou = forward(prefix, heat, batch.points, batch.labels, batch.images, self.model.boxes(len(batch.names)))
         return training_loss(self.cfg.loss, logits, iou, batch.masks, self.cfg.iou_target, self.cfg.focal)
 
-    def end_domain(self, t: int, domain: str, module: Optional[LearningModule]) -> Dict[str, Any]:
+    def end_domain(self, t: int, domain: str, module: Optional[LearningModule],
+                   data: Optional[DataLoader]) -> Dict[str, Any]:
+        """After training (``data``: the step's training loader, None when nothing trained): update
+        the method's state, write its files, return what the step records."""
         raise NotImplementedError
 
     def segment(self, prefix: Features, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -75,6 +90,14 @@ class ContinualMethod:
     # ------------------------------------------------------------------ state in the run folder
     def restore(self, completed: List[str]) -> None:
         """Reload the method's own state after the finished steps ``completed`` (resume, test)."""
+
+    def state_dict(self) -> Dict[str, Any]:
+        """What the method changes while a domain trains (a replay buffer, ...), saved with the
+        partial epoch (tensors, numbers, strings, lists and dicts of them: loaded weights-only)."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Reload :meth:`state_dict` when a domain resumes after its last saved epoch."""
 
     def step_files(self, domain: str) -> List[str]:
         """Files (relative to the run folder) the method writes once for a step, checksummed at its commit."""

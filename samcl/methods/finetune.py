@@ -4,6 +4,7 @@ after the latest domain; the run folder keeps its snapshot after each domain."""
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+from torch.utils.data import DataLoader
 
 from ..backbones.base import Features
 from ..modules.base import LearningModule
@@ -15,6 +16,8 @@ from .base import ContinualMethod
 @register_method("finetune")
 class FineTune(ContinualMethod):
     routes = False
+    keeps_embeddings = False
+    keeps_every_module = False
     shared: Optional[LearningModule] = None
 
     def begin_domain(self, t: int, domain: str, trains: bool) -> Optional[LearningModule]:
@@ -27,7 +30,8 @@ class FineTune(ContinualMethod):
                 self.shared = self.model.new_module()
         return self.current()
 
-    def end_domain(self, t: int, domain: str, module: Optional[LearningModule]) -> Dict[str, Any]:
+    def end_domain(self, t: int, domain: str, module: Optional[LearningModule],
+                   data: Optional[DataLoader]) -> Dict[str, Any]:
         self.model.add_domain(domain, module)
         return {}
 

@@ -10,6 +10,7 @@ import logging
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from torch.utils.data import DataLoader
 
 from .. import distributed as dist
 from ..backbones.base import Features
@@ -35,7 +36,8 @@ class SAMCL(ContinualMethod):
             torch.manual_seed(self.cfg.seed + (t if self.cfg.module_init == "per_domain" else 0))
             return self.model.new_module()
 
-    def end_domain(self, t: int, domain: str, module: Optional[LearningModule]) -> Dict[str, Any]:
+    def end_domain(self, t: int, domain: str, module: Optional[LearningModule],
+                   data: Optional[DataLoader]) -> Dict[str, Any]:
         self.model.add_domain(domain, module)
         return {"selector_loss": self._fit_selector(t)}
 

@@ -2,6 +2,7 @@
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+from torch.utils.data import DataLoader
 
 from ..backbones.base import Features
 from ..modules.base import LearningModule
@@ -13,11 +14,14 @@ from .base import ContinualMethod
 @register_method("zeroshot")
 class ZeroShot(ContinualMethod):
     routes = False
+    keeps_embeddings = False
+    keeps_every_module = False
 
     def begin_domain(self, t: int, domain: str, trains: bool) -> Optional[LearningModule]:
         return None
 
-    def end_domain(self, t: int, domain: str, module: Optional[LearningModule]) -> Dict[str, Any]:
+    def end_domain(self, t: int, domain: str, module: Optional[LearningModule],
+                   data: Optional[DataLoader]) -> Dict[str, Any]:
         self.model.add_domain(domain, None)
         return {}
 
