@@ -98,9 +98,15 @@ def selector_file(weights: str) -> str:
     return f"{SELECTOR_STEM}{WEIGHT_SUFFIXES[weights]}"
 
 
+def step_snapshot(folder: str, domain: str, weights: str) -> str:
+    """A method's file ``folder/after_<domain>`` as committed after ``domain``'s step (relative to
+    the run folder, in the run's weight format)."""
+    return f"{folder}/after_{domain}{WEIGHT_SUFFIXES[weights]}"
+
+
 def selector_snapshot(domain: str, weights: str) -> str:
     """The selector as committed after ``domain``'s step."""
-    return f"{SELECTOR_DIR}/after_{domain}{WEIGHT_SUFFIXES[weights]}"
+    return step_snapshot(SELECTOR_DIR, domain, weights)
 
 
 def buffer_part(domain: str, weights: str) -> str:
