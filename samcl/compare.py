@@ -54,7 +54,7 @@ def summarise(run_dir: Path) -> Dict[str, Any]:
     row: Dict[str, Any] = {
         "run": run_dir.name,
         "method": cfg.get("method") or alias.method,
-        "module": cfg.get("learning_module") or alias.learning_module,
+        "module": (cfg.get("learning_module") or alias.learning_module) if trained else "none",
         "backbone": f"{cfg.get('backbone', alias.backbone)}/{metrics.get('backbone', {}).get('arch', '?')}",
         "domains": len(steps),
     }

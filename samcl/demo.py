@@ -3,6 +3,7 @@
     python -m samcl.demo                 # writes demo_output/, prints the final table
     python -m samcl.demo --backbone sam2 # the same on a tiny SAM 2.1 (Hiera) backbone
     python -m samcl.demo --pictures docs # also copy the run's report.png and one test overlay to docs/
+    python -m samcl.demo --compare       # zero-shot, fine-tuning, ER and SAMCL on the same domains, one table
 
 It (1) draws a small synthetic dataset in the release's layout, four visually
 distinct domains (three to learn, one unseen/test-only), with non-square JPEG
@@ -11,6 +12,11 @@ tiny SAM-architecture backbone, or with --backbone sam2 a tiny Hiera-T-shaped SA
 (random weights, fixed seed); (3) tests the run
 folder and prints per-domain IoU/F1/MAE, the vanilla (no module) IoU beside each
 domain, selector routing, and AA/FM/FT.
+
+With --compare it trains the baselines zero-shot, fine-tuning and experience replay (one
+shared LoRA module, their recipe's) beside SAMCL under the same protocol and prints the
+comparison (samcl.compare's table): fine-tuning forgets, SAMCL's loss comes only from
+images the selector routes to another domain's module.
 
 What it shows: the pipeline end to end, that the selector tells domains apart
 from a frozen intermediate embedding, and that each domain's tiny module moves
@@ -34,6 +40,8 @@ from .config import CONFIG_DIR, load_config
 DEMO_CONFIG = CONFIG_DIR / "demo_sam.yaml"
 DEMO_CONFIGS = {"sam": DEMO_CONFIG, "sam2": CONFIG_DIR / "demo_sam2.yaml"}
 LOG_DIRS = {"sam": "log_sam1", "sam2": "log_sam2"}
+# --compare: the methods, each with the learning module of its recipe (configs/baselines/: LoRA)
+COMPARED = (("zeroshot", "lora"), ("finetune", "lora"), ("er", "lora"), ("samcl", None))
 BACKBONE_NAMES = {"sam": "SAM", "sam2": "SAM 2.1 (Hiera)"}
 
 Painter = Callable[[np.random.Generator, int, int], Tuple[np.ndarray, np.ndarray]]
@@ -152,10 +160,14 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--pictures", type=Path, help="also write the run's report.png and one test overlay into this "
                                                  "folder as demo_report.png and demo_overlay.png")
+    p.add_argument("--compare", action="store_true",
+                   help="train zero-shot, fine-tuning and ER (a shared LoRA module) beside SAMCL on the same domains "
+                        "and print their comparison (AA / FM / FT, storage, time); also written as "
+                        "<output>/compare.csv and compare.png")
     args = p.parse_args(argv)
     device = resolve_device(None, args.device)
     with explained_errors():
-        _run(args, device)
+        (_compare if args.compare else _run)(args, device)
 
 
 def _run(args: argparse.Namespace, device) -> None:
@@ -188,6 +200,35 @@ def _run(args: argparse.Namespace, device) -> None:
     print(f"[demo] finished in {time.time() - t0:.0f} s; run folder: {cfg.resolved_run_dir()}")
     print(f"[demo] synthetic data and a random tiny backbone: real results need the official {name} weights "
           "and datasets (README).")
+
+
+def _compare(args: argparse.Namespace, device) -> None:
+    """Every method of COMPARED on the demo's domains, then one table."""
+    import torch
+
+    from .compare import markdown, summarise, write_csv
+    from .pictures import draw_comparison
+    from .pipeline import train
+    t0 = time.time()
+    out = Path(args.output)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stdout)
+    print(f"[demo] 1/2 drawing synthetic domains {list(DOMAINS)} into {out / 'data'}")
+    make_demo_data(out)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # the same table on every machine (see _run)
+    runs = []
+    for k, (method, module) in enumerate(COMPARED, 1):
+        cfg = load_config(DEMO_CONFIGS[args.backbone], {
+            "data_root": str(out), "epoch": args.epoch, "method": method, "learning_module": module,
+            "run_dir": str(out / f"compare_{args.backbone}" / method)})
+        print(f"[demo] 2/2 ({k}/{len(COMPARED)}) training {method} ({cfg.module_kind}) over {cfg.order}")
+        train(cfg, device, overwrite=True)
+        runs.append(cfg.resolved_run_dir())
+    rows = [summarise(r) for r in runs]
+    write_csv(rows, out / "compare.csv")
+    draw_comparison(rows, out / "compare.png")
+    print(markdown(rows))
+    print(f"[demo] finished in {time.time() - t0:.0f} s; wrote {out / 'compare.csv'} and {out / 'compare.png'}")
 
 
 if __name__ == "__main__":

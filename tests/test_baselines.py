@@ -75,3 +75,23 @@ def test_finetune_forgets_a_domain_that_a_later_one_contradicts(data, tmp_path):
     routed = samcl["steps"][1]["evaluation"]["polyp"]
     if routed["selector_accuracy"] == 1.0:
         assert samcl["steps"][1]["summary"]["iou"]["FM"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_joint_trains_once_on_the_union_and_does_not_depend_on_the_order(data, tmp_path):
+    results = {}
+    for order in ("polyp_shadow_natural", "shadow_polyp_natural"):
+        run = tmp_path / order
+        metrics = pipeline.train(cfg_for(data, run, "joint", order=order, epoch=1), CPU)
+        steps = metrics["steps"]
+        assert [s["trained"] for s in steps] == [True, False, False]
+        assert steps[0]["trained_on"] == ["polyp", "shadow"]  # name order, whatever the order of the run
+        assert steps[0]["training"]["epoch_loss"] and len(steps[0]["training"]["epoch_loss"]) == 1
+        first = order.split("_")[0]
+        assert json.loads((run / "run.json").read_text())["modules"] == {first: f"{first}.safetensors"}
+        assert steps[-1]["summary"]["iou"]["FM"] == pytest.approx(0.0, abs=1e-12)  # one module, never changed
+        module = pipeline.load_run(run, cfg_for(data, run, "joint", order=order), CPU).module_for(first)
+        results[order] = ({k: v.clone() for k, v in module.state_dict().items()},
+                          {d: r["metrics"] for d, r in steps[-1]["evaluation"].items()})
+    (m1, r1), (m2, r2) = results.values()
+    assert m1.keys() == m2.keys() and all(torch.equal(m1[k], m2[k]) for k in m1)
+    assert r1 == r2
