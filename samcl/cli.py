@@ -151,7 +151,8 @@ def add_common_flags(p: argparse.ArgumentParser, family: str = "sam") -> None:
                    help="sam: SAM (ViT), as train.py / test.py; sam2: SAM 2.1 (Hiera), as train_SAM2.py / "
                         "test_SAM2.py (those scripts are this flag's aliases)")
     p.add_argument("--method", help="continual-learning method, a name registered in samcl/methods (default samcl: "
-                                    "a module per domain, routed by the Module Selector)")
+                                    "a module per domain, routed by the Module Selector; the baselines zeroshot, "
+                                    "finetune, joint, ewc, er, der, lwf, olora, l2p: configs/baselines/)")
     p.add_argument("--learning_module",
                    help="what trains inside the frozen model, a name registered in samcl/modules: augmodule, lora, "
                         "adapter, decoder, cad (default: the one --module names: augmodule, or cad for CAD)")
