@@ -33,11 +33,14 @@ change: data paths, workers, feature cache) into a folder holding a sweep.json i
 another --output. A folder without sweep.json is taken over: run folders already at the planned
 places must hold the planned settings (checked as train.py --resume checks them).
 
+Under torchrun (--cuda -1) the process group is joined once and every run uses all its processes;
+only rank 0 writes sweep.json, the sweep's log and the summary.
+
 The summary is rewritten after every run that trained, so an interrupted sweep has one of what
-finished. Each run contributes the summary after its last step (metrics.json, read by
-samcl.compare.summarise, which also gives stored MB per trained domain and training seconds);
-std is the sample standard deviation (n-1; 0 for one run); a value some run lacks (n/a, e.g. FT
-with one trained domain) is n/a for the method.
+finished (a run counts once every domain of its order is done). Each run contributes the summary
+after its last step (metrics.json, read by samcl.compare.summarise, which also gives the stored MB
+per trained domain and the training seconds); std is the sample standard deviation (n-1; 0 for
+one run); a value some run lacks (n/a, e.g. FT with one trained domain) is n/a for the method.
 """
 import argparse
 import csv
@@ -205,19 +208,21 @@ def check_plan(folder: Path, plan: Plan) -> None:
         return
     try:
         old = json.loads(path.read_text())
-        old["runs"], old["methods"]  # noqa: B018 (a readable plan has both)
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not a readable sweep plan ({e}); use another --output") from None
+    if not isinstance(old, dict) or not isinstance(old.get("runs"), list):
+        raise ConfigError(f"{path} is not a sweep plan (no list of runs); use another --output")
     from .continual import RESUMABLE_SETTINGS
 
     free = [k for k in RESUMABLE_SETTINGS if k not in ("order", "unseen")]
     new = json.loads(json.dumps(plan.to_dict()))
     a, b = _comparable(old, free), _comparable(new, free)
     if a != b:
-        diff = [k for k in b if a.get(k) != b[k]]
-        if diff == ["runs"]:  # name the first setting that differs
+        diff = [k for k in b if k != "runs" and a.get(k) != b[k]]
+        if not diff:  # only the runs' settings: name the first that differs
             for ra, rb in zip(a["runs"], b["runs"]):
-                changed = {k: (ra["settings"].get(k), v) for k, v in rb["settings"].items() if ra["settings"].get(k) != v}
+                was = ra["settings"]
+                changed = {k: (was.get(k), v) for k, v in rb["settings"].items() if was.get(k) != v}
                 if changed:
                     diff = [f"{rb['folder']}: " + ", ".join(f"{k} {x!r} -> {y!r}" for k, (x, y) in changed.items())]
                     break
@@ -295,6 +300,9 @@ def run_sweep(plan: Plan, output: Path, device: "torch.device") -> List[Dict[str
         dist.barrier()
     if dist.is_main():
         rows = write_summary(plan, output)
+        log.info("sweep %s: %d of %d run(s) finished; summary in %s", output, sum(r["runs"] for r in rows),
+                 len(plan.runs), output / f"{SUMMARY}.md")
+    _sweep_log(output, False)  # closes the sweep's log file
     return rows
 
 
@@ -390,7 +398,7 @@ def parse_set(items: Sequence[str]) -> Dict[str, Any]:
 
 def build_parser() -> Parser:
     p = Parser(prog="python -m samcl.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", required=True,
+    p.add_argument("--methods", required=True, metavar="M1,M2,...",
                    help="continual methods joined by ',' (names registered in samcl/methods, e.g. "
                         "samcl,finetune,joint,zeroshot)")
     p.add_argument("--orders", type=int, default=1, metavar="K",
@@ -398,23 +406,28 @@ def build_parser() -> Parser:
     p.add_argument("--seeds", type=int, default=1, metavar="S",
                    help="seeds per method and order: the configured seed (or --seed) and the next S-1 integers "
                         "(default 1)")
-    p.add_argument("--order_seed", type=int, default=0,
-                   help="seed of numpy.random.default_rng that draws the random orders (default 0)")
-    p.add_argument("--config", help="YAML settings for every method, its method replaced (e.g. configs/demo_sam.yaml); "
-                                    "default: configs/baselines/<method>.yaml, for samcl configs/samcl_lora_vit_b.yaml")
-    p.add_argument("--output", type=Path, help="the sweep folder (default sweeps/<config>_<methods>_o<K>_s<S>)")
+    p.add_argument("--order_seed", type=int, default=0, metavar="N",
+                   help="seed of numpy.random.default_rng that draws the random orders (default 0; independent "
+                        "of the training seeds)")
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML settings for every method, its method replaced (e.g. configs/demo_sam.yaml); default: "
+                        "configs/baselines/<method>.yaml, for samcl configs/samcl_lora_vit_b.yaml")
+    p.add_argument("--output", type=Path, metavar="DIR",
+                   help="the sweep folder (default sweeps/<config file's name, or baselines>_<methods>_o<K>_s<S>)")
     p.add_argument("--device", help="torch device: cpu or cuda:N (default GPU 0 if available, else CPU)")
-    p.add_argument("--cuda", type=int, help="GPU index; -1: every run on all processes of torchrun (launch with "
-                                            "torchrun ... -m samcl.sweep ... --cuda -1)")
-    g = p.add_argument_group("settings", "over every method's file (the sweep sets method, seed, order, unseen and "
-                                         "run folder per run)")
+    p.add_argument("--cuda", type=int, metavar="N",
+                   help="GPU index (overridden by --device); -1: every run on all processes of torchrun, one "
+                        "device each (torchrun --nproc_per_node P -m samcl.sweep ... --cuda -1)")
+    g = p.add_argument_group("settings", "over every method's file; an explicit flag wins over --set of the same "
+                                         "setting (the sweep sets method and run folder itself)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any setting of samcl/config.py, the value read as YAML (repeat it: --set epoch=2 "
-                        "--set batch_size=4)")
+                        "--set feature_cache=off); --set order/unseen/seed act as the flags below")
     g.add_argument("--order", help="the configured order: domain keys joined by '_' (order0; the others permute "
                                    "its trained domains)")
     g.add_argument("--unseen", nargs="*", help="test-only domains of the order (last in every order)")
-    g.add_argument("--seed", type=int, help="the first seed (default: the configured seed)")
+    g.add_argument("--seed", type=int, help="the first seed (default: the configured seed; the methods' files "
+                                            "must agree on it, as on order and unseen, or these flags decide)")
     g.add_argument("--data_root", help="folder the JSON maps' paths are relative to")
     g.add_argument("--epoch", type=int, help="epochs per domain")
     g.add_argument("--batch_size", type=int, help="images per training batch")
@@ -425,8 +438,8 @@ def build_parser() -> Parser:
 EXPLICIT = ("order", "unseen", "seed", "data_root", "epoch", "batch_size", "num_workers")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def plan_from_args(args: argparse.Namespace) -> Tuple[Plan, Path]:
+    """The plan and the sweep folder of the parsed command line (explicit flags win over --set)."""
     settings = parse_set(args.set)
     sources = {k: f"--set {k}" for k in settings}
     for k in EXPLICIT:
@@ -435,7 +448,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     methods = [m.strip() for m in args.methods.split(",")]
     output = args.output or default_output(args.config, methods, args.orders, args.seeds)
     with explained_errors():
-        plan = make_plan(methods, args.orders, args.seeds, output, args.config, settings, sources, args.order_seed)
+        return make_plan(methods, args.orders, args.seeds, output, args.config, settings, sources,
+                         args.order_seed), output
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    plan, output = plan_from_args(args)
     # torch and the backbones only now, once the flags and the plan passed
     from . import distributed
 
