@@ -1,7 +1,7 @@
 """Pictures of results: a mask and its prompt points drawn over the image, with a caption."""
 import textwrap
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -61,6 +61,24 @@ def _pyplot():
     return plt
 
 
+def _matrix_panel(ax, rows: Sequence[Sequence[Optional[float]]], domains: Sequence[str], metric: str,
+                  title: str) -> None:
+    """One metric's accuracy matrix A[t][j] (row t: after step t; column j: test domain j) as an
+    annotated heatmap on ``ax``; a cell not measured (None) stays blank."""
+    values = np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
+    cmap = "viridis_r" if metric == "mae" else "viridis"
+    ax.imshow(values, cmap=cmap, vmin=0, vmax=1, aspect="auto")
+    for t in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            if not np.isnan(values[t, j]):
+                v = values[t, j]
+                ax.text(j, t, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if (v < 0.55) != (metric == "mae") else "black")
+    ax.set_xticks(range(len(domains)), domains, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(values.shape[0]), [f"after {domains[t]}" for t in range(values.shape[0])], fontsize=8)
+    ax.set_title(title, fontsize=10)
+
+
 def draw_report(accuracy_matrix: Dict, path: Path, title: str = "") -> Path:
     """``report.png`` of a run: the accuracy matrix A[t][j] of every metric as an annotated
     heatmap (row t: after training step t; column j: test domain j; blank: not measured), and
@@ -74,19 +92,7 @@ def draw_report(accuracy_matrix: Dict, path: Path, title: str = "") -> Path:
     fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(4.2 * (len(metrics) + 1), 0.55 * n + 2.6),
                              gridspec_kw={"width_ratios": [1] * len(metrics) + [1.15]})
     for ax, m in zip(axes, metrics):
-        rows = matrices[m]
-        values = np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
-        cmap = "viridis_r" if m == "mae" else "viridis"
-        ax.imshow(values, cmap=cmap, vmin=0, vmax=1, aspect="auto")
-        for t in range(values.shape[0]):
-            for j in range(values.shape[1]):
-                if not np.isnan(values[t, j]):
-                    v = values[t, j]
-                    ax.text(j, t, f"{v:.2f}", ha="center", va="center", fontsize=8,
-                            color="white" if (v < 0.55) != (m == "mae") else "black")
-        ax.set_xticks(range(n), domains, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(values.shape[0]), [f"after {domains[t]}" for t in range(values.shape[0])], fontsize=8)
-        ax.set_title(f"{METRIC_NAMES[m]}: A[t][j]", fontsize=10)
+        _matrix_panel(ax, matrices[m], domains, m, f"{METRIC_NAMES[m]}: A[t][j]")
     ax = axes[-1]
     steps = list(range(len(summary[metrics[0]])))
     for m, colour in zip(metrics, ("tab:blue", "tab:green", "tab:red")):
@@ -129,3 +135,43 @@ def draw_comparison(rows: Sequence[Dict], path: Path) -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return Path(path)
+
+
+def draw_sweep(rows: Sequence[Dict], matrices: Dict[str, Tuple[str, Dict]], path: Path, title: str = "") -> Path:
+    """``summary.png`` of ``python -m samcl.sweep``: AA and FM (IoU) per method as bars with the
+    sample std over its runs as error bars (top), and below, per method, the IoU accuracy matrix
+    A[t][j] of one of its runs. ``rows``: the sweep's summary rows (``iou_AA_mean``, ``iou_AA_std``,
+    ...; a method without a finished run draws no bar); ``matrices``: method -> (the run's folder,
+    its metrics.json accuracy matrix)."""
+    plt = _pyplot()
+    shown = [r["method"] for r in rows if r["method"] in matrices]
+    ncols = max(1, min(4, len(shown)))
+    nrows = 1 + -(-len(shown) // ncols)
+    side = max((len(matrices[m][1]["domains"]) for m in shown), default=3)
+    fig = plt.figure(figsize=(max(7.0, 4.2 * ncols), 3.8 + (nrows - 1) * (0.55 * side + 2.4)))
+    grid = fig.add_gridspec(nrows, ncols, height_ratios=[3.8] + [0.55 * side + 2.4] * (nrows - 1))
+    bars = fig.add_subplot(grid[0, :])
+    x = np.arange(len(rows))
+
+    def values(key: str):
+        return ([np.nan if r[f"{key}_mean"] is None else r[f"{key}_mean"] for r in rows],
+                [0.0 if r[f"{key}_std"] is None else r[f"{key}_std"] for r in rows])
+
+    for shift, key, label in ((-0.2, "iou_AA", "AA (IoU)"), (0.2, "iou_FM", "FM (IoU)")):
+        mean, std = values(key)
+        bars.bar(x + shift, mean, 0.4, yerr=std, capsize=4, label=label)
+    bars.set_xticks(x, [f"{r['method']} (n={r['runs']})" for r in rows], fontsize=9)
+    bars.axhline(0, color="grey", lw=0.5)
+    bars.legend(fontsize=8)
+    bars.set_title("after the last step: mean and sample std over orders x seeds", fontsize=10)
+    for i, m in enumerate(shown):
+        folder, matrix = matrices[m]
+        ax = fig.add_subplot(grid[1 + i // ncols, i % ncols])
+        _matrix_panel(ax, matrix["matrix"]["iou"], matrix["domains"], "iou", f"{m}: IoU A[t][j] ({folder})")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -36,6 +36,7 @@ ENTRY_POINTS = {
     "python -m samcl.demo": "runpy.run_module('samcl.demo', run_name='__main__', alter_sys=True)",
     "python -m samcl.weights": "runpy.run_module('samcl.weights', run_name='__main__', alter_sys=True)",
     "python -m samcl.datacheck": "runpy.run_module('samcl.datacheck', run_name='__main__', alter_sys=True)",
+    "python -m samcl.sweep": "runpy.run_module('samcl.sweep', run_name='__main__', alter_sys=True)",
     "samcl-train": "from samcl.scripts import train; sys.exit(train())",
     "samcl-test": "from samcl.scripts import test; sys.exit(test())",
     "samcl-points": "from samcl.scripts import points; sys.exit(points())",
