@@ -118,7 +118,8 @@ class ReservoirBuffer:
         """Offer every image of ``batch`` (of domain ``domain``; under torchrun every rank's batch,
         in rank order) to the reservoir, with its low-resolution ``logits`` (N, 1, 4G, 4G) where
         given. Returns how many were stored. Every rank must call it with its batch."""
-        shards = dist.all_gather_objects((list(batch.names), batch.points.shape[1]))  # per rank: names, its batch's point count
+        # per rank: its names and its batch's point count
+        shards = dist.all_gather_objects((list(batch.names), batch.points.shape[1]))
         slots = [(r, i, self._slot()) for r, (names, _) in enumerate(shards) for i in range(len(names))]
         kept = [(r, i, s) for r, i, s in slots if s is not None]
         if not kept:  # identical on every rank: then no rank gathers anything

@@ -96,7 +96,8 @@ def test_a_draw_is_without_replacement_and_pads_point_sets():
         assert draw.batch.images[row, 0, 0, 0] == s and draw.batch.masks[row, 0, 0, 0] == s % 2
         assert draw.batch.labels[row].tolist() == ([1, -1, -1] if s < 2 else [1, 1, 1])
         assert draw.logits.dtype == torch.float32
-        assert torch.equal(draw.logits[row], torch.full((1, 3, 3), 0.5) if s < 2 else torch.arange(18.0).view(2, 1, 3, 3)[s - 2])
+        stored = torch.full((1, 3, 3), 0.5) if s < 2 else torch.arange(18.0).view(2, 1, 3, 3)[s - 2]
+        assert torch.equal(draw.logits[row], stored)
     two = buf.sample(2, CPU)
     assert len(two.batch.names) == 2 and len(set(two.slots.tolist())) == 2 and buf.draws == 2
     assert ReservoirBuffer(4, 0).sample(3, CPU) is None

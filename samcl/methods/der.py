@@ -56,7 +56,9 @@ class DERPlusPlus(ExperienceReplay):
 
     def forward_low_res(self, batch: Batch, prefix: Features, forward: Forward) -> Tuple[torch.Tensor, torch.Tensor]:
         """(the decoder's logits (N, 1, 4G, 4G), IoU (N, 1)) of a batch through the training forward."""
-        heat: Optional[torch.Tensor] = self.model.heatmap(batch.points, batch.labels) if self.model.needs_heatmap else None
+        heat: Optional[torch.Tensor] = None
+        if self.model.needs_heatmap:
+            heat = self.model.heatmap(batch.points, batch.labels)
         return forward(prefix, heat, batch.points, batch.labels, batch.images, self.model.boxes(len(batch.names)),
                        low_res=True)
 

@@ -99,8 +99,9 @@ class ExperienceReplay(FineTune):
             raise RuntimeError(f"{dist.rank_prefix()}the replay buffers of the ranks differ after {domain}")
         if dist.is_main():
             self.replay.save(self.run_dir / self.buffer_file(domain))
-        log.info("replay buffer after %s: %d of %d samples (%s), %d offered, %.2f MB", domain, len(self.replay),
-                 self.replay.capacity, self.replay.domain_counts(), self.replay.seen, self.replay.size_bytes() / 1024**2)
+        r = self.replay
+        log.info("replay buffer after %s: %d of %d samples (%s), %d offered, %.2f MB", domain, len(r), r.capacity,
+                 r.domain_counts(), r.seen, r.size_bytes() / 1024**2)
         return {**out, "replay": {"samples": len(self.replay), "seen": self.replay.seen,
                                   "bytes": self.replay.size_bytes(), "domains": self.replay.domain_counts()}}
 
