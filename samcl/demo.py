@@ -13,9 +13,9 @@ tiny SAM-architecture backbone, or with --backbone sam2 a tiny Hiera-T-shaped SA
 folder and prints per-domain IoU/F1/MAE, the vanilla (no module) IoU beside each
 domain, selector routing, and AA/FM/FT.
 
-With --compare it trains the baselines zero-shot, fine-tuning and experience replay (one
-shared LoRA module, their recipe's) beside SAMCL under the same protocol and prints the
-comparison (samcl.compare's table): fine-tuning forgets, SAMCL's loss comes only from
+With --compare it trains the baselines zero-shot, fine-tuning and experience replay beside
+SAMCL, every method with the same LoRA learning module, under the same protocol and prints
+the comparison (samcl.compare's table): fine-tuning forgets, SAMCL's loss comes only from
 images the selector routes to another domain's module.
 
 What it shows: the pipeline end to end, that the selector tells domains apart
@@ -40,8 +40,10 @@ from .config import CONFIG_DIR, load_config
 DEMO_CONFIG = CONFIG_DIR / "demo_sam.yaml"
 DEMO_CONFIGS = {"sam": DEMO_CONFIG, "sam2": CONFIG_DIR / "demo_sam2.yaml"}
 LOG_DIRS = {"sam": "log_sam1", "sam2": "log_sam2"}
-# --compare: the methods, each with the learning module of its recipe (configs/baselines/: LoRA)
-COMPARED = (("zeroshot", "lora"), ("finetune", "lora"), ("er", "lora"), ("samcl", None))
+# --compare: the methods, all with the same learning module (LoRA, the baselines' recipes' and
+# configs/samcl_lora_vit_b.yaml's), so that only the method differs
+COMPARED = ("zeroshot", "finetune", "er", "samcl")
+COMPARED_MODULE = "lora"
 BACKBONE_NAMES = {"sam": "SAM", "sam2": "SAM 2.1 (Hiera)"}
 
 Painter = Callable[[np.random.Generator, int, int], Tuple[np.ndarray, np.ndarray]]
@@ -161,8 +163,8 @@ def main(argv=None) -> None:
     p.add_argument("--pictures", type=Path, help="also write the run's report.png and one test overlay into this "
                                                  "folder as demo_report.png and demo_overlay.png")
     p.add_argument("--compare", action="store_true",
-                   help="train zero-shot, fine-tuning and ER (a shared LoRA module) beside SAMCL on the same domains "
-                        "and print their comparison (AA / FM / FT, storage, time); also written as "
+                   help="train zero-shot, fine-tuning and ER beside SAMCL on the same domains, all with a LoRA "
+                        "module, and print their comparison (AA / FM / FT, storage, time); also written as "
                         "<output>/compare.csv and compare.png")
     args = p.parse_args(argv)
     device = resolve_device(None, args.device)
@@ -217,9 +219,9 @@ def _compare(args: argparse.Namespace, device) -> None:
     if device.type == "cpu":
         torch.set_num_threads(1)  # the same table on every machine (see _run)
     runs = []
-    for k, (method, module) in enumerate(COMPARED, 1):
+    for k, method in enumerate(COMPARED, 1):
         cfg = load_config(DEMO_CONFIGS[args.backbone], {
-            "data_root": str(out), "epoch": args.epoch, "method": method, "learning_module": module,
+            "data_root": str(out), "epoch": args.epoch, "method": method, "learning_module": COMPARED_MODULE,
             "run_dir": str(out / f"compare_{args.backbone}" / method)})
         print(f"[demo] 2/2 ({k}/{len(COMPARED)}) training {method} ({cfg.module_kind}) over {cfg.order}")
         train(cfg, device, overwrite=True)

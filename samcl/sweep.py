@@ -12,9 +12,10 @@ taken being drawn again (so the first K orders of a larger K are the same). The 
 domains always come last, in their configured order. Seeds: the configured seed s (or --seed) and
 s+1, ..., s+S-1. Every method runs every order with every seed.
 
-Settings per method: with --config FILE, that file for every method with its `method` replaced;
-without, configs/baselines/<method>.yaml, and for samcl configs/samcl_lora_vit_b.yaml (the LoRA
-module the baselines train). The flags below (--set and the explicit ones) override every method's
+Settings per method: with --config FILE, that file for every method with its `method` replaced
+(and its learning module, for a method that trains a kind of its own: olora, l2p); without,
+configs/baselines/<method>.yaml, and for samcl configs/samcl_lora_vit_b.yaml (the LoRA module the
+baselines train). The flags below (--set and the explicit ones) override every method's
 file; the sweep sets each run's method, order, unseen domains, seed and run folder itself.
 
 The folder (--output, default sweeps/<config>_<methods>_o<K>_s<S>):
@@ -140,6 +141,15 @@ def recipe_for(method: str, config: Optional[str]) -> Path:
                       f"method replaced)")
 
 
+def own_module(method: str) -> Dict[str, Any]:
+    """``{"learning_module": kind}`` for a method that trains a module kind of its own (its first),
+    else nothing: the settings file's module stays."""
+    from .plugins import METHODS  # the registered methods (imports torch: only once a plan is made)
+
+    kinds = METHODS.get(method).learning_modules
+    return {"learning_module": kinds[0]} if kinds else {}
+
+
 def _agreed(values: Dict[str, Any], name: str, flag: str) -> Any:
     """The one value every method's recipe gives a setting; several: an error asking for ``flag``."""
     distinct = {json.dumps(v) for v in values.values()}
@@ -168,7 +178,7 @@ def make_plan(methods: Sequence[str], n_orders: int, n_seeds: int, output: Path,
         raise ConfigError(f"the sweep sets {refused} itself (--methods, --output)")
     recipes = {m: recipe_for(m, config) for m in methods}
     flags = [(f"flag {sources.get(k, '--' + k)}", {k: v}) for k, v in overrides.items()]
-    files = {m: read_config_file(str(p)) for m, p in recipes.items()}
+    files = {m: {**read_config_file(str(p)), **own_module(m)} for m, p in recipes.items()}
     base = {m: build_config([(f"config file {recipes[m]}", files[m]), *flags, ("--methods", {"method": m})])
             for m in methods}
     order = _agreed({m: c.domains for m, c in base.items()}, "order", "--order")
