@@ -1,0 +1,28 @@
+"""L2P, Learning to Prompt (Wang et al. 2022), as prefix tuning: ONE prompt pool trained through
+the domains (as fine-tuning trains one shared module), every image choosing its prompts by the
+cosine similarity of its frozen selector-layer embedding to the pool's keys
+(:mod:`samcl.modules.prompt_pool`). The loss adds L2P's key-pull term,
+``l2p_pull_weight * mean over images of sum over the chosen keys of (1 - cos(query, key))``, to
+the segmentation loss (summed over the batch's images); the keys get their gradient from that
+term only. Inference is task-agnostic (the same choice of prompts, no selector). Every image takes its
+own top-k during training too: neither L2P's optional "prompt frequency" balancing nor its released
+code's batch-wise choice (the batch's most frequent prompts for every image) is used. The method keeps
+no state of its own besides the pool (the protocol saves it with every partial epoch).
+"""
+import torch
+
+from ..backbones.base import Features
+from ..modules.prompt_pool import pull_loss
+from ..registry import register_method
+from ..training import Batch
+from .base import Forward
+from .finetune import FineTune
+
+
+@register_method("l2p")
+class L2P(FineTune):
+    learning_modules = ("prompt_pool",)
+
+    def observe(self, batch: Batch, prefix: Features, forward: Forward) -> torch.Tensor:
+        loss = super().observe(batch, prefix, forward)
+        return loss + self.cfg.l2p_pull_weight * pull_loss(self.current().last_similarity)
