@@ -9,9 +9,12 @@ own top-k during training too: neither L2P's optional "prompt frequency" balanci
 code's batch-wise choice (the batch's most frequent prompts for every image) is used. The method keeps
 no state of its own besides the pool (the protocol saves it with every partial epoch).
 """
+from typing import Optional
+
 import torch
 
 from ..backbones.base import Features
+from ..modules.base import LearningModule
 from ..modules.prompt_pool import pull_loss
 from ..registry import register_method
 from ..training import Batch
@@ -23,6 +26,15 @@ from .finetune import FineTune
 class L2P(FineTune):
     learning_modules = ("prompt_pool",)
 
+    def begin_domain(self, t: int, domain: str, trains: bool) -> Optional[LearningModule]:
+        """The shared pool (drawn from the seed at the first domain). Every parameter gets a gradient
+        (the keys from the pull term, always in the loss), which DDP is told."""
+        module = super().begin_domain(t, domain, trains)
+        if module is not None:
+            module.has_unused_parameters = False
+        return module
+
     def observe(self, batch: Batch, prefix: Features, forward: Forward) -> torch.Tensor:
+        """The segmentation loss plus ``l2p_pull_weight`` times the pull loss of the batch's chosen keys."""
         loss = super().observe(batch, prefix, forward)
         return loss + self.cfg.l2p_pull_weight * pull_loss(self.current().last_similarity)

@@ -169,7 +169,9 @@ class PromptPoolModule(LearningModule):
     spec_class = PromptPoolSpec
     backbones = tuple(ATTENTIONS)
     backbone_reason = "the prompts enter by recomputing SAM's and SAM 2's block attention"
-    # the keys get a gradient from the key-pull loss only (none with l2p_pull_weight 0)
+    # the keys get a gradient only from a loss on last_similarity (L2P's key pull), not from the segmentation
+    # loss; a method whose loss always includes that term sets it False on its module (under DDP a parameter
+    # unreachable from the forward's outputs but given a gradient later must not be declared unused)
     has_unused_parameters = True
 
     def __init__(self, spec: PromptPoolSpec) -> None:
