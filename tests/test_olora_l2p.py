@@ -124,7 +124,8 @@ def test_a_new_domain_adds_a_pair_the_old_ones_frozen_and_kept_orthogonal(data, 
     method = OLoRA(cfg, model, CPU)
     first = method.begin_domain(0, "polyp", trains=True)
     # the first pair is the LoRA finetune draws from the seed
-    lora_cfg = check_plugins(load_config(CONFIG_DIR / "demo_sam.yaml", {"method": "finetune", "learning_module": "lora"}))
+    lora_cfg = check_plugins(load_config(CONFIG_DIR / "demo_sam.yaml",
+                                         {"method": "finetune", "learning_module": "lora"}))
     lora = FineTune(lora_cfg, pipeline.build_model(lora_cfg, CPU), CPU).begin_domain(0, "polyp", trains=True)
     assert first.spec.tasks == 1 and type(lora.spec) is LoRASpec
     for j in range(len(first.spec.layers)):
@@ -216,7 +217,8 @@ def literal_attention(attn, x, key, value, rel_pos):
     image = torch.einsum("bihc,bjhc->bhij", q, k) * scale
     if rel_pos:
         rows, cols = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
-        r = attn.rel_pos_h[rows[:, None] - rows[None, :] + h - 1] + attn.rel_pos_w[cols[:, None] - cols[None, :] + w - 1]
+        r = (attn.rel_pos_h[rows[:, None] - rows[None, :] + h - 1]
+             + attn.rel_pos_w[cols[:, None] - cols[None, :] + w - 1])  # (HW, HW, c)
         image = image + torch.einsum("bihc,ijc->bhij", q, r)
     weights = torch.cat([torch.einsum("bihc,bphc->bhip", q, pk) * scale, image], dim=-1).softmax(-1)
     out = torch.einsum("bhij,bjhc->bihc", weights, torch.cat([pv, v], dim=1))
