@@ -10,7 +10,8 @@ from samcl.modules.base import segment_with
 from samcl.registry import MODULES, UnknownName
 from samcl.run_folder import load_module, save_module
 
-ZERO_INIT = ("augmodule", "lora", "adapter", "decoder")  # CAD's adapter is not zero-initialised (its recipe)
+ZERO_INIT = ("augmodule", "lora", "adapter", "decoder", "olora")  # CAD's adapter and L2P's prompt pool are not
+# zero-initialised (their recipes)
 
 
 def tiny(family: str):
@@ -64,8 +65,9 @@ def run(module, bb, images, points, labels):
 
 
 def test_registry_lists_the_kinds_and_refuses_unknown_names():
-    assert MODULES.names() == ["adapter", "augmodule", "cad", "decoder", "lora"]
-    with pytest.raises(UnknownName, match="unknown learning module 'dora'; known: adapter, augmodule, cad, decoder, lora"):
+    assert MODULES.names() == ["adapter", "augmodule", "cad", "decoder", "lora", "olora", "prompt_pool"]
+    with pytest.raises(UnknownName, match="unknown learning module 'dora'; known: adapter, augmodule, cad, decoder, lora, "
+                                          "olora, prompt_pool$"):
         MODULES.get("dora")
 
 
@@ -101,7 +103,8 @@ def test_modules_inject_exactly_at_their_declared_points_and_leave_the_backbone_
     sel, depth = backbone.selector_layer, backbone.depth
     points_of = {k: build(k, backbone).injection_points(backbone) for k in kinds_for(backbone)}
     prefix = "sam.image_encoder.blocks" if backbone.family == "sam" else "sam2.image_encoder.trunk.blocks"
-    assert points_of["lora"] == sorted(f"{prefix}.{i}.attn.qkv" for i in range(sel + 1, depth))
+    assert points_of["lora"] == points_of["olora"] == sorted(f"{prefix}.{i}.attn.qkv" for i in range(sel + 1, depth))
+    assert points_of["prompt_pool"] == sorted(f"{prefix}.{i}.attn" for i in range(sel + 1, depth))
     assert points_of["adapter"] == sorted(f"{prefix}.{i}.mlp" for i in range(depth))
     aug_layers = build("augmodule", backbone).spec.layers
     neck = ["sam.image_encoder.neck"] if backbone.family == "sam" else []
@@ -116,8 +119,12 @@ def expected_parameters(kind, module, bb):
         neck = 0 if spec.neck_channels is None else (spec.rank + 1) * sum(spec.neck_channels)
         return (spec.dim + 1) * spec.rank + len(spec.layers) * (spec.rank + 1) * spec.dim \
             + (spec.rank + 1) * spec.rank + neck  # A, B_l, extra.layer (+ upward, upward_); LayerNorms not counted
-    if kind == "lora":
-        return sum(spec.rank * (bb.qkv(i).in_features + bb.qkv(i).out_features) for i in spec.layers)
+    if kind in ("lora", "olora"):  # olora: one pair per trained domain (1 when fresh)
+        pairs = spec.tasks if kind == "olora" else 1
+        return pairs * sum(spec.rank * (bb.qkv(i).in_features + bb.qkv(i).out_features) for i in spec.layers)
+    if kind == "prompt_pool":  # keys (M, D_sel); per late block key and value prompts (M, 2, L, C)
+        return spec.pool_size * (bb.selector_dim + sum(2 * spec.length * bb.qkv(i).out_features // 3
+                                                       for i in spec.layers))
     if kind == "adapter":
         return sum(2 * w * h + w + h for w, h in zip(spec.widths, spec.hidden))
     if kind == "decoder":

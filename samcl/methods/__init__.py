@@ -2,9 +2,7 @@
 
 Importing the package registers every method (``samcl.registry.METHODS``).
 """
-from . import finetune, joint, samcl, zeroshot  # noqa: F401  (registers the methods)
-from . import er  # noqa: F401
-from . import der  # noqa: F401
+from . import der, er, finetune, joint, l2p, olora, samcl, zeroshot  # noqa: F401  (registers the methods)
 from .base import ContinualMethod
 
 __all__ = ["ContinualMethod"]

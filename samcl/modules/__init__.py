@@ -2,7 +2,7 @@
 
 Importing the package registers every kind (``samcl.registry.MODULES``).
 """
-from . import adapter, augmodule, cad, decoder, lora  # noqa: F401  (registers the kinds)
+from . import adapter, augmodule, cad, decoder, lora, olora, prompt_pool  # noqa: F401  (registers the kinds)
 from .augmodule import AugModule, AugModuleSpec
 from .base import LearningModule, ModuleSpec, segment_with
 from .cad import CADModule, CADSpec

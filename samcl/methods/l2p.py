@@ -1,0 +1,40 @@
+"""L2P, Learning to Prompt (Wang et al. 2022), as prefix tuning: ONE prompt pool trained through
+the domains (as fine-tuning trains one shared module), every image choosing its prompts by the
+cosine similarity of its frozen selector-layer embedding to the pool's keys
+(:mod:`samcl.modules.prompt_pool`). The loss adds L2P's key-pull term,
+``l2p_pull_weight * mean over images of sum over the chosen keys of (1 - cos(query, key))``, to
+the segmentation loss (summed over the batch's images); the keys get their gradient from that
+term only. Inference is task-agnostic (the same choice of prompts, no selector). Every image takes its
+own top-k during training too: neither L2P's optional "prompt frequency" balancing nor its released
+code's batch-wise choice (the batch's most frequent prompts for every image) is used. The method keeps
+no state of its own besides the pool (the protocol saves it with every partial epoch).
+"""
+from typing import Optional
+
+import torch
+
+from ..backbones.base import Features
+from ..modules.base import LearningModule
+from ..modules.prompt_pool import pull_loss
+from ..registry import register_method
+from ..training import Batch
+from .base import Forward
+from .finetune import FineTune
+
+
+@register_method("l2p")
+class L2P(FineTune):
+    learning_modules = ("prompt_pool",)
+
+    def begin_domain(self, t: int, domain: str, trains: bool) -> Optional[LearningModule]:
+        """The shared pool (drawn from the seed at the first domain). Every parameter gets a gradient
+        (the keys from the pull term, always in the loss), which DDP is told."""
+        module = super().begin_domain(t, domain, trains)
+        if module is not None:
+            module.has_unused_parameters = False
+        return module
+
+    def observe(self, batch: Batch, prefix: Features, forward: Forward) -> torch.Tensor:
+        """The segmentation loss plus ``l2p_pull_weight`` times the pull loss of the batch's chosen keys."""
+        loss = super().observe(batch, prefix, forward)
+        return loss + self.cfg.l2p_pull_weight * pull_loss(self.current().last_similarity)

@@ -1,0 +1,223 @@
+"""L2P's prompt pool (Wang et al. 2022) as prefix tuning of the blocks after the selector layer.
+
+The pool holds M keys (M, D_sel), D_sel = ``backbone.selector_dim``, and for every late block
+(the blocks after the selector layer) M prompts (M, 2, L, C): a key prompt ``[:, 0]`` and a
+value prompt ``[:, 1]`` of L tokens each, learnt separately, in the block attention's key/value
+space (C = the attention's width, split into its heads like the block's own keys and values;
+after the qkv projection: no bias, no relative position). Per image the query is the frozen
+prefix embedding ``backbone.selector_embedding(prefix)``, the one the Module Selector reads;
+the top-k keys by cosine similarity choose k prompts, whose k*L key and k*L value tokens are
+prepended to the keys and values of every late block's attention (the image tokens' queries
+attend to them; no query is added, so the token grid keeps its shape).
+
+Injection: a forward hook on each late block's attention recomputes that attention from the
+attention's own qkv/proj weights and the hook's input, with the extra keys and values
+(:func:`sam_attention`, :func:`hiera_attention`); the stock output is discarded. The cost: the
+attention of every late block runs twice (the stock call, then ours); its qkv projection
+twice as well. In windowed blocks every window of an image gets that image's prompts; SAM's
+relative positions are added to the image-token columns of the attention map only (prompt
+columns get none); SAM 2's q-pooling blocks pool the queries as the stock attention does,
+the prompts join the (unpooled) keys and values.
+
+Initialisation: keys and prompts uniform in [-1, 1] (L2P's), so a fresh module already changes
+the frozen model's output (it is not zero-initialised).
+"""
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from sam2.modeling.backbones.hieradet import do_pool
+from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
+from torch import nn
+
+from ..backbones.base import Backbone, Features
+from ..registry import register_module
+from .base import Hook, LearningModule, ModuleSpec
+
+
+@dataclass(frozen=True)
+class PromptPoolSpec(ModuleSpec):
+    """layers: the late blocks; widths: each one's attention width C (its qkv's out / 3);
+    key_dim: D_sel; pool_size M; top_k k; length L (tokens per key and per value prompt)."""
+
+    layers: Tuple[int, ...]
+    widths: Tuple[int, ...]
+    key_dim: int
+    pool_size: int = 10
+    top_k: int = 5
+    length: int = 5
+
+    @classmethod
+    def for_backbone(cls, backbone: Backbone, cfg: Any = None) -> "PromptPoolSpec":
+        """Every block after the selector layer; M, k, L from ``cfg.l2p_pool_size``, ``l2p_top_k``,
+        ``l2p_prompt_length`` (10, 5, 5 without a cfg)."""
+        if backbone.family not in ATTENTIONS:
+            raise ValueError(f"the prompt pool recomputes the attention of SAM and SAM 2 blocks, not of a "
+                             f"{backbone.family} backbone")
+        layers = tuple(range(backbone.selector_layer + 1, backbone.depth))
+        spec = cls(layers=layers, widths=tuple(_width(backbone, i) for i in layers), key_dim=backbone.selector_dim,
+                   pool_size=int(getattr(cfg, "l2p_pool_size", None) or 10),
+                   top_k=int(getattr(cfg, "l2p_top_k", None) or 5),
+                   length=int(getattr(cfg, "l2p_prompt_length", None) or 5))
+        if spec.top_k > spec.pool_size:
+            raise ValueError(f"l2p_top_k {spec.top_k} chooses more prompts than the pool holds "
+                             f"(l2p_pool_size {spec.pool_size})")
+        return spec
+
+    def check(self, backbone: Backbone) -> None:
+        problems = []
+        if backbone.family not in ATTENTIONS:
+            problems.append(f"no prefix attention for the {backbone.family} family")
+        if self.key_dim != backbone.selector_dim:
+            problems.append(f"keys of width {self.key_dim} (selector embedding: {backbone.selector_dim})")
+        if self.layers and min(self.layers) <= backbone.selector_layer:
+            problems.append(f"layers {list(self.layers)} reach the frozen prefix (selector layer "
+                            f"{backbone.selector_layer})")
+        for i, w in zip(self.layers, self.widths):
+            if not 0 <= i < backbone.depth or _width(backbone, i) != w:
+                problems.append(f"block {i} has no attention of width {w}")
+        if problems:
+            raise ValueError(f"prompt-pool module does not fit backbone {backbone.family}/{backbone.arch}: "
+                             + "; ".join(problems))
+
+
+def _width(backbone: Backbone, i: int) -> int:
+    return backbone.qkv(i).out_features // 3
+
+
+# ---------------------------------------------------------------------------- the attentions, with a prefix
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, P, C) -> (B, heads, P, C / heads)."""
+    return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+
+def sam_attention(attn: nn.Module, x: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``segment_anything``'s Attention.forward on ``x`` (B, H, W, C) with P extra key/value tokens
+    ``key``, ``value`` (B, P, C) before the image tokens' own; relative positions (when the block
+    uses them) are added to the image columns of the attention map only. With P = 0 the same
+    operations as the stock forward (the same result bit for bit). Returns (B, H, W, C)."""
+    b, h, w, _ = x.shape
+    heads = attn.num_heads
+    qkv = attn.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.reshape(3, b * heads, h * w, -1).unbind(0)  # (B * heads, HW, c)
+    p = key.shape[1]
+    if p:
+        k = torch.cat([_heads(key, heads).reshape(b * heads, p, -1), k], dim=1)
+        v = torch.cat([_heads(value, heads).reshape(b * heads, p, -1), v], dim=1)
+    scores = (q * attn.scale) @ k.transpose(-2, -1)  # (B * heads, HW, P + HW)
+    if attn.use_rel_pos:
+        image = add_decomposed_rel_pos(scores[..., p:].contiguous(), q, attn.rel_pos_h, attn.rel_pos_w,
+                                       (h, w), (h, w))
+        scores = torch.cat([scores[..., :p], image], dim=-1) if p else image
+    scores = scores.softmax(dim=-1)
+    out = (scores @ v).view(b, heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+    return attn.proj(out)
+
+
+def hiera_attention(attn: nn.Module, x: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``sam2``'s MultiScaleAttention.forward on ``x`` (B, H, W, C_in) with P extra key/value tokens
+    (B, P, C_out) before the image tokens' own; a q-pooling block pools the queries only (output
+    (B, H', W', C_out)). With P = 0 the same operations as the stock forward."""
+    b, h, w, _ = x.shape
+    heads = attn.num_heads
+    qkv = attn.qkv(x).reshape(b, h * w, 3, heads, -1)
+    q, k, v = torch.unbind(qkv, 2)  # (B, HW, heads, c)
+    if attn.q_pool:
+        q = do_pool(q.reshape(b, h, w, -1), attn.q_pool)
+        h, w = q.shape[1:3]
+        q = q.reshape(b, h * w, heads, -1)
+    k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, HW, c)
+    if key.shape[1]:
+        k = torch.cat([_heads(key, heads), k], dim=2)
+        v = torch.cat([_heads(value, heads), v], dim=2)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v)
+    return attn.proj(out.transpose(1, 2).reshape(b, h, w, -1))
+
+
+Attention = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+ATTENTIONS: Dict[str, Attention] = {"sam": sam_attention, "sam2": hiera_attention}
+
+
+# ---------------------------------------------------------------------------- the module
+def choose(query: torch.Tensor, keys: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The top-k keys of every query by cosine similarity.
+
+    Args:
+        query: (N, D); keys: (M, D).
+    Returns:
+        indices (N, k) into the pool, by decreasing similarity (ties: the lower index first,
+        a stable sort), and their cosine similarities (N, k) (differentiable in the keys).
+    """
+    sim = F.normalize(query, dim=1) @ F.normalize(keys, dim=1).transpose(0, 1)  # (N, M)
+    order = torch.sort(sim.detach(), dim=1, descending=True, stable=True).indices[:, :k]
+    return order, sim.gather(1, order)
+
+
+def pull_loss(similarity: torch.Tensor) -> torch.Tensor:
+    """L2P's key-pull term: mean over images of sum over the chosen keys of (1 - cos(query, key));
+    ``similarity`` (N, k) from :func:`choose`."""
+    return (1 - similarity).sum(dim=1).mean()
+
+
+@register_module("prompt_pool")
+class PromptPoolModule(LearningModule):
+    """``keys`` (M, D_sel); ``prompts[j]`` (M, 2, L, C_j) of late block ``spec.layers[j]``.
+    ``last_similarity`` is the (N, k) cosine similarity of the last call's chosen keys (the
+    method's pull loss)."""
+
+    spec_class = PromptPoolSpec
+    backbones = tuple(ATTENTIONS)
+    backbone_reason = "the prompts enter by recomputing SAM's and SAM 2's block attention"
+    # the keys get a gradient only from a loss on last_similarity (L2P's key pull), not from the segmentation
+    # loss; a method whose loss always includes that term sets it False on its module (under DDP a parameter
+    # unreachable from the forward's outputs but given a gradient later must not be declared unused)
+    has_unused_parameters = True
+
+    def __init__(self, spec: PromptPoolSpec) -> None:
+        super().__init__(spec)
+        self.keys = nn.Parameter(torch.empty(spec.pool_size, spec.key_dim).uniform_(-1, 1))
+        self.prompts = nn.ParameterList(nn.Parameter(torch.empty(spec.pool_size, 2, spec.length, c).uniform_(-1, 1))
+                                        for c in spec.widths)
+        self.last_similarity: Optional[torch.Tensor] = None
+
+    def select(self, query: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(N, D_sel) queries -> chosen pool indices (N, k) and their similarities (N, k) (:func:`choose`)."""
+        return choose(query, self.keys, self.spec.top_k)
+
+    def hooks(self, backbone: Backbone, context: Dict[str, Any]) -> List[Hook]:
+        """A forward hook on the attention of every late block: the attention recomputed with the
+        chosen prompts (``context["chosen"]``: (N, k) pool indices per image; k may be 0)."""
+        chosen: Optional[torch.Tensor] = context.get("chosen")
+        attention = ATTENTIONS[backbone.family]
+
+        def make(j: int):
+            def hook(attn, inputs, _output):
+                if chosen is None:
+                    raise ValueError("a prompt-pool module chooses its prompts from the prefix: "
+                                     "run it through segment()")
+                x = inputs[0]
+                n, k = chosen.shape
+                p = self.prompts[j][chosen]  # (N, k, 2, L, C)
+                # (N, 2, kL, C): the chosen prompts' tokens in rank order
+                p = p.transpose(1, 2).reshape(n, 2, k * self.spec.length, p.shape[-1])
+                p = p.repeat_interleave(x.shape[0] // n, dim=0)  # every window of an image: its prompts
+                return attention(attn, x, p[:, 0], p[:, 1])
+            return hook
+
+        return [(backbone.attention(i), "forward", make(j)) for j, i in enumerate(self.spec.layers)]
+
+    def segment(self, backbone: Backbone, prefix: Features, images: Optional[torch.Tensor],
+                heatmap: Optional[torch.Tensor], points: torch.Tensor, labels: torch.Tensor,
+                boxes: Optional[torch.Tensor] = None, low_res: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Choose the prompts from the prefix's selector embedding, then the suffix and the decoder
+        with them; records ``last_similarity``."""
+        chosen, self.last_similarity = self.select(backbone.selector_embedding(prefix))
+        with self.attached(backbone, chosen=chosen):
+            return backbone.segment(prefix, points, labels, boxes=boxes, low_res=low_res)
+
+    def describe(self) -> str:
+        s = self.spec
+        return (f"PromptPoolModule (prompt_pool): {self.counted_parameters():,} parameters = "
+                f"{self.counted_size_mb():.4f} MB (pool of {s.pool_size} keys and key/value prompts of "
+                f"{s.length} tokens on blocks {list(s.layers)}; top {s.top_k} per image)")
