@@ -12,11 +12,12 @@ taken being drawn again (so the first K orders of a larger K are the same). The 
 domains always come last, in their configured order. Seeds: the configured seed s (or --seed) and
 s+1, ..., s+S-1. Every method runs every order with every seed.
 
-Settings per method: with --config FILE, that file for every method with its `method` replaced
-(and its learning module, for a method that trains a kind of its own: olora, l2p); without,
+Settings per method: with --config FILE, that file for every method with its `method` replaced;
+without,
 configs/baselines/<method>.yaml, and for samcl configs/samcl_lora_vit_b.yaml (the LoRA module the
 baselines train). The flags below (--set and the explicit ones) override every method's
-file; the sweep sets each run's method, order, unseen domains, seed and run folder itself.
+file; the sweep sets each run's method, order, unseen domains, seed and run folder itself, and the
+learning module of a method that trains a kind of its own (olora, prompt_pool for l2p).
 
 The folder (--output, default sweeps/<config>_<methods>_o<K>_s<S>):
 
@@ -178,9 +179,9 @@ def make_plan(methods: Sequence[str], n_orders: int, n_seeds: int, output: Path,
         raise ConfigError(f"the sweep sets {refused} itself (--methods, --output)")
     recipes = {m: recipe_for(m, config) for m in methods}
     flags = [(f"flag {sources.get(k, '--' + k)}", {k: v}) for k, v in overrides.items()]
-    files = {m: {**read_config_file(str(p)), **own_module(m)} for m, p in recipes.items()}
-    base = {m: build_config([(f"config file {recipes[m]}", files[m]), *flags, ("--methods", {"method": m})])
-            for m in methods}
+    files = {m: read_config_file(str(p)) for m, p in recipes.items()}
+    base = {m: build_config([(f"config file {recipes[m]}", files[m]), *flags,
+                             ("--methods", {"method": m, **own_module(m)})]) for m in methods}
     order = _agreed({m: c.domains for m, c in base.items()}, "order", "--order")
     unseen_set = set(_agreed({m: [d for d in c.domains if d in c.unseen] for m, c in base.items()}, "unseen",
                              "--unseen"))
@@ -193,7 +194,7 @@ def make_plan(methods: Sequence[str], n_orders: int, n_seeds: int, output: Path,
         for k, o in enumerate(orders):
             for s in seeds:
                 folder = f"{m}/order{k}_seed{s}"
-                planned = {"method": m, "order": "_".join(o), "unseen": unseen, "seed": s,
+                planned = {"method": m, **own_module(m), "order": "_".join(o), "unseen": unseen, "seed": s,
                            "run_dir": str(Path(output) / folder)}
                 cfg = build_config([(f"config file {recipes[m]}", files[m]), *flags, ("the sweep's plan", planned)])
                 plan.runs.append(Run(m, k, s, folder, cfg.to_dict()))

@@ -70,6 +70,9 @@ def test_the_plan_runs_every_method_over_every_order_and_seed_with_its_settings(
         sweep.make_plan(["finetune", "finetune"], 1, 1, tmp_path / "u", DEMO)
     with pytest.raises(ValueError, match="sets"):
         sweep.make_plan(["finetune"], 1, 1, tmp_path / "u", DEMO, {"run_dir": "x"})
+    # a method that trains a module kind of its own keeps it, whatever the file or the flags say
+    plan = sweep.make_plan(["olora", "l2p", "finetune"], 1, 1, tmp_path / "v", DEMO, {"learning_module": "lora"})
+    assert [r.settings["learning_module"] for r in plan.runs] == ["olora", "prompt_pool", "lora"]
 
 
 def test_mean_and_sample_std():
