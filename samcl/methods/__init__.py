@@ -2,7 +2,7 @@
 
 Importing the package registers every method (``samcl.registry.METHODS``).
 """
-from . import finetune, joint, samcl, zeroshot  # noqa: F401  (registers the methods)
+from . import ewc, finetune, joint, lwf, samcl, zeroshot  # noqa: F401  (registers the methods)
 from .base import ContinualMethod
 
 __all__ = ["ContinualMethod"]
