@@ -6,7 +6,9 @@ that domain's training data: the squared gradient of each image's own loss (the 
 training loss of the image alone, a batch of one, so the IoU-head term is not divided by the
 batch size), averaged over the images. The per-image gradients come from a loop over the images
 (exact; the learning modules are small, so one forward and backward per image is cheap next to
-the epochs). The pass runs the backbone and the module in eval mode, the mode in which the module
+the epochs), through the training forward (:class:`SegmentStep`) on the frozen features the
+training cache keeps (the module's ``frozen_features``: ``encode_prefix``, for CAD with the frozen
+embedding). The pass runs the backbone and the module in eval mode, the mode in which the module
 is tested (and, under train_mode "reference", trained after the first validation), in the
 training precision (``--amp``), and puts the modes back after. Then, with gamma = ``ewc_gamma``:
 
@@ -30,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import distributed as dist
+from ..backbones.base import Features
 from ..io import load_tagged, save_tagged
 from ..losses import training_loss
 from ..modules.base import LearningModule
@@ -37,6 +40,7 @@ from ..precision import amp_forward
 from ..registry import register_method
 from ..run_folder import RunFolderError, step_snapshot
 from ..training import Batch, SegmentStep, progress, to_device
+from .base import Forward
 from .finetune import FineTune
 
 log = logging.getLogger("samcl.methods.ewc")
@@ -99,7 +103,7 @@ class EWC(FineTune):
         self.fisher: Tensors = {}  # the running Fisher F
         self.theta: Tensors = {}  # theta*: the module after the latest trained domain
 
-    def observe(self, batch: Batch, prefix, forward) -> torch.Tensor:
+    def observe(self, batch: Batch, prefix: Features, forward: Forward) -> torch.Tensor:
         loss = super().observe(batch, prefix, forward)
         if not self.fisher:
             return loss
