@@ -2,7 +2,7 @@
 
 Importing the package registers every method (``samcl.registry.METHODS``).
 """
-from . import der, er, finetune, joint, l2p, olora, samcl, zeroshot  # noqa: F401  (registers the methods)
+from . import der, er, ewc, finetune, joint, l2p, lwf, olora, samcl, zeroshot  # noqa: F401  (registers the methods)
 from .base import ContinualMethod
 
 __all__ = ["ContinualMethod"]
