@@ -155,7 +155,8 @@ def add_common_flags(p: argparse.ArgumentParser, family: str = "sam") -> None:
                                     "finetune, joint, ewc, er, der, lwf, olora, l2p: configs/baselines/)")
     p.add_argument("--learning_module",
                    help="what trains inside the frozen model, a name registered in samcl/modules: augmodule, lora, "
-                        "adapter, decoder, cad (default: the one --module names: augmodule, or cad for CAD)")
+                        "adapter, decoder, cad, olora, prompt_pool (default: the one --module names: augmodule, or cad "
+                        "for CAD)")
     p.add_argument("--vit_name", help="SAM size: vit_b (default), vit_l, vit_h, or vit_tiny (tests/demo)")
     p.add_argument("--hiera_name",
                    help="SAM 2.1 size: hiera_t (default), hiera_s, hiera_b+, hiera_l, or hiera_toy (tests/demo)")

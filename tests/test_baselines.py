@@ -95,3 +95,24 @@ def test_joint_trains_once_on_the_union_and_does_not_depend_on_the_order(data, t
     (m1, r1), (m2, r2) = results.values()
     assert m1.keys() == m2.keys() and all(torch.equal(m1[k], m2[k]) for k in m1)
     assert r1 == r2
+
+
+def test_demo_compare_trains_each_method_and_prints_one_table(tmp_path, monkeypatch, capsys):
+    import functools
+
+    from samcl import demo
+
+    monkeypatch.setattr(demo, "make_demo_data", functools.partial(make_demo_data, n_train=4, n_test=2))
+    threads = torch.get_num_threads()
+    try:
+        demo.main(["--compare", "--output", str(tmp_path), "--epoch", "1"])
+    finally:
+        torch.set_num_threads(threads)  # the demo pins one thread for its printed table
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| run | method | module | backbone | domains | iou_AA | iou_FM |")
+    assert [r.split(" | ")[1:3] for r in rows[1:]] == [
+        ["zeroshot", "none"], ["finetune", "lora"], ["er", "lora"], ["samcl", "lora"]]
+    for method in demo.COMPARED:
+        run = json.loads((tmp_path / "compare_sam" / method / "run.json").read_text())
+        assert run["completed"] == ["polyp", "shadow", "lesion", "natural"] and run["config"]["method"] == method
+    assert (tmp_path / "compare.csv").read_text().count("\n") == 5 and (tmp_path / "compare.png").is_file()
