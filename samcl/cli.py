@@ -338,18 +338,27 @@ def train_main(family: str, doc: str, argv: Optional[list] = None) -> None:
     else:
         cfg = config_from_args(args, default_config(family, args.module), flag_names(p))
     # torch and the backbones only now, once the flags and settings passed
-    from . import distributed
     from .pipeline import resume, train
+
+    with training_processes():
+        device = resolve_device(args.cuda, args.device)
+        if args.resume:
+            resume(Path(args.resume), explicit_settings(args), device)
+        else:
+            train(cfg, device, overwrite=args.overwrite)
+
+
+@contextmanager
+def training_processes() -> Iterator[None]:
+    """The body of a training command: errors explained; under torchrun a failing rank says so
+    (torchrun then ends the others instead of letting them hang) and the process group ends."""
+    from . import distributed
 
     try:
         with explained_errors():
-            device = resolve_device(args.cuda, args.device)
-            if args.resume:
-                resume(Path(args.resume), explicit_settings(args), device)
-            else:
-                train(cfg, device, overwrite=args.overwrite)
+            yield
     except BaseException as e:
-        if distributed.is_distributed():  # torchrun then ends the other ranks instead of letting them hang
+        if distributed.is_distributed():
             print(f"{distributed.rank_prefix()}failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         raise
     finally:

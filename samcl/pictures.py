@@ -105,13 +105,7 @@ def draw_report(accuracy_matrix: Dict, path: Path, title: str = "") -> Path:
     ax.axhline(0, color="grey", lw=0.5)
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("average accuracy and forgetting", fontsize=10)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def draw_comparison(rows: Sequence[Dict], path: Path) -> Path:
@@ -131,10 +125,7 @@ def draw_comparison(rows: Sequence[Dict], path: Path) -> Path:
     b.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
     b.set_ylabel("MB", fontsize=9)
     b.set_title("stored per trained domain", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def draw_sweep(rows: Sequence[Dict], matrices: Dict[str, Tuple[str, Dict]], path: Path, title: str = "") -> Path:
@@ -168,10 +159,14 @@ def draw_sweep(rows: Sequence[Dict], matrices: Dict[str, Tuple[str, Dict]], path
         folder, matrix = matrices[m]
         ax = fig.add_subplot(grid[1 + i // ncols, i % ncols])
         _matrix_panel(ax, matrix["matrix"]["iou"], matrix["domains"], "iou", f"{m}: IoU A[t][j] ({folder})")
+    return _save(fig, path, title)
+
+
+def _save(fig, path: Path, title: str = "") -> Path:
+    """Title, lay out, write and close a figure."""
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    _pyplot().close(fig)
+    return Path(path)

@@ -49,7 +49,6 @@ import csv
 import json
 import logging
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
@@ -57,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import yaml
 
-from .cli import CLIError, Parser, explained_errors, resolve_device
+from .cli import CLIError, Parser, explained_errors, resolve_device, training_processes
 from .config import CONFIG_DIR, Config, ConfigError, build_config, read_config_file
 
 if TYPE_CHECKING:
@@ -469,17 +468,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # torch and the backbones only now, once the flags and the plan passed
     from . import distributed
 
-    try:
-        with explained_errors():
-            device = resolve_device(args.cuda, args.device)
-            rows = run_sweep(plan, output, device)
+    with training_processes():
+        device = resolve_device(args.cuda, args.device)
+        rows = run_sweep(plan, output, device)
         main_rank = distributed.is_main()
-    except BaseException as e:
-        if distributed.is_distributed():  # torchrun then ends the other ranks instead of letting them hang
-            print(f"{distributed.rank_prefix()}failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        raise
-    finally:
-        distributed.shutdown()
     if main_rank:
         print(markdown(rows))
         print(f"\nwrote {output / (SUMMARY + '.md')}, {SUMMARY}.csv and {SUMMARY}.png")
