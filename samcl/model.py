@@ -40,6 +40,9 @@ class SAMCLModel(nn.Module):
         self.modules_by_domain = nn.ModuleDict()
         self.domains: List[str] = []
         self.selector: Optional[ModuleSelector] = None
+        # False for a bank whose method trains one shared module (finetune, ewc, er, ...): its
+        # task-agnostic choice is the latest trained module, not the selector's
+        self.routes = True
 
     # ------------------------------------------------------------ building
     @property
@@ -102,6 +105,10 @@ class SAMCLModel(nn.Module):
         """(N,) selector choice per image: the argmax of :meth:`route_probabilities`."""
         return self.route_probabilities(prefix).argmax(dim=1)
 
+    def latest_trained(self) -> int:
+        """Index of the latest domain that has a module (-1: none, the frozen model)."""
+        return max((k for k, d in enumerate(self.domains) if d in self.modules_by_domain), default=-1)
+
     def domain_index(self, domain: str) -> int:
         """Index of ``domain`` in ``domains``, or -1 for "vanilla" (no module)."""
         if domain == VANILLA:
@@ -150,8 +157,8 @@ class SAMCLModel(nn.Module):
                 domain: Optional[str] = None, boxes: Optional[torch.Tensor] = None,
                 prefix: Optional[Features] = None) -> Dict[str, torch.Tensor]:
         """Segment a batch: task-agnostic (``domain`` None: every image goes to the module the
-        selector picks), or every image with one domain's module (``domain`` a name in
-        ``domains``), or with none ("vanilla").
+        selector picks; for a bank that does not route, the latest trained module), or every image
+        with one domain's module (``domain`` a name in ``domains``), or with none ("vanilla").
 
         Args:
             images: (N, 3, S, S) float 0..255; points: (N, P, 2) (x, y) in the S x S frame; labels: (N, P).
@@ -164,10 +171,11 @@ class SAMCLModel(nn.Module):
         """
         prefix = self.backbone.encode_prefix(images) if prefix is None else prefix
         probs = self.route_probabilities(prefix)
-        if domain is None:
+        if domain is None and self.routes:
             choice = probs.argmax(dim=1)
         else:
-            choice = torch.full((images.shape[0],), self.domain_index(domain), dtype=torch.long, device=self.device)
+            k = self.domain_index(domain) if domain is not None else self.latest_trained()
+            choice = torch.full((images.shape[0],), k, dtype=torch.long, device=self.device)
         low, iou = self.segment_routed(prefix, choice, points, labels, images=images, low_res=True, boxes=boxes)
         return {"logits": self.backbone.upsample_logits(low), "low_res_logits": low, "iou": iou, "choice": choice,
                 "probabilities": probs}

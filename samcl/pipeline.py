@@ -128,6 +128,7 @@ def load_run(run_dir: Path, cfg: Config, device: torch.device) -> SAMCLModel:
         model.add_domain(d, load_module(module_path(run_dir, d, weights), model.backbone, model.kind)
                          if d in with_module else None)
     model.selector = None if selector is None else selector.to(device)
+    model.routes = routed  # without a selector: one shared module, whose latest snapshot segments
     if len(completed) < len(manifest["order"]):
         log.warning("%s is unfinished: only %s of %s are done (train.py --resume %s continues it)", run_dir,
                     completed, manifest["order"], run_dir)

@@ -12,6 +12,7 @@ from samcl import pipeline
 from samcl.config import CONFIG_DIR, load_config
 from samcl.demo import make_demo_data
 from samcl.points import generate_split_points
+from samcl.predictor import SAMCLPredictor
 
 CPU = torch.device("cpu")
 
@@ -54,6 +55,7 @@ def test_zeroshot_trains_nothing_and_scores_as_the_frozen_model(data, tmp_path):
         assert res["metrics"] == res["vanilla"] and "selector_counts" not in res, d
     model = pipeline.load_run(run, cfg, CPU)
     assert model.modules_by_domain.keys() == set() and model.selector is None
+    assert model.latest_trained() == -1  # the predictor segments with the frozen model
     assert all(torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())
 
 
@@ -70,6 +72,13 @@ def test_finetune_forgets_a_domain_that_a_later_one_contradicts(data, tmp_path):
     report = pipeline.test(run, cfg, CPU, with_vanilla=False)  # the module as after the last domain, for every image
     for j, d in enumerate(("polyp", "flip")):
         assert report["results"][d]["metrics"]["iou"] == pytest.approx(iou[1][j])
+    # the predictor, task-agnostic, segments with the latest module too (there is no selector)
+    predictor = SAMCLPredictor.from_run(run, device="cpu")
+    image = np.asarray(Image.open(sorted((data / "data" / "Polyp" / "test" / "images").iterdir())[0]).convert("RGB"))
+    predictor.set_image(image)
+    latest = predictor.predict([[20, 20]], [1], return_logits=True)
+    assert latest.domain == "flip" and np.array_equal(latest.masks, predictor.predict(
+        [[20, 20]], [1], return_logits=True, domain="flip").masks)
     # SAMCL on the same domains keeps one module each: what it loses comes from routing alone
     samcl = pipeline.train(cfg_for(data, tmp_path / "samcl", "samcl", order="polyp_flip", unseen=[], epoch=4), CPU)
     routed = samcl["steps"][1]["evaluation"]["polyp"]
@@ -116,3 +125,19 @@ def test_demo_compare_trains_each_method_and_prints_one_table(tmp_path, monkeypa
         run = json.loads((tmp_path / "compare_sam" / method / "run.json").read_text())
         assert run["completed"] == ["polyp", "shadow", "lesion", "natural"] and run["config"]["method"] == method
     assert (tmp_path / "compare.csv").read_text().count("\n") == 5 and (tmp_path / "compare.png").is_file()
+
+
+@pytest.mark.parametrize("method", ["zeroshot", "finetune", "joint"])
+def test_the_simple_baselines_run_on_sam2(method, data, tmp_path):
+    cfg = load_config(CONFIG_DIR / "demo_sam2.yaml", {
+        "data_root": str(data), "run_dir": str(tmp_path / "run"), "method": method, "learning_module": "lora",
+        "epoch": 1, "batch_size": 3, "val_every": 0, "num_workers": 0, "order": "polyp_shadow", "unseen": []})
+    metrics = pipeline.train(cfg, CPU)
+    assert [s["trained"] for s in metrics["steps"]] == {"zeroshot": [False, False], "finetune": [True, True],
+                                                         "joint": [True, False]}[method]
+    report = pipeline.test(tmp_path / "run", cfg, CPU)
+    last = metrics["accuracy_matrix"]["matrix"]["iou"][-1]
+    assert [report["results"][d]["metrics"]["iou"] for d in ("polyp", "shadow")] == pytest.approx(last)
+    model = pipeline.load_run(tmp_path / "run", cfg, CPU)
+    assert model.backbone.family == "sam2" and model.latest_trained() == {"zeroshot": -1, "finetune": 1,
+                                                                          "joint": 0}[method]
