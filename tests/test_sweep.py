@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from samcl import pipeline, sweep
+from samcl import pipeline, sweep, sweep_plan
 from samcl.cli import CLIError
 from samcl.config import CONFIG_DIR, build_config
 from samcl.demo import make_demo_data
@@ -22,7 +22,7 @@ MB = 1024**2
 
 # ----------------------------------------------------------------------------- the plan
 def test_orders_start_with_the_configured_one_then_distinct_random_ones_with_the_unseen_last():
-    orders = sweep.draw_orders(["a", "b", "c", "d"], ["u", "v"], 4, order_seed=0)
+    orders = sweep_plan.draw_orders(["a", "b", "c", "d"], ["u", "v"], 4, order_seed=0)
     # numpy.random.default_rng(0).permutation(4) draws [2, 0, 1, 3], then [3, 2, 1, 0], then [1, 3, 0, 2]
     assert orders == [["a", "b", "c", "d", "u", "v"], ["c", "a", "b", "d", "u", "v"],
                       ["d", "c", "b", "a", "u", "v"], ["b", "d", "a", "c", "u", "v"]]
@@ -31,22 +31,22 @@ def test_orders_start_with_the_configured_one_then_distinct_random_ones_with_the
         drawn = [["a", "b", "c", "d"][i] for i in rng.permutation(4)]
         expected += [drawn] if drawn not in expected else []
     assert [o[:4] for o in orders] == expected
-    assert sweep.draw_orders(["a", "b", "c", "d"], ["u", "v"], 4, 0) == orders  # deterministic
-    assert sweep.draw_orders(["a", "b", "c", "d"], ["u", "v"], 2, 0) == orders[:2]  # a larger K only adds orders
-    assert sweep.draw_orders(["a", "b", "c", "d"], [], 1, 5) == [["a", "b", "c", "d"]]
-    assert sweep.draw_orders(["a", "b", "c", "d"], [], 2, 1) != sweep.draw_orders(["a", "b", "c", "d"], [], 2, 0)
+    assert sweep_plan.draw_orders(["a", "b", "c", "d"], ["u", "v"], 4, 0) == orders  # deterministic
+    assert sweep_plan.draw_orders(["a", "b", "c", "d"], ["u", "v"], 2, 0) == orders[:2]  # a larger K only adds orders
+    assert sweep_plan.draw_orders(["a", "b", "c", "d"], [], 1, 5) == [["a", "b", "c", "d"]]
+    assert sweep_plan.draw_orders(["a", "b", "c", "d"], [], 2, 1) != sweep_plan.draw_orders(["a", "b", "c", "d"], [], 2, 0)
     # K = n!: every permutation once (a repeated drawing is drawn again), the configured one first
-    every = sweep.draw_orders(["a", "b", "c"], ["u"], 6, 0)
+    every = sweep_plan.draw_orders(["a", "b", "c"], ["u"], 6, 0)
     assert every[0] == ["a", "b", "c", "u"] and all(o[-1] == "u" for o in every)
     assert sorted(tuple(o[:3]) for o in every) == sorted(itertools.permutations("abc"))
     with pytest.raises(ValueError, match="only 6 distinct"):
-        sweep.draw_orders(["a", "b", "c"], ["u"], 7, 0)
+        sweep_plan.draw_orders(["a", "b", "c"], ["u"], 7, 0)
     with pytest.raises(ValueError, match="at least 1"):
-        sweep.draw_orders(["a", "b"], [], 0, 0)
+        sweep_plan.draw_orders(["a", "b"], [], 0, 0)
 
 
 def test_the_plan_runs_every_method_over_every_order_and_seed_with_its_settings(tmp_path):
-    plan = sweep.make_plan(["zeroshot", "finetune"], 2, 3, tmp_path / "s", DEMO, {"epoch": 3})
+    plan = sweep_plan.make_plan(["zeroshot", "finetune"], 2, 3, tmp_path / "s", DEMO, {"epoch": 3})
     assert plan.orders == [["polyp", "shadow", "lesion", "natural"], ["lesion", "polyp", "shadow", "natural"]]
     assert plan.seeds == [1234, 1235, 1236] and plan.unseen == ["natural"]
     assert [(r.method, r.order, r.seed) for r in plan.runs] == [
@@ -58,20 +58,20 @@ def test_the_plan_runs_every_method_over_every_order_and_seed_with_its_settings(
         "run_dir": str(tmp_path / "s" / "zeroshot" / "order1_seed1235"), "epoch": 3, "vit_name": "vit_tiny"}
     assert r.config().resolved_run_dir() == tmp_path / "s" / r.folder
     # without --config: each method's own recipe, samcl's with the baselines' LoRA module
-    assert sweep.recipe_for("finetune", None) == CONFIG_DIR / "baselines" / "finetune.yaml"
-    assert sweep.recipe_for("samcl", None) == CONFIG_DIR / "samcl_lora_vit_b.yaml"
-    assert sweep.recipe_for("nosuchmethod", DEMO) == CONFIG_DIR / "demo_sam.yaml"
+    assert sweep_plan.recipe_for("finetune", None) == CONFIG_DIR / "baselines" / "finetune.yaml"
+    assert sweep_plan.recipe_for("samcl", None) == CONFIG_DIR / "samcl_lora_vit_b.yaml"
+    assert sweep_plan.recipe_for("nosuchmethod", DEMO) == CONFIG_DIR / "demo_sam.yaml"
     with pytest.raises(ValueError, match="no recipe"):
-        sweep.recipe_for("nosuchmethod", None)
-    plan = sweep.make_plan(["samcl", "finetune"], 1, 1, tmp_path / "t")
+        sweep_plan.recipe_for("nosuchmethod", None)
+    plan = sweep_plan.make_plan(["samcl", "finetune"], 1, 1, tmp_path / "t")
     assert [r.settings["learning_module"] for r in plan.runs] == ["lora", "lora"]
     assert plan.orders == [["Kvasir", "camo", "ISTD", "ISIC", "cod", "COCO"]]
     with pytest.raises(ValueError, match="more than once"):
-        sweep.make_plan(["finetune", "finetune"], 1, 1, tmp_path / "u", DEMO)
+        sweep_plan.make_plan(["finetune", "finetune"], 1, 1, tmp_path / "u", DEMO)
     with pytest.raises(ValueError, match="sets"):
-        sweep.make_plan(["finetune"], 1, 1, tmp_path / "u", DEMO, {"run_dir": "x"})
+        sweep_plan.make_plan(["finetune"], 1, 1, tmp_path / "u", DEMO, {"run_dir": "x"})
     # a method that trains a module kind of its own keeps it, whatever the file or the flags say
-    plan = sweep.make_plan(["olora", "l2p", "finetune"], 1, 1, tmp_path / "v", DEMO, {"learning_module": "lora"})
+    plan = sweep_plan.make_plan(["olora", "l2p", "finetune"], 1, 1, tmp_path / "v", DEMO, {"learning_module": "lora"})
     assert [r.settings["learning_module"] for r in plan.runs] == ["olora", "prompt_pool", "lora"]
 
 
