@@ -45,8 +45,10 @@ def kinds_for(bb):
 
 
 def hooked(bb):
-    """Names of the backbone's submodules that carry a forward or forward-pre hook."""
-    return sorted(n for n, m in bb.named_modules() if m._forward_hooks or m._forward_pre_hooks)
+    """Names of the backbone's submodules that carry a forward or forward-pre hook, or whose forward
+    a module replaced for the call."""
+    return sorted(n for n, m in bb.named_modules() if m._forward_hooks or m._forward_pre_hooks
+                  or "forward" in vars(m))
 
 
 def randomise(module, seed=2):

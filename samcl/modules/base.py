@@ -21,7 +21,9 @@ from torch import nn
 from ..backbones.base import Backbone, Features
 from ..registry import MODULES
 
-# (backbone submodule, "forward" | "forward_pre", hook) as nn.Module.register_forward(_pre)_hook takes it
+# (backbone submodule, "forward" | "forward_pre", hook) as nn.Module.register_forward(_pre)_hook takes it;
+# or (submodule, "replace", forward): the submodule's forward itself, for a module that recomputes the
+# submodule's whole output (a hook would run the stock forward first, only to discard it)
 Hook = Tuple[nn.Module, str, Callable]
 
 
@@ -114,15 +116,21 @@ class LearningModule(nn.Module):
     @contextmanager
     def attached(self, backbone: Backbone, **context: Any) -> Iterator[None]:
         """Within the block, the backbone runs with this module's hooks; they are removed after."""
-        handles = []
+        handles, replaced = [], []
         try:
             for target, kind, fn in self.hooks(backbone, context):
+                if kind == "replace":
+                    target.forward = fn  # an instance attribute: nn.Module.__call__ runs it instead
+                    replaced.append(target)
+                    continue
                 register = target.register_forward_pre_hook if kind == "forward_pre" else target.register_forward_hook
                 handles.append(register(fn))
             yield
         finally:
             for h in handles:
                 h.remove()
+            for target in replaced:
+                del target.forward  # the class's forward again
 
     # ------------------------------------------------------------------ forward
     def segment(self, backbone: Backbone, prefix: Features, images: Optional[torch.Tensor],

@@ -10,11 +10,10 @@ the top-k keys by cosine similarity choose k prompts, whose k*L key and k*L valu
 prepended to the keys and values of every late block's attention (the image tokens' queries
 attend to them; no query is added, so the token grid keeps its shape).
 
-Injection: a forward hook on each late block's attention recomputes that attention from the
-attention's own qkv/proj weights and the hook's input, with the extra keys and values
-(:func:`sam_attention`, :func:`hiera_attention`); the stock output is discarded. The cost: the
-attention of every late block runs twice (the stock call, then ours); its qkv projection
-twice as well. In windowed blocks every window of an image gets that image's prompts; SAM's
+Injection: while attached, each late block's attention runs our forward instead of its own
+(a "replace" injection): the same attention, from the attention's own qkv/proj weights, with
+the extra keys and values (:func:`sam_attention`, :func:`hiera_attention`); with no prompt it
+computes exactly what the stock forward does, once. In windowed blocks every window of an image gets that image's prompts; SAM's
 relative positions are added to the image-token columns of the attention map only (prompt
 columns get none); SAM 2's q-pooling blocks pool the queries as the stock attention does,
 the prompts join the (unpooled) keys and values.
@@ -186,26 +185,26 @@ class PromptPoolModule(LearningModule):
         return choose(query, self.keys, self.spec.top_k)
 
     def hooks(self, backbone: Backbone, context: Dict[str, Any]) -> List[Hook]:
-        """A forward hook on the attention of every late block: the attention recomputed with the
+        """The attention of every late block replaced, for the call, by the same attention with the
         chosen prompts (``context["chosen"]``: (N, k) pool indices per image; k may be 0)."""
         chosen: Optional[torch.Tensor] = context.get("chosen")
         attention = ATTENTIONS[backbone.family]
 
-        def make(j: int):
-            def hook(attn, inputs, _output):
+        def make(j: int, attn: nn.Module):
+            def forward(x: torch.Tensor) -> torch.Tensor:
                 if chosen is None:
                     raise ValueError("a prompt-pool module chooses its prompts from the prefix: "
                                      "run it through segment()")
-                x = inputs[0]
                 n, k = chosen.shape
                 p = self.prompts[j][chosen]  # (N, k, 2, L, C)
                 # (N, 2, kL, C): the chosen prompts' tokens in rank order
                 p = p.transpose(1, 2).reshape(n, 2, k * self.spec.length, p.shape[-1])
                 p = p.repeat_interleave(x.shape[0] // n, dim=0)  # every window of an image: its prompts
                 return attention(attn, x, p[:, 0], p[:, 1])
-            return hook
+            return forward
 
-        return [(backbone.attention(i), "forward", make(j)) for j, i in enumerate(self.spec.layers)]
+        return [(backbone.attention(i), "replace", make(j, backbone.attention(i)))
+                for j, i in enumerate(self.spec.layers)]
 
     def segment(self, backbone: Backbone, prefix: Features, images: Optional[torch.Tensor],
                 heatmap: Optional[torch.Tensor], points: torch.Tensor, labels: torch.Tensor,
