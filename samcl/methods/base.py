@@ -73,8 +73,18 @@ class ContinualMethod:
 
     def observe(self, batch: Batch, prefix: Features, forward: Forward) -> torch.Tensor:
         """The loss of one training batch: the module's forward through ``forward`` and the configured loss."""
+        return self.loss(*self.run_forward(batch, prefix, forward), batch)
+
+    def run_forward(self, batch: Batch, prefix: Features, forward: Forward,
+                    low_res: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(logits (N, 1, S, S), or the decoder's (N, 1, 4G, 4G) with ``low_res``; IoU (N, 1)) of a
+        batch through ``forward`` (the training forward, or any SegmentStep), with the model's prompts."""
         heat = self.model.heatmap(batch.points, batch.labels) if self.model.needs_heatmap else None
-        logits, iou = forward(prefix, heat, batch.points, batch.labels, batch.images, self.model.boxes(len(batch.names)))
+        return forward(prefix, heat, batch.points, batch.labels, batch.images, self.model.boxes(len(batch.names)),
+                       low_res=low_res)
+
+    def loss(self, logits: torch.Tensor, iou: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The configured training loss of (N, 1, S, S) logits and IoU (N, 1) against the batch's masks."""
         return training_loss(self.cfg.loss, logits, iou, batch.masks, self.cfg.iou_target, self.cfg.focal)
 
     def end_domain(self, t: int, domain: str, module: Optional[LearningModule],

@@ -16,12 +16,9 @@ The current batch is offered to the reservoir after its loss is computed, with t
 that forward produced (float32, also under ``--amp bf16``). The buffer, its file per step,
 resume and storage are :class:`~samcl.methods.er.ExperienceReplay`'s.
 """
-from typing import Optional, Tuple
-
 import torch
 
 from ..backbones.base import Features
-from ..losses import training_loss
 from ..registry import register_method
 from ..training import Batch
 from .base import Forward
@@ -38,32 +35,22 @@ class DERPlusPlus(ExperienceReplay):
 
     def observe(self, batch: Batch, prefix: Features, forward: Forward) -> torch.Tensor:
         cfg = self.cfg
-        low, iou = self.forward_low_res(batch, prefix, forward)
+        low, iou = self.run_forward(batch, prefix, forward, low_res=True)
         loss = self.segmentation_loss(low, iou, batch)
         n = len(batch.names)
         if cfg.der_alpha != 0:
             first = self.replay.sample(n, batch.images.device)
             if first is not None:
-                past, _ = self.forward_low_res(first.batch, self.replay_prefix(first.batch), forward)
+                past, _ = self.run_forward(first.batch, self.replay_prefix(first.batch), forward, low_res=True)
                 loss = loss + cfg.der_alpha * logit_mse(past, first.logits)
         if cfg.der_beta != 0:
             second = self.replay.sample(n, batch.images.device)
             if second is not None:
-                past, past_iou = self.forward_low_res(second.batch, self.replay_prefix(second.batch), forward)
+                past, past_iou = self.run_forward(second.batch, self.replay_prefix(second.batch), forward, low_res=True)
                 loss = loss + cfg.der_beta * self.segmentation_loss(past, past_iou, second.batch)
         self.replay.add(batch, self.domain, logits=low.detach().float())
         return loss
 
-    def forward_low_res(self, batch: Batch, prefix: Features, forward: Forward) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(the decoder's logits (N, 1, 4G, 4G), IoU (N, 1)) of a batch through the training forward."""
-        heat: Optional[torch.Tensor] = None
-        if self.model.needs_heatmap:
-            heat = self.model.heatmap(batch.points, batch.labels)
-        return forward(prefix, heat, batch.points, batch.labels, batch.images, self.model.boxes(len(batch.names)),
-                       low_res=True)
-
     def segmentation_loss(self, low: torch.Tensor, iou: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The configured loss of low-resolution logits, upsampled as the full-size forward does."""
-        cfg = self.cfg
-        return training_loss(cfg.loss, self.model.backbone.upsample_logits(low), iou, batch.masks, cfg.iou_target,
-                             cfg.focal)
+        return self.loss(self.model.backbone.upsample_logits(low), iou, batch)

@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.base import Features
-from ..losses import training_loss
 from ..modules.base import LearningModule
 from ..precision import amp_forward
 from ..registry import register_method
@@ -72,15 +71,13 @@ class LwF(FineTune):
         return super().begin_domain(t, domain, trains)
 
     def observe(self, batch: Batch, prefix: Features, forward: Forward) -> torch.Tensor:
-        heat = self.model.heatmap(batch.points, batch.labels) if self.model.needs_heatmap else None
-        boxes = self.model.boxes(len(batch.names))
-        logits, iou = forward(prefix, heat, batch.points, batch.labels, batch.images, boxes)
-        loss = training_loss(self.cfg.loss, logits, iou, batch.masks, self.cfg.iou_target, self.cfg.focal)
+        logits, iou = self.run_forward(batch, prefix, forward)
+        loss = self.loss(logits, iou, batch)
         if self.old is None:
             return loss
         self.old.train(self.current().training)
         old_forward = amp_forward(SegmentStep(self.model.backbone, self.old), self.cfg.amp, self.device)
         with torch.no_grad():
-            old_logits, _ = old_forward(prefix, heat, batch.points, batch.labels, batch.images, boxes)
+            old_logits, _ = self.run_forward(batch, prefix, old_forward)
         t = self.cfg.lwf_temperature
         return loss + self.cfg.lwf_lambda * t ** 2 * distillation(old_logits, logits, t)
