@@ -172,22 +172,27 @@ def main(argv=None) -> None:
         (_compare if args.compare else _run)(args, device)
 
 
-def _run(args: argparse.Namespace, device) -> None:
+def _prepare(out: Path, device, step: str) -> Path:
+    """Logging to the terminal, the synthetic data in ``out``, one CPU thread; returns ``out``."""
     import torch
 
-    from .pipeline import test, train
-    t0 = time.time()
-    out = Path(args.output)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stdout)
-    cfg = load_config(DEMO_CONFIGS[args.backbone],
-                      {"data_root": str(out), "output_dir": str(out / LOG_DIRS[args.backbone]), "epoch": args.epoch})
-    print(f"[demo] 1/3 drawing synthetic domains {list(DOMAINS)} into {out / 'data'}")
+    print(f"[demo] {step} drawing synthetic domains {list(DOMAINS)} into {out / 'data'}")
     make_demo_data(out)
     # CPU reductions split their work by thread, and the last bits they round differently move the
     # selector's borderline choices: one thread makes the printed table the same on every machine
     # with the same instruction set (the tiny model gains nothing from more).
     if device.type == "cpu":
         torch.set_num_threads(1)
+    return out
+
+
+def _run(args: argparse.Namespace, device) -> None:
+    from .pipeline import test, train
+    t0 = time.time()
+    out = _prepare(Path(args.output), device, "1/3")
+    cfg = load_config(DEMO_CONFIGS[args.backbone],
+                      {"data_root": str(out), "output_dir": str(out / LOG_DIRS[args.backbone]), "epoch": args.epoch})
     name = BACKBONE_NAMES[args.backbone]
     print(f"[demo] 2/3 training SAMCL over {cfg.order} (unseen: {cfg.unseen}) with a tiny random-weight {name}")
     train(cfg, device, overwrite=True)
@@ -206,18 +211,11 @@ def _run(args: argparse.Namespace, device) -> None:
 
 def _compare(args: argparse.Namespace, device) -> None:
     """Every method of COMPARED on the demo's domains, then one table."""
-    import torch
-
     from .compare import markdown, summarise, write_csv
     from .pictures import draw_comparison
     from .pipeline import train
     t0 = time.time()
-    out = Path(args.output)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stdout)
-    print(f"[demo] 1/2 drawing synthetic domains {list(DOMAINS)} into {out / 'data'}")
-    make_demo_data(out)
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # the same table on every machine (see _run)
+    out = _prepare(Path(args.output), device, "1/2")
     runs = []
     for k, method in enumerate(COMPARED, 1):
         cfg = load_config(DEMO_CONFIGS[args.backbone], {
