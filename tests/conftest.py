@@ -20,6 +20,17 @@ def require(path: Path) -> Path:
     return path
 
 
+def tiny_backbone(family: str):
+    """A seeded random tiny backbone of ``family``: SAM vit_tiny or SAM 2.1 hiera_toy (eval mode)."""
+    from samcl.backbones.sam import SAMBackbone, build_sam
+    from samcl.backbones.sam2 import SAM2Backbone, build_sam2_model
+
+    torch.manual_seed(0)
+    if family == "sam":
+        return SAMBackbone(build_sam("vit_tiny")[0], "vit_tiny").eval()
+    return SAM2Backbone(build_sam2_model("hiera_toy")[0], "hiera_toy").eval()
+
+
 @pytest.fixture
 def tiny_sam():
     """A seeded random vit_tiny SAMBackbone (same classes as ViT-B)."""

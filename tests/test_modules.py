@@ -3,27 +3,19 @@ is the frozen backbone (zero-initialised kinds), its parameter count, its file r
 import pytest
 import torch
 
-from samcl.backbones.sam import SAMBackbone, build_sam
-from samcl.backbones.sam2 import SAM2Backbone, build_sam2_model
 from samcl.heatmap import points_to_heatmap
 from samcl.modules.base import segment_with
 from samcl.registry import MODULES, UnknownName
 from samcl.run_folder import load_module, save_module
+from tests.conftest import tiny_backbone
 
 ZERO_INIT = ("augmodule", "lora", "adapter", "decoder", "olora")  # CAD's adapter and L2P's prompt pool are not
 # zero-initialised (their recipes)
 
 
-def tiny(family: str):
-    torch.manual_seed(0)
-    if family == "sam":
-        return SAMBackbone(build_sam("vit_tiny")[0], "vit_tiny").eval()
-    return SAM2Backbone(build_sam2_model("hiera_toy")[0], "hiera_toy").eval()
-
-
 @pytest.fixture(scope="module", params=["sam", "sam2"])
 def backbone(request):
-    return tiny(request.param)
+    return tiny_backbone(request.param)
 
 
 def batch(bb, n=2, seed=0):
@@ -75,7 +67,7 @@ def test_registry_lists_the_kinds_and_refuses_unknown_names():
 
 def test_cad_on_sam2_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="CAD needs a SAM \\(ViT\\) backbone.*conv_s0/conv_s1"):
-        MODULES.get("cad").spec_class.for_backbone(tiny("sam2"))
+        MODULES.get("cad").spec_class.for_backbone(tiny_backbone("sam2"))
 
 
 def test_fresh_zero_initialised_modules_equal_the_frozen_backbone(backbone):
@@ -148,7 +140,7 @@ def test_parameter_counts_are_the_documented_ones(backbone):
 
 def test_module_files_round_trip_and_refuse_another_backbone(backbone, tmp_path):
     images, points, labels = batch(backbone)
-    other = tiny("sam2" if backbone.family == "sam" else "sam")
+    other = tiny_backbone("sam2" if backbone.family == "sam" else "sam")
     for kind in kinds_for(backbone):
         module = randomise(build(kind, backbone))
         for suffix in (".safetensors", ".pth"):  # run folders, and those written before safetensors

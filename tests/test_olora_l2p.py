@@ -10,8 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from samcl import pipeline
-from samcl.backbones.sam import SAMBackbone, build_sam
-from samcl.backbones.sam2 import SAM2Backbone, build_sam2_model
 from samcl.config import CONFIG_DIR, load_config
 from samcl.demo import make_demo_data
 from samcl.io import read_tagged
@@ -23,6 +21,7 @@ from samcl.modules.olora import OLoRAModule, OLoRASpec, orthogonality
 from samcl.modules.prompt_pool import PromptPoolSpec, choose, hiera_attention, pull_loss, sam_attention
 from samcl.plugins import check_plugins
 from samcl.training import Batch, SegmentStep
+from tests.conftest import tiny_backbone
 
 CPU = torch.device("cpu")
 CONFIGS = {"sam": "demo_sam.yaml", "sam2": "demo_sam2.yaml"}
@@ -30,16 +29,9 @@ KIND = {"olora": "olora", "l2p": "prompt_pool"}
 ATTENTION = {"sam": sam_attention, "sam2": hiera_attention}
 
 
-def tiny(family):
-    torch.manual_seed(0)
-    if family == "sam":
-        return SAMBackbone(build_sam("vit_tiny")[0], "vit_tiny").eval()
-    return SAM2Backbone(build_sam2_model("hiera_toy")[0], "hiera_toy").eval()
-
-
 @pytest.fixture(scope="module", params=["sam", "sam2"])
 def backbone(request):
-    return tiny(request.param)
+    return tiny_backbone(request.param)
 
 
 @pytest.fixture(scope="module")
