@@ -20,20 +20,11 @@ import sys
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, NoReturn, Optional
 
-from .config import CHOICES, CONFIG_DIR, FAMILY_NAMES, MODULE_ALIASES, Config, load_config
+from .config import (CHOICES, CONFIG_DIR, DEFAULT_CONFIG, FAMILY_NAMES, MODULE_ALIASES, Config, default_config,
+                     load_config)
 
 if TYPE_CHECKING:
     import torch
-
-DEFAULT_CONFIG = {"sam": CONFIG_DIR / "samcl_vit_b.yaml", "sam2": CONFIG_DIR / "samcl2_hiera_t.yaml"}
-# --module CAD without --config starts from CAD's own recipe (configs/cad_vit_b.yaml)
-MODULE_CONFIG = {"CAD": CONFIG_DIR / "cad_vit_b.yaml"}
-
-
-def default_config(family: str, module: Optional[str]) -> str:
-    """The --config used when none is given: the module's own recipe, else the family's."""
-    return str(MODULE_CONFIG.get(module, DEFAULT_CONFIG[family]))
-
 
 class CLIError(SystemExit):
     """An error the user can fix; printed without a traceback."""

@@ -28,6 +28,16 @@ CONFIG_DIR = _PACKAGE_CONFIGS if _PACKAGE_CONFIGS.is_dir() else REPO_ROOT / "con
 # directory when the package is installed (site-packages holds no checkpoint/)
 CHECKPOINT_DIR = (REPO_ROOT if (REPO_ROOT / "pyproject.toml").is_file() else Path.cwd()) / "checkpoint"
 
+DEFAULT_CONFIG = {"sam": CONFIG_DIR / "samcl_vit_b.yaml", "sam2": CONFIG_DIR / "samcl2_hiera_t.yaml"}
+# --module CAD without --config starts from CAD's own recipe (configs/cad_vit_b.yaml)
+MODULE_CONFIG = {"CAD": CONFIG_DIR / "cad_vit_b.yaml"}
+
+
+def default_config(family: str, module: Optional[str]) -> str:
+    """The --config used when none is given: the module's own recipe, else the family's."""
+    return str(MODULE_CONFIG.get(module, DEFAULT_CONFIG[family]))
+
+
 CHOICES = {
     "module": ("SAMCL", "SAMCL_2", "CAD"),
     "backbone": ("sam", "sam2"),

@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .cli import default_config
-from .config import build_config, load_config
+from .config import build_config, default_config, load_config
 from .data import PAD_LABEL, resize_image
 from .model import SAMCLModel
 from .pipeline import load_run

@@ -11,7 +11,7 @@ import torch
 from samcl import pipeline
 from samcl.modules.augmodule import AugModule, AugModuleSpec
 from samcl.modules.cad import CADModule, CADSpec, ConvAdapter, high_frequency, high_pass
-from samcl.cli import default_config
+from samcl.config import default_config
 from samcl.config import CONFIG_DIR, load_config
 from samcl.demo import make_demo_data
 from samcl.io import read_tagged

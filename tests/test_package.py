@@ -43,7 +43,7 @@ def test_pip_install_gives_console_scripts_that_find_the_shipped_configs(tmp_pat
     r = subprocess.run([str(site / "bin" / "samcl-train"), "--epoch", "0"], cwd=tmp_path, env=env,
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr == "error: epoch must be >= 1, got 0 (flag --epoch)\n", r.stderr
-    code = ("from samcl.cli import default_config; from samcl.config import CHOICES, CONFIG_DIR, load_config; "
+    code = ("from samcl.config import CHOICES, CONFIG_DIR, default_config, load_config; "
             "cfg = load_config(default_config('sam', None)); "
             "print(CONFIG_DIR, cfg.order, cfg.lr, 'vit_tiny' in CHOICES['vit_name'], sep='|')")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)

@@ -3,8 +3,8 @@ its quick start is what CI runs, and the files it names exist."""
 import re
 from typing import Any, Dict, List, Tuple
 
-from samcl.cli import DEFAULT_CONFIG, Parser, add_common_flags, add_train_flags, default_config
-from samcl.config import CONFIG_DIR, load_config, load_model_table
+from samcl.cli import Parser, add_common_flags, add_train_flags
+from samcl.config import CONFIG_DIR, DEFAULT_CONFIG, default_config, load_config, load_model_table
 from tests.conftest import REPO
 
 README = (REPO / "README.md").read_text()
