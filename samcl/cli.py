@@ -17,11 +17,14 @@ import argparse
 import logging
 import os
 import sys
+import typing
 from contextlib import contextmanager
+from dataclasses import MISSING, fields
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, NoReturn, Optional
 
-from .config import (CHOICES, CONFIG_DIR, DEFAULT_CONFIG, FAMILY_NAMES, MODULE_ALIASES, Config, default_config,
-                     load_config)
+from .config import (CHOICES, CONFIG_DIR, DEFAULT_CONFIG, FAMILY_NAMES, MODULE_ALIASES, SETTINGS_META, Config,
+                     default_config, load_config, read_config_file)
+from .settings import describe_default, registered_names
 
 if TYPE_CHECKING:
     import torch
@@ -105,7 +108,13 @@ def exit_now(code: int) -> NoReturn:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage block) that ends the script as every other refusal."""
+    """argparse with a one-line error (no usage block) that ends the script as every other refusal,
+    and flags matched exactly: no prefix abbreviations (``--selector`` is not ``--selector_epochs``,
+    and a flag added later cannot change what an old abbreviated command means)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise CLIError(f"{message} (see {self.prog} --help)")
@@ -128,120 +137,71 @@ def check_module_family(module: Optional[str], family: str, kind: str) -> None:
                        f"is the {FAMILY_NAMES[family]} script: use {SCRIPTS[right, kind]}")
 
 
+def family_defaults(family: str) -> Dict[str, Any]:
+    """What each setting is when no flag gives it: the family's default recipe over the declared
+    defaults (what ``--help`` states; a script with ``--module CAD`` starts from CAD's recipe)."""
+    defaults = {f.name: (f.default_factory() if f.default is MISSING else f.default) for f in fields(Config)}
+    return {**defaults, **read_config_file(str(DEFAULT_CONFIG[family]))}
+
+
+def _group(p: argparse.ArgumentParser, title: str) -> Any:
+    """The parser's argument group ``title``, made on first use (one block of --help per group)."""
+    for g in p._action_groups:
+        if g.title == title:
+            return g
+    return p.add_argument_group(title)
+
+
+def _flag_options(name: str, default: Any) -> Dict[str, Any]:
+    """argparse options of setting ``name``, from its declaration: type, choices, list, on/off."""
+    hint, m = typing.get_type_hints(Config)[name], SETTINGS_META[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    inner = args[0] if typing.get_origin(hint) is typing.Union else hint
+    help_text = m.help.format(methods=", ".join(registered_names("register_method")),
+                              modules=", ".join(registered_names("register_module")))
+    if default is not None:
+        help_text += f" (default: {describe_default(default)})"
+    options: Dict[str, Any] = {"help": help_text.replace("%", "%%"), "default": None}
+    if inner is bool:
+        options["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(inner) is list:
+        options.update(nargs="*", type=typing.get_args(inner)[0], metavar=name.upper())
+    else:
+        options["type"] = inner
+    if m.choices is not None:
+        options["choices"] = m.choices
+    return options
+
+
+def add_setting_flags(p: argparse.ArgumentParser, scope: str, family: str = "sam") -> None:
+    """A flag ``--<name>`` for every setting of ``scope`` ("common": train and test scripts; "train"),
+    grouped as declared, with the help, type, choices and default of its declaration."""
+    defaults = family_defaults(family)
+    for name, m in SETTINGS_META.items():
+        if m.scope == scope:
+            _group(p, m.group).add_argument(f"--{name}", **_flag_options(name, defaults[name]))
+
+
 def add_common_flags(p: argparse.ArgumentParser, family: str = "sam") -> None:
-    """Flags of train.py / test.py (family "sam") and train_SAM2.py / test_SAM2.py ("sam2"):
-    the reference's and what a CPU user needs. ``family`` only picks the help texts."""
-    sam2 = family == "sam2"
+    """Flags of train.py / test.py (family "sam") and train_SAM2.py / test_SAM2.py ("sam2"): the
+    common settings, the recipe and the device. ``family`` only picks the defaults --help states."""
     default = DEFAULT_CONFIG[family].relative_to(CONFIG_DIR.parent)
-    p.add_argument("--config", help=f"YAML file of settings (default: {default}); flags override it")
-    p.add_argument("--module", choices=CHOICES["module"],
-                   help=f"learning module: SAMCL (SAM) or SAMCL_2 (SAM 2.1) (default {'SAMCL_2' if sam2 else 'SAMCL'}); "
-                        f"CAD: convolutional adapter + per-domain decoder (SAM only; without --config it takes "
-                        f"configs/cad_vit_b.yaml, CAD's recipe)")
-    p.add_argument("--backbone", choices=CHOICES["backbone"],
-                   help="sam: SAM (ViT), as train.py / test.py; sam2: SAM 2.1 (Hiera), as train_SAM2.py / "
-                        "test_SAM2.py (those scripts are this flag's aliases)")
-    p.add_argument("--method", help="continual-learning method, a name registered in samcl/methods (default samcl: "
-                                    "a module per domain, routed by the Module Selector; the baselines zeroshot, "
-                                    "finetune, joint, ewc, er, der, lwf, olora, l2p: configs/baselines/)")
-    p.add_argument("--learning_module",
-                   help="what trains inside the frozen model, a name registered in samcl/modules: augmodule, lora, "
-                        "adapter, decoder, cad, olora, prompt_pool (default: the one --module names: augmodule, or cad "
-                        "for CAD)")
-    p.add_argument("--vit_name", help="SAM size: vit_b (default), vit_l, vit_h, or vit_tiny (tests/demo)")
-    p.add_argument("--hiera_name",
-                   help="SAM 2.1 size: hiera_t (default), hiera_s, hiera_b+, hiera_l, or hiera_toy (tests/demo)")
-    p.add_argument("--ckpt", help="official weights (default: checkpoint/sam2.1_hiera_tiny.pt for hiera_t)" if sam2
-                   else "official SAM weights (default: checkpoint/sam_vit_b_01ec64.pth for vit_b)")
-    p.add_argument("--random_weights", action="store_true", default=None,
-                   help="build the backbone with random weights instead of --ckpt (smoke tests only; loud warning)")
-    p.add_argument("--img_size", type=int, help="model input side (default: the architecture's, 1024)")
-    p.add_argument("--num_embedding", type=int, help="buffered selector embeddings per domain (default 300)")
-    p.add_argument("--seed", type=int, help="random seed (default 1234)")
-    p.add_argument("--order", help="domain keys in training order joined by '_' (default Kvasir_camo_ISTD_ISIC_cod_COCO)")
-    p.add_argument("--unseen", nargs="*", help="test-only domains that train no module (default COCO)")
+    p.add_argument("--config", help=f"YAML recipe of settings (default: {default}); flags override it")
     p.add_argument("--cuda", type=int,
                    help="GPU index (e.g. 0); -1 means distributed training under torchrun. Default: GPU 0 if "
                         "available, else CPU")
     p.add_argument("--device", help="explicit torch device, e.g. cpu or cuda:1 (overrides --cuda)")
-    p.add_argument("--data_root", help="folder the JSON maps' paths are relative to (default: .)")
-    p.add_argument("--test_json", help="domain -> test split map (default datasets_test.json under --data_root)")
-    p.add_argument("--num_workers", type=int, help="data-loading worker processes (default 4; capped at the CPUs available)")
-    p.add_argument("--eval_batch_size", type=int, help="images per evaluation batch (default 8)")
-    p.add_argument("--output_dir", help=f"parent of run folders (default {'log_sam2' if sam2 else 'log_sam1'})")
-    p.add_argument("--run_dir", help="run folder (default <output_dir>/<module>_<order>_<num_embedding>_<seed>_training)")
-    p.add_argument("--mask_binarize", choices=CHOICES["mask_binarize"],
-                   help="'threshold' (mask >= --mask_threshold, default) or 'reference' (floor(v/255), quirk Q5)")
-    p.add_argument("--mask_threshold", type=int, help="binarisation threshold for 'threshold' (default 128)")
-    p.add_argument("--upsample", choices=CHOICES["upsample"],
-                   help="logit upsampling to the input size: default nearest on SAM (reference, quirk Q6), "
-                        "bilinear on SAM 2.1 (as its image predictor)")
-    p.add_argument("--heat_orientation", choices=CHOICES["heat_orientation"],
-                   help="point heatmap at the SAM neck: reference: added without the transpose used inside the "
-                        "blocks, so x and y are swapped there, as the release (quirk Q1, default); corrected: transposed")
-    p.add_argument("--amp", choices=CHOICES["amp"],
-                   help="off: fp32, exact reproduction (default); bf16: bfloat16 autocast for the module's forward "
-                        "in training and for test inference, faster; CUDA GPUs and CPUs with native bfloat16 "
-                        "(AVX512-BF16/AMX) (README, 'Performance')")
+    add_setting_flags(p, "common", family)
 
 
 def add_train_flags(p: argparse.ArgumentParser, family: str = "sam") -> None:
-    p.add_argument("--batch_size", type=int,
-                   help=f"images per training batch (default {16 if family == 'sam2' else 8})")
-    p.add_argument("--lr", type=float, help="learning rate of the module (default 0.005; CAD 2e-4)")
-    p.add_argument("--optimizer", choices=CHOICES["optimizer"], help="adam (SAMCL, default) or adamw (CAD)")
-    p.add_argument("--weight_decay", type=float, help="optimizer weight decay (default 0; CAD 0.01)")
-    p.add_argument("--loss", choices=CHOICES["loss"],
-                   help="samcl: focal + 10 dice + IoU-head MSE (default); bce_iou: CAD's BCE + soft IoU loss")
-    p.add_argument("--prompt", choices=CHOICES["prompt"],
-                   help="points: the static points.json prompts (default); box: CAD's full-image box (--module CAD)")
-    p.add_argument("--epoch", type=int, help="epochs per domain (default 20)")
-    p.add_argument("--train_json", help="domain -> train split map (default datasets_train.json under --data_root)")
-    p.add_argument("--val_every", type=int, help="validate on the domain's test split every N epochs (default 5; 0: never)")
-    p.add_argument("--scheduler", choices=CHOICES["scheduler"],
-                   help="reference: cosine with T_max=epochs stepped per iteration (quirk Q4, default); "
-                        "cosine: one cosine over the domain's iterations")
-    p.add_argument("--iou_target", choices=CHOICES["iou_target"],
-                   help="IoU-head target: reference thresholds raw logits at 0.5 (quirk Q3, default); sigmoid at p >= 0.5")
-    p.add_argument("--focal", choices=CHOICES["focal"],
-                   help="focal term: reference: BCE on sigmoid probabilities as the release (its log is clamped at "
-                        "-100, so saturated wrong pixels cost 100 and pass no gradient; default); logits: BCE from "
-                        "logits (unbounded, full gradient)")
-    p.add_argument("--train_mode", choices=CHOICES["train_mode"],
-                   help="backbone train/eval mode during training: reference: train mode once per domain, eval mode "
-                        "from the first validation on, as the release (matters for SAM 2's decoder, which picks its "
-                        "mask by stability in eval mode; default); every_epoch: train mode in every epoch")
-    p.add_argument("--module_init", choices=CHOICES["module_init"],
-                   help="shared: every domain's module starts from the same random draw, as the release (default); "
-                        "per_domain: a new draw per domain")
-    p.add_argument("--selector_epochs", type=int, help="selector epochs after each domain (default 25)")
-    g = p.add_argument_group("baselines", "settings of the other continual methods (--method); each reads its own")
-    g.add_argument("--replay_size", type=int, help="er, der: training samples kept in the reservoir (default 200)")
-    g.add_argument("--ewc_lambda", type=float, help="ewc: weight of the penalty lambda/2 sum F (theta-theta*)^2 "
-                   "(default 100)")
-    g.add_argument("--ewc_gamma", type=float, help="ewc: decay of the running Fisher, online EWC (default 1.0)")
-    g.add_argument("--der_alpha", type=float, help="der: weight of the MSE to the stored logits (default 0.1)")
-    g.add_argument("--der_beta", type=float, help="der: weight of the replayed samples' loss (default 0.5)")
-    g.add_argument("--lwf_lambda", type=float, help="lwf: weight of the distillation term (default 1.0)")
-    g.add_argument("--lwf_temperature", type=float, help="lwf: distillation temperature (default 2.0)")
-    g.add_argument("--olora_lambda", type=float, help="olora: weight of the orthogonality loss (default 0.5)")
-    g.add_argument("--l2p_pool_size", type=int, help="l2p: key/prompt pairs in the pool (default 10)")
-    g.add_argument("--l2p_top_k", type=int, help="l2p: prompts chosen per image (default 5)")
-    g.add_argument("--l2p_prompt_length", type=int, help="l2p: prefix tokens per prompt and block (default 5)")
-    g.add_argument("--l2p_pull_weight", type=float, help="l2p: weight of the key-pull loss (default 0.1)")
-    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
-                   help="deterministic algorithms (default on)")
-    p.add_argument("--feature_cache", choices=CHOICES["feature_cache"],
-                   help="keep each training image's frozen encoder prefix from epoch 1 for the later epochs (same "
-                        "results, less compute): auto (default: on the GPU if it fits beside the training step, "
-                        "else pinned host memory), device, cpu, or off (recompute every epoch, as the release)")
-    p.add_argument("--cache_budget_gb", type=float,
-                   help="cap on the feature cache in GB; images beyond it are recomputed every epoch (default: "
-                        "half the available host memory, or what fits on the GPU)")
+    """The training scripts' own: every training setting (the methods' and learning modules' too),
+    --overwrite and --resume."""
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run (from its last finished domain and saved epoch), or add "
                         "domains to a finished one with a longer --order (the run's own settings are kept)")
+    add_setting_flags(p, "train", family)
 
 
 def explicit_settings(args: argparse.Namespace) -> Dict[str, Any]:

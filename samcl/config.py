@@ -1,23 +1,28 @@
-"""Run configuration: dataclass defaults < YAML file (``--config``) < command-line flags.
+"""Run configuration: dataclass defaults < YAML recipe (``--config``) < command-line flags.
 
-The defaults are the published SAMCL setting for SAM ViT-B (``configs/samcl_vit_b.yaml``).
+Every setting is declared once (:mod:`samcl.settings`): the core ones are the fields of
+:class:`CoreSettings`, a method's or learning module's own are declared in its file; :class:`Config`
+is all of them. The defaults are the published SAMCL setting for SAM ViT-B
+(``configs/samcl_vit_b.yaml``).
 
-Every setting is checked when a Config is validated, whatever it came from (YAML,
-flags, a run folder's ``run.json`` on resume): its type from the dataclass field's
-annotation, its value against :data:`CHOICES` (string settings) or :data:`RANGES`
-(numbers; a number not listed there must be >= 0). A new field is covered by its
-annotation alone. Failures raise :class:`ConfigError` naming the setting, the value,
-where it came from and what is allowed.
+Every setting is checked when a Config is validated, whatever it came from (YAML, flags, a run
+folder's ``run.json`` on resume): its type from the field's annotation, its value against the
+choices or the range its declaration gives (a number without one must be >= 0; floats finite).
+Failures raise :class:`ConfigError` naming the setting, the value, where it came from and what is
+allowed. A recipe may start from another (``base: finetune.yaml``, relative to its own folder) and
+hold only the lines that differ.
 """
 import logging
 import math
 import re
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields, make_dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import yaml
+
+from .settings import Bounds, Meta, meta, plugin_settings, setting
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The YAML recipes: configs/ at the top of a checkout (an editable install reads it there too),
@@ -38,23 +43,6 @@ def default_config(family: str, module: Optional[str]) -> str:
     return str(MODULE_CONFIG.get(module, DEFAULT_CONFIG[family]))
 
 
-CHOICES = {
-    "module": ("SAMCL", "SAMCL_2", "CAD"),
-    "backbone": ("sam", "sam2"),
-    "heat_orientation": ("reference", "corrected"),
-    "upsample": ("nearest", "bilinear"),
-    "mask_binarize": ("threshold", "reference"),
-    "iou_target": ("reference", "sigmoid"),
-    "scheduler": ("reference", "cosine"),
-    "focal": ("reference", "logits"),
-    "train_mode": ("reference", "every_epoch"),
-    "module_init": ("shared", "per_domain"),
-    "loss": ("samcl", "bce_iou"),
-    "optimizer": ("adam", "adamw"),
-    "prompt": ("points", "box"),
-    "feature_cache": ("auto", "off", "device", "cpu"),  # speed: samcl.feature_cache
-    "amp": ("off", "bf16"),  # speed: samcl.precision
-}
 # Settings newer than some run folders, with the value that reproduces how such older runs
 # were made: a run folder whose stored configuration lacks one resumes (and reports) with it.
 LEGACY_SETTINGS = {"focal": "logits", "train_mode": "every_epoch", "module_init": "per_domain"}
@@ -75,123 +63,133 @@ MODULE_ALIASES = {"SAMCL": Alias("samcl", "augmodule", "sam"), "SAMCL_2": Alias(
                   "CAD": Alias("samcl", "cad", "sam")}
 
 
-class Bounds(NamedTuple):
-    """Allowed values of a numeric setting: ``low <= v <= high`` (``low < v`` with ``open_low``)."""
-
-    low: Optional[float] = None
-    high: Optional[float] = None
-    open_low: bool = False
-
-    def admits(self, v: float) -> bool:
-        return ((self.low is None or (v > self.low if self.open_low else v >= self.low))
-                and (self.high is None or v <= self.high))
-
-    def __str__(self) -> str:
-        if self.low is not None and self.high is not None and not self.open_low:
-            return f"in {self.low}..{self.high}"
-        parts = [f"{'>' if self.open_low else '>='} {self.low}" if self.low is not None else "",
-                 f"<= {self.high}" if self.high is not None else ""]
-        return " and ".join(p for p in parts if p)
-
-
-NON_NEGATIVE = Bounds(0)
-POSITIVE_INT = Bounds(1)
-# Numeric settings with other bounds than >= 0 (for a list, each item's); floats must also be finite.
-RANGES: Dict[str, Bounds] = {
-    "img_size": POSITIVE_INT,
-    "rank": POSITIVE_INT,
-    "mask_threshold": Bounds(0, 255),
-    "lr": Bounds(0, open_low=True),
-    "selector_lr": Bounds(0, open_low=True),
-    "epoch": POSITIVE_INT,
-    "batch_size": POSITIVE_INT,
-    "seed": Bounds(0, 2**32 - 1),  # numpy's seed range
-    "num_embedding": POSITIVE_INT,
-    "selector_epochs": POSITIVE_INT,
-    "selector_batch_size": POSITIVE_INT,
-    "eval_batch_size": POSITIVE_INT,
-    "replay_size": POSITIVE_INT,
-    "lwf_temperature": Bounds(0, open_low=True),
-    "l2p_pool_size": POSITIVE_INT,
-    "l2p_top_k": POSITIVE_INT,
-    "l2p_prompt_length": POSITIVE_INT,
-}
-
-
 class ConfigError(ValueError):
     """A setting of the wrong type, range or choice, or an unreadable config file; the message
     names the setting, the value, its source and what is allowed."""
 
 
+def load_model_table(name: str) -> Dict[str, Dict[str, Any]]:
+    """Architectures from ``configs/models/<name>``, each merged over the file's ``defaults``."""
+    path = CONFIG_DIR / "models" / name
+    data = yaml.safe_load(path.read_text())
+    defaults = data.pop("defaults", {})
+    return {arch: {**defaults, **spec} for arch, spec in data.items()}
+
+
+POSITIVE = {"low": 1}  # an integer setting that counts something
+QUIRK = "the release's behaviour, quirks included (docs/fidelity.md)"
+
+
 @dataclass
-class Config:
-    # what to train: --module is a name for a (method, learning module, backbone) triple
-    module: str = "SAMCL"
-    method: str = "samcl"  # how learning proceeds across domains (samcl.methods)
-    learning_module: Optional[str] = None  # what trains inside the frozen model (samcl.modules); None: --module's
-    backbone: str = "sam"
-    vit_name: str = "vit_b"  # SAM size (backbone sam)
-    hiera_name: str = "hiera_t"  # SAM 2.1 size (backbone sam2): configs/models/sam2.yaml
-    ckpt: Optional[str] = None  # None: checkpoint/<official file name of vit_name / hiera_name>
-    random_weights: bool = False
-    img_size: Optional[int] = None  # None: the architecture's (1024 for SAM and SAM 2.1)
-    rank: int = 10
-    selector_layer: Optional[int] = None  # None: derived from the backbone
-    aug_layers: Optional[List[int]] = None  # None: derived from the backbone
-    # the release's quirks (README, 'Fidelity to the release, and its quirks'): defaults reproduce it
-    heat_orientation: str = "reference"  # Q1: heatmap added at the SAM neck untransposed; "corrected"
-    upsample: Optional[str] = None  # Q6; None: the backbone's own (nearest on SAM as the reference, bilinear on SAM 2)
-    mask_binarize: str = "threshold"  # Q5: 'threshold' (>= mask_threshold) or 'reference' (floor(v/255))
-    mask_threshold: int = 128
-    iou_target: str = "reference"  # Q3: 'reference' thresholds raw logits at 0.5; 'sigmoid' at p >= 0.5
-    scheduler: str = "reference"  # Q4: cosine T_max=epochs stepped per iteration; 'cosine': one cosine per domain
-    focal: str = "reference"  # focal loss on BCE of sigmoid probabilities (log clamped at -100); 'logits': from logits
-    train_mode: str = "reference"  # backbone in train mode once per domain, eval after the first validation
-    module_init: str = "shared"  # every domain's module starts from one draw; 'per_domain': a draw per domain
-    # module training (SAMCL's recipe; CAD's is configs/cad_vit_b.yaml)
-    loss: str = "samcl"  # 'samcl': focal + 10 dice + IoU-head MSE; 'bce_iou': CAD's BCE + soft-IoU loss
-    optimizer: str = "adam"  # 'adam' (SAMCL) or 'adamw' (CAD)
-    weight_decay: float = 0.0  # of the optimizer (CAD: AdamW's default 0.01)
-    prompt: str = "points"  # 'points' (the static points.json prompts) or 'box' (CAD: full-image box; --module CAD only)
-    lr: float = 0.005
-    epoch: int = 20
-    batch_size: int = 8
-    seed: int = 1234
-    val_every: int = 5
-    deterministic: bool = True
-    # speed (samcl.feature_cache, samcl.precision): the cache never changes results; amp bf16 does
-    feature_cache: str = "auto"  # frozen-prefix cache over the epochs: auto, off, device, cpu
-    cache_budget_gb: Optional[float] = None  # cap on the cache (None: derived from free memory)
-    amp: str = "off"  # 'off': fp32 (reproduction); 'bf16': bfloat16 autocast (CUDA, bf16 CPUs)
-    # Module Selector and its embedding buffer
-    num_embedding: int = 300
-    selector_lr: float = 0.01
-    selector_epochs: int = 25
-    selector_batch_size: int = 24
-    # the baselines' own settings (samcl/methods/<name>.py; configs/baselines/ says where each default comes from)
-    replay_size: int = 200  # er, der: training samples the reservoir keeps, all domains together
-    ewc_lambda: float = 100.0  # ewc: weight of the penalty lambda/2 sum F (theta - theta*)^2
-    ewc_gamma: float = 1.0  # ewc: decay of the running Fisher (online EWC)
-    der_alpha: float = 0.1  # der: weight of the MSE between replayed samples' logits and their stored logits
-    der_beta: float = 0.5  # der: weight of the segmentation loss of replayed samples
-    lwf_lambda: float = 1.0  # lwf: weight of the distillation of the previous model's mask logits
-    lwf_temperature: float = 2.0  # lwf: temperature of that distillation
-    olora_lambda: float = 0.5  # olora: weight of the orthogonality loss sum |A_old^T A_new|
-    l2p_pool_size: int = 10  # l2p: key/prompt pairs in the pool
-    l2p_top_k: int = 5  # l2p: prompts chosen per image
-    l2p_prompt_length: int = 5  # l2p: prefix tokens per prompt and block
-    l2p_pull_weight: float = 0.1  # l2p: weight of the key-pull loss
-    # data (data/README.md)
-    order: str = "Kvasir_camo_ISTD_ISIC_cod_COCO"
-    unseen: List[str] = field(default_factory=lambda: ["COCO"])
-    data_root: str = "."
-    train_json: str = "datasets_train.json"
-    test_json: str = "datasets_test.json"
-    num_workers: int = 4
-    eval_batch_size: int = 8
-    # output
-    output_dir: str = "log_sam1"
-    run_dir: Optional[str] = None  # None: <output_dir>/<module>_<order>_<num_embedding>_<seed>_training
+class CoreSettings:
+    """The settings every run has; with the plugins' own (:data:`PLUGIN_SETTINGS`) they make
+    :class:`Config`. Defaults: the published setting of SAMCL on SAM ViT-B."""
+
+    # ------------------------------------------------------------ what to train
+    module: str = setting("SAMCL", "the release scripts' name for a (method, learning module, backbone) triple: "
+                          "SAMCL (samcl, augmodule, SAM), SAMCL_2 (samcl, augmodule, SAM 2.1), CAD (samcl, cad, SAM; "
+                          "without --config it takes configs/cad_vit_b.yaml, CAD's recipe)",
+                          choices=tuple(MODULE_ALIASES), scope="common", group="what to train")
+    method: str = setting("samcl", "continual-learning method, a file of samcl/methods/: {methods}", scope="common",
+                          group="what to train")
+    learning_module: Optional[str] = setting(
+        None, "what trains inside the frozen model, a file of samcl/modules/: {modules} (default: the one --module "
+              "names: augmodule, or cad for CAD)", scope="common", group="what to train")
+    backbone: str = setting("sam", "sam: SAM (ViT), as train.py / test.py; sam2: SAM 2.1 (Hiera), as train_SAM2.py / "
+                            "test_SAM2.py (those scripts are this flag's aliases)", choices=("sam", "sam2"),
+                            scope="common", group="what to train")
+    vit_name: str = setting("vit_b", "SAM size (backbone sam; vit_tiny: tests and demo)",
+                            choices=tuple(load_model_table("sam.yaml")), scope="common", group="backbone")
+    hiera_name: str = setting("hiera_t", "SAM 2.1 size (backbone sam2; hiera_toy: tests and demo)",
+                              choices=tuple(load_model_table("sam2.yaml")), scope="common", group="backbone")
+    ckpt: Optional[str] = setting(None, "official backbone weights (default: checkpoint/<the official file of the "
+                                  "size>, e.g. checkpoint/sam_vit_b_01ec64.pth)", scope="common", group="backbone")
+    random_weights: bool = setting(False, "build the backbone with random weights instead of --ckpt (smoke tests "
+                                   "only; loud warning)", scope="common", group="backbone")
+    img_size: Optional[int] = setting(None, "model input side (default: the architecture's, 1024)", **POSITIVE,
+                                      scope="common", group="backbone")
+    rank: int = setting(10, "rank of the learning module's low-rank maps (AugModule, LoRA)", **POSITIVE,
+                        group="backbone")
+    selector_layer: Optional[int] = setting(None, "block whose output the Module Selector reads (default: derived "
+                                            "from the backbone)", group="backbone")
+    aug_layers: Optional[List[int]] = setting(None, "blocks the AugModule acts on (default: derived from the "
+                                              "backbone)", group="backbone")
+    # ------------------------------------------------------------ the release's behaviour
+    heat_orientation: str = setting("reference", "point heatmap at the SAM neck: reference: added without the "
+                                    "transpose used inside the blocks, as the release (quirk Q1); corrected: "
+                                    "transposed", choices=("reference", "corrected"), scope="common", group=QUIRK)
+    upsample: Optional[str] = setting(None, "logit upsampling to the input size (default: the backbone's own: nearest "
+                                      "on SAM, as the release, quirk Q6; bilinear on SAM 2.1, as its predictor)",
+                                      choices=("nearest", "bilinear"), scope="common", group=QUIRK)
+    mask_binarize: str = setting("threshold", "threshold: a mask pixel is foreground if >= --mask_threshold; "
+                                 "reference: floor(v/255), the release's (quirk Q5)",
+                                 choices=("threshold", "reference"), scope="common", group=QUIRK)
+    mask_threshold: int = setting(128, "binarisation threshold of mask_binarize threshold", high=255, scope="common",
+                                  group=QUIRK)
+    iou_target: str = setting("reference", "IoU-head target: reference thresholds raw logits at 0.5 (quirk Q3); "
+                              "sigmoid at p >= 0.5", choices=("reference", "sigmoid"), group=QUIRK)
+    scheduler: str = setting("reference", "reference: cosine with T_max=epochs stepped per iteration (quirk Q4); "
+                             "cosine: one cosine over the domain's iterations", choices=("reference", "cosine"),
+                             group=QUIRK)
+    focal: str = setting("reference", "focal term: reference: BCE on sigmoid probabilities as the release (its log "
+                         "is clamped at -100, so saturated wrong pixels cost 100 and pass no gradient); logits: BCE "
+                         "from logits (unbounded, full gradient)", choices=("reference", "logits"), group=QUIRK)
+    train_mode: str = setting("reference", "backbone train/eval mode during training: reference: train mode once per "
+                              "domain, eval mode from the first validation on, as the release (matters for SAM 2's "
+                              "decoder, which picks its mask by stability in eval mode); every_epoch: train mode in "
+                              "every epoch", choices=("reference", "every_epoch"), group=QUIRK)
+    module_init: str = setting("shared", "shared: every domain's learning module starts from the same random draw, "
+                               "as the release; per_domain: a new draw per domain", choices=("shared", "per_domain"),
+                               group=QUIRK)
+    # ------------------------------------------------------------ training (SAMCL's recipe; CAD's: cad_vit_b.yaml)
+    loss: str = setting("samcl", "samcl: focal + 10 dice + IoU-head MSE; bce_iou: CAD's BCE + soft IoU loss",
+                        choices=("samcl", "bce_iou"), group="training")
+    optimizer: str = setting("adam", "adam (SAMCL) or adamw (CAD)", choices=("adam", "adamw"), group="training")
+    weight_decay: float = setting(0.0, "optimizer weight decay (CAD: 0.01)", group="training")
+    prompt: str = setting("points", "points: the static points.json prompts; box: CAD's full-image box (learning "
+                          "modules that read no point heatmap)", choices=("points", "box"), group="training")
+    lr: float = setting(0.005, "learning rate of the learning module (CAD: 2e-4)", open_low=True, group="training")
+    epoch: int = setting(20, "epochs per domain", **POSITIVE, group="training")
+    batch_size: int = setting(8, "images per training batch (per process under torchrun)", **POSITIVE,
+                              group="training")
+    seed: int = setting(1234, "random seed", high=2**32 - 1, scope="common", group="training")  # numpy's range
+    val_every: int = setting(5, "validate on the domain's test split every N epochs (0: never)", group="training")
+    deterministic: bool = setting(True, "deterministic algorithms", group="training")
+    # ------------------------------------------------------------ speed: the cache never changes results; bf16 does
+    feature_cache: str = setting("auto", "keep each training image's frozen encoder prefix from epoch 1 for the "
+                                 "later epochs (same results, less compute): auto (on the GPU if it fits beside the "
+                                 "training step, else pinned host memory), device, cpu, or off (recompute every "
+                                 "epoch, as the release)", choices=("auto", "off", "device", "cpu"), group="speed")
+    cache_budget_gb: Optional[float] = setting(None, "cap on the feature cache in GB; images beyond it are recomputed "
+                                               "every epoch (default: half the available host memory, or what fits "
+                                               "on the GPU)", group="speed")
+    amp: str = setting("off", "off: fp32, exact reproduction; bf16: bfloat16 autocast for the learning module's "
+                       "forward in training and for test inference, faster; CUDA GPUs and CPUs with native bfloat16 "
+                       "(docs/performance.md)", choices=("off", "bf16"), scope="common", group="speed")
+    # ------------------------------------------------------------ Module Selector and its embedding buffer
+    num_embedding: int = setting(300, "buffered selector embeddings per domain", **POSITIVE, scope="common",
+                                 group="Module Selector")
+    selector_lr: float = setting(0.01, "SGD learning rate of the selector", open_low=True, group="Module Selector")
+    selector_epochs: int = setting(25, "selector epochs after each domain", **POSITIVE, group="Module Selector")
+    selector_batch_size: int = setting(24, "selector batch size", **POSITIVE, group="Module Selector")
+    # ------------------------------------------------------------ data (data/README.md)
+    order: str = setting("Kvasir_camo_ISTD_ISIC_cod_COCO", "domain keys in training order joined by '_'",
+                         scope="common", group="data")
+    unseen: List[str] = setting(["COCO"], "test-only domains of the order: they train no learning module (their "
+                                "training split still fills the selector's buffer; routed images use the frozen "
+                                "model); with no name, none", scope="common", group="data")
+    data_root: str = setting(".", "folder the JSON maps and their paths are relative to", scope="common",
+                             group="data")
+    train_json: str = setting("datasets_train.json", "domain -> train split map, under --data_root", group="data")
+    test_json: str = setting("datasets_test.json", "domain -> test split map, under --data_root", scope="common",
+                             group="data")
+    num_workers: int = setting(4, "data-loading worker processes (capped at the CPUs available)", scope="common",
+                               group="data")
+    eval_batch_size: int = setting(8, "images per evaluation batch", **POSITIVE, scope="common", group="data")
+    # ------------------------------------------------------------ output
+    output_dir: str = setting("log_sam1", "parent of run folders", scope="common", group="output")
+    run_dir: Optional[str] = setting(None, "run folder (default: <output_dir>/<module>_<order>_<num_embedding>_<seed>"
+                                     "_training)", scope="common", group="output")
 
     @property
     def arch_name(self) -> str:
@@ -215,7 +213,7 @@ class Config:
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path(self.output_dir) / self.run_name()
 
-    def validate(self, sources: Optional[Dict[str, str]] = None) -> "Config":
+    def validate(self, sources: Optional[Dict[str, str]] = None) -> "CoreSettings":
         """Check every setting (type, then choice or range), then how they combine.
 
         ``sources`` says where each setting came from (e.g. ``flag --lr``), for the messages.
@@ -256,6 +254,17 @@ class Config:
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+
+# every plugin's settings, read from its file without importing it (samcl.settings)
+PLUGIN_SETTINGS = plugin_settings()
+Config = make_dataclass("Config", PLUGIN_SETTINGS, bases=(CoreSettings,))
+Config.__module__ = __name__
+Config.__doc__ = "Every setting of a run: :class:`CoreSettings` and each method's and learning module's own."
+SETTINGS_META: Dict[str, Meta] = {f.name: meta(f) for f in fields(Config)}
+# the choices of the string settings and the ranges of the numeric ones, as declared
+CHOICES: Dict[str, Tuple[Any, ...]] = {k: m.choices for k, m in SETTINGS_META.items() if m.choices is not None}
+RANGES: Dict[str, Bounds] = {k: m.bounds for k, m in SETTINGS_META.items()}
 
 
 def stored_settings(stored: Dict[str, Any]) -> Dict[str, Any]:
@@ -326,7 +335,7 @@ def check_setting(name: str, value: Any, source: str = "default") -> Any:
         raise ConfigError(f"{name} must be one of {CHOICES[name]}, got {value!r} ({source})")
     for v in value if isinstance(value, list) else [value]:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            bounds = RANGES.get(name, NON_NEGATIVE)
+            bounds = RANGES[name]
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"{name} must be a finite number {bounds}, got {value!r} ({source})")
             if not bounds.admits(v):
@@ -339,9 +348,13 @@ def config_fields() -> Dict[str, Any]:
     return {f.name: f for f in fields(Config)}
 
 
-def read_config_file(path: str) -> Dict[str, Any]:
-    """The mapping of settings in a YAML file (``yaml.safe_load``: tags never construct objects);
-    a syntax error names the file, line and column."""
+BASE_KEY = "base"  # a recipe's first line may name the recipe it starts from
+
+
+def read_config_file(path: str, _chain: Tuple[Path, ...] = ()) -> Dict[str, Any]:
+    """The mapping of settings in a YAML recipe (``yaml.safe_load``: tags never construct objects),
+    over those of the recipe its ``base:`` names (relative to its own folder; bases may chain); a
+    syntax error names the file, line and column."""
     p = Path(path)
     if not p.is_file():
         what = "is a directory, not a file" if p.is_dir() else "not found"
@@ -361,7 +374,17 @@ def read_config_file(path: str) -> Dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of settings (name: value), not a {type(data).__name__}")
-    return data
+    if BASE_KEY not in data:
+        return data
+    base = data.pop(BASE_KEY)
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file {p}: {BASE_KEY} must name a recipe file, got {base!r}")
+    base_path = (p.parent / base).resolve()
+    chain = _chain + (p.resolve(),)
+    if base_path in chain:
+        raise ConfigError(f"config file {p}: {BASE_KEY} {base} leads back to {base_path} "
+                          f"({' -> '.join(str(c) for c in chain)})")
+    return {**read_config_file(str(base_path), chain), **data}
 
 
 def build_config(layers: Iterable[Tuple[str, Dict[str, Any]]]) -> Config:
@@ -387,16 +410,3 @@ def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] 
     layers += [(f"flag {(flag_names or {}).get(k, '--' + str(k))}", {k: v})
                for k, v in (overrides or {}).items() if v is not None]
     return build_config(layers)
-
-
-def load_model_table(name: str) -> Dict[str, Dict[str, Any]]:
-    """Architectures from ``configs/models/<name>``, each merged over the file's ``defaults``."""
-    path = CONFIG_DIR / "models" / name
-    data = yaml.safe_load(path.read_text())
-    defaults = data.pop("defaults", {})
-    return {arch: {**defaults, **spec} for arch, spec in data.items()}
-
-
-# the backbone sizes are the architectures of configs/models/
-CHOICES["vit_name"] = tuple(load_model_table("sam.yaml"))
-CHOICES["hiera_name"] = tuple(load_model_table("sam2.yaml"))

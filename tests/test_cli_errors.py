@@ -95,7 +95,7 @@ CASES = [
     ("seed", TRAIN, ["--seed", "-1"], {}, None, "seed must be in 0..4294967295, got -1"),
     ("mask-threshold", TRAIN, ["--mask_threshold", "256"], {}, None, "mask_threshold must be in 0..255"),
     ("cache-budget", TRAIN, ["--cache_budget_gb", "-1"], {}, None, "cache_budget_gb must be >= 0"),
-    ("vit-name", TRAIN, ["--vit_name", "vit_x"], {}, None, "vit_name must be one of ('vit_b'"),
+    ("vit-name", TRAIN, ["--vit_name", "vit_x"], {}, None, "argument --vit_name: invalid choice: 'vit_x' (choose from 'vit_b'"),
     ("choice", TRAIN, ["--scheduler", "linear"], {}, None, "argument --scheduler: invalid choice: 'linear'"),
     ("cad-on-sam2", "train_SAM2.py", ["--module", "CAD"], {}, None,
      "--module CAD runs on the SAM (ViT) backbone, but train_SAM2.py is the SAM 2.1 (Hiera) script: use train.py"),

@@ -1,8 +1,14 @@
 """Continual-learning methods: how learning proceeds across domains (one file per method).
 
-Importing the package registers every method (``samcl.registry.METHODS``).
+Importing the package imports every file in it, and each registers its method
+(``samcl.registry.METHODS``): a new method is one new file, with no list to edit.
 """
-from . import der, er, ewc, finetune, joint, l2p, lwf, olora, samcl, zeroshot  # noqa: F401  (registers the methods)
+import importlib
+import pkgutil
+
 from .base import ContinualMethod
+
+for _info in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = ["ContinualMethod"]

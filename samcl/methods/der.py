@@ -20,6 +20,7 @@ import torch
 
 from ..backbones.base import Features
 from ..registry import register_method
+from ..settings import Settings, setting
 from ..training import Batch
 from .base import Forward
 from .er import ExperienceReplay
@@ -28,6 +29,13 @@ from .er import ExperienceReplay
 def logit_mse(logits: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
     """(N, 1, h, w) logits against stored ones: the mean squared difference of each image, summed."""
     return (logits.float() - stored.float()).pow(2).flatten(1).mean(1).sum()
+
+
+class DERSettings(Settings):
+    """DER++'s two replay terms."""
+
+    der_alpha: float = setting(0.1, "der: weight of the MSE between replayed samples' logits and their stored logits")
+    der_beta: float = setting(0.5, "der: weight of the segmentation loss of replayed samples")
 
 
 @register_method("der")

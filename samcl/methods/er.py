@@ -22,6 +22,7 @@ from ..backbones.base import Features
 from ..data import PAD_LABEL
 from ..modules.base import LearningModule
 from ..registry import register_method
+from ..settings import Settings, setting
 from ..replay import REPLAY_DIR, Replayed, ReservoirBuffer
 from ..run_folder import RunFolderError, step_snapshot
 from ..training import Batch
@@ -50,6 +51,12 @@ def join_features(current: Features, replayed: Features) -> Features:
     if current.keys() != replayed.keys():
         raise ValueError(f"prefixes with different parts cannot be joined: {sorted(current)} vs {sorted(replayed)}")
     return {k: torch.cat([v, replayed[k]]) for k, v in current.items()}
+
+
+class ERSettings(Settings):
+    """Experience replay (and DER++, which extends it)."""
+
+    replay_size: int = setting(200, "er, der: training samples the reservoir keeps, all domains together", low=1)
 
 
 @register_method("er")

@@ -38,6 +38,7 @@ from ..losses import training_loss
 from ..modules.base import LearningModule
 from ..precision import amp_forward
 from ..registry import register_method
+from ..settings import Settings, setting
 from ..run_folder import RunFolderError, step_snapshot
 from ..training import Batch, SegmentStep, progress, to_device
 from .base import Forward
@@ -94,6 +95,13 @@ def online_fisher(running: Tensors, new: Tensors, gamma: float) -> Tensors:
 def ewc_penalty(params: Dict[str, torch.Tensor], fisher: Tensors, theta: Tensors, lam: float) -> torch.Tensor:
     """``lam / 2 * sum F (params - theta)^2`` over the parameters ``fisher`` names."""
     return lam / 2 * sum((fisher[n] * (params[n] - theta[n]) ** 2).sum() for n in fisher)
+
+
+class EWCSettings(Settings):
+    """Online EWC."""
+
+    ewc_lambda: float = setting(100.0, "ewc: weight of the penalty lambda/2 sum F (theta - theta*)^2")
+    ewc_gamma: float = setting(1.0, "ewc: decay of the running Fisher (online EWC)")
 
 
 @register_method("ewc")

@@ -17,9 +17,16 @@ from ..backbones.base import Features
 from ..modules.base import LearningModule
 from ..modules.prompt_pool import pull_loss
 from ..registry import register_method
+from ..settings import Settings, setting
 from ..training import Batch
 from .base import Forward
 from .finetune import FineTune
+
+
+class L2PSettings(Settings):
+    """L2P's key-pull loss (the pool's own sizes are the prompt_pool learning module's settings)."""
+
+    l2p_pull_weight: float = setting(0.1, "l2p: weight of the key-pull loss")
 
 
 @register_method("l2p")

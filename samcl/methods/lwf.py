@@ -33,6 +33,7 @@ from ..backbones.base import Features
 from ..modules.base import LearningModule
 from ..precision import amp_forward
 from ..registry import register_method
+from ..settings import Settings, setting
 from ..training import Batch, SegmentStep
 from .base import Forward
 from .finetune import FineTune
@@ -57,6 +58,13 @@ def frozen_copy(module: LearningModule) -> LearningModule:
         p.requires_grad_(False)
         p.grad = None
     return old
+
+
+class LwFSettings(Settings):
+    """Learning without Forgetting's distillation."""
+
+    lwf_lambda: float = setting(1.0, "lwf: weight of the distillation of the previous model's mask logits")
+    lwf_temperature: float = setting(2.0, "lwf: temperature of that distillation", open_low=True)
 
 
 @register_method("lwf")

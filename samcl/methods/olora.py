@@ -17,9 +17,16 @@ import torch
 from ..backbones.base import Features
 from ..modules.base import LearningModule
 from ..registry import register_method
+from ..settings import Settings, setting
 from ..training import Batch
 from .base import Forward
 from .finetune import FineTune
+
+
+class OLoRASettings(Settings):
+    """O-LoRA's orthogonality loss."""
+
+    olora_lambda: float = setting(0.5, "olora: weight of the orthogonality loss sum |A_old^T A_new|")
 
 
 @register_method("olora")

@@ -32,7 +32,16 @@ from torch import nn
 
 from ..backbones.base import Backbone, Features
 from ..registry import register_module
+from ..settings import Settings, setting
 from .base import Hook, LearningModule, ModuleSpec
+
+
+class PromptPoolSettings(Settings):
+    """The prompt pool's sizes (--method l2p)."""
+
+    l2p_pool_size: int = setting(10, "l2p: key/prompt pairs in the pool", low=1)
+    l2p_top_k: int = setting(5, "l2p: prompts chosen per image", low=1)
+    l2p_prompt_length: int = setting(5, "l2p: prefix tokens per prompt and block", low=1)
 
 
 @dataclass(frozen=True)
