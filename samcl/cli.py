@@ -182,6 +182,36 @@ def add_setting_flags(p: argparse.ArgumentParser, scope: str, family: str = "sam
             _group(p, m.group).add_argument(f"--{name}", **_flag_options(name, defaults[name]))
 
 
+def settings_reference() -> str:
+    """docs/settings.md: every setting's flag, default (train.py's; "derived": decided at run time),
+    scripts and meaning, grouped as declared (tests/test_settings.py keeps the page equal to this)."""
+    sam, sam2 = family_defaults("sam"), family_defaults("sam2")
+    lines = ["# Settings", "",
+             "Every setting of a run, generated from the declarations (`samcl/config.py` for the core ones, each "
+             "method's and learning module's own file for theirs). Each is a flag of the training scripts "
+             "(`--name`), a line of a YAML recipe (`name: value`) and a field of `run.json`'s config; the "
+             "*common* ones are flags of the test scripts too. Defaults are `train.py`'s "
+             "(`configs/samcl_vit_b.yaml`); where the SAM 2.1 scripts' differ, both are given. "
+             "`python train.py --help` says the same.", ""]
+    groups: Dict[str, list] = {}
+    for name, m in SETTINGS_META.items():
+        groups.setdefault(m.group, []).append(name)
+    for group, names in groups.items():
+        lines += [f"## {group}", "", "| flag | default | scripts | meaning |", "|---|---|---|---|"]
+        for name in names:
+            m = SETTINGS_META[name]
+            default = "derived" if sam[name] is None else f"`{describe_default(sam[name])}`"
+            if sam2[name] != sam[name]:
+                default += f" (SAM 2.1: `{describe_default(sam2[name])}`)"
+            what = _flag_options(name, None)["help"].replace("%%", "%").replace("|", "\\|").replace("<", "\\<")
+            if m.choices is not None:
+                what += "; one of " + ", ".join(f"`{c}`" for c in m.choices)
+            lines.append(f"| `--{name}` | {default} | {'train, test' if m.scope == 'common' else 'train'} | "
+                         f"{what} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def add_common_flags(p: argparse.ArgumentParser, family: str = "sam") -> None:
     """Flags of train.py / test.py (family "sam") and train_SAM2.py / test_SAM2.py ("sam2"): the
     common settings, the recipe and the device. ``family`` only picks the defaults --help states."""

@@ -244,7 +244,7 @@ def run_check(data_root: str, train_json: str, test_json: str, domains: Optional
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m samcl.datacheck", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m samcl.datacheck", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_root", default=".", help="folder the JSON maps' paths are relative to (default .)")
     p.add_argument("--train_json", default="datasets_train.json", help="domain -> train split map")

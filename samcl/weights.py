@@ -251,7 +251,7 @@ def verify_folder(folder: Path, table: Dict[str, Weight]) -> List[Tuple[str, str
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m samcl.weights", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m samcl.weights", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("download", help="fetch official weights into --dir, verified by SHA-256")

@@ -203,3 +203,13 @@ def test_a_baseline_recipe_differs_from_finetune_only_in_what_it_sets(method):
     resolved = load_config(str(path)).to_dict()
     differ = {k for k in resolved if resolved[k] != finetune[k]}
     assert "method" in differ and differ <= {line.split(":", 1)[0] for line in lines} and own["method"] == method
+
+
+def test_the_settings_page_is_generated_from_the_declarations():
+    from samcl.cli import settings_reference
+
+    page = (REPO / "docs" / "settings.md").read_text()
+    assert page == settings_reference(), ("docs/settings.md is stale; regenerate it: python -c \"from samcl.cli import "
+                                          "settings_reference; print(settings_reference(), end='')\" > docs/settings.md")
+    for name in SETTINGS_META:
+        assert page.count(f"| `--{name}` |") == 1, name
