@@ -181,7 +181,8 @@ def test_a_recipe_starts_from_its_base_and_holds_only_its_differences(tmp_path):
     cfg = load_config(str(tmp_path / "c.yaml"), {"seed": 11})
     assert (cfg.epoch, cfg.lr, cfg.seed) == (3, 0.2, 11)
     (tmp_path / "a.yaml").write_text("base: c.yaml\n")
-    with pytest.raises(ConfigError, match=r"a.yaml: base c.yaml leads back to \S*c.yaml \(\S*c.yaml -> \S*b.yaml -> \S*a.yaml\)"):
+    cycle = r"a.yaml: base c.yaml leads back to \S*c.yaml \(\S*c.yaml -> \S*b.yaml -> \S*a.yaml\)"
+    with pytest.raises(ConfigError, match=cycle):
         read_config_file(str(tmp_path / "c.yaml"))
     (tmp_path / "d.yaml").write_text("base: [a.yaml]\n")
     with pytest.raises(ConfigError, match=r"d.yaml: base must name a recipe file, got \['a.yaml'\]"):
@@ -209,7 +210,7 @@ def test_the_settings_page_is_generated_from_the_declarations():
     from samcl.cli import settings_reference
 
     page = (REPO / "docs" / "settings.md").read_text()
-    assert page == settings_reference(), ("docs/settings.md is stale; regenerate it: python -c \"from samcl.cli import "
-                                          "settings_reference; print(settings_reference(), end='')\" > docs/settings.md")
+    regenerate = "python -c \"from samcl.cli import settings_reference; print(settings_reference(), end='')\""
+    assert page == settings_reference(), f"docs/settings.md is stale; regenerate it: {regenerate} > docs/settings.md"
     for name in SETTINGS_META:
         assert page.count(f"| `--{name}` |") == 1, name
