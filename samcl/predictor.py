@@ -11,8 +11,8 @@
 
 ``predict`` takes and returns what ``SamPredictor.predict`` does: ``masks`` (C, H, W) bool at
 the image's size (float logits with ``return_logits``), ``scores`` (C,) the predicted IoU,
-``logits`` (C, 256, 256 at 1024 input) low-resolution logits that ``mask_input`` takes back;
-C = 3 with ``multimask_output`` (the default), else 1. After each call :attr:`~SAMCLPredictor.routing`
+``logits`` (C, 256, 256 at 1024 input) low-resolution logits that ``mask_input`` takes back
+(on SAM 2 clamped to +-32, as SAM2ImagePredictor returns them); C = 3 with ``multimask_output`` (the default), else 1. After each call :attr:`~SAMCLPredictor.routing`
 says which domain's module segmented the image and the Module Selector's probabilities;
 ``domain=`` forces a domain's module ("vanilla": the frozen backbone). The learning modules were
 trained on the single-mask output (the release's ``multimask_output=False``).
