@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .backbones.base import Backbone, Features, index_features
+from .backbones.base import Backbone, DecodeOptions, Features, index_features
 from .heatmap import points_to_heatmap
 from .modules.base import LearningModule, ModuleSpec, segment_with
 from .selector import ModuleSelector
@@ -119,12 +119,14 @@ class SAMCLModel(nn.Module):
 
     def segment_routed(self, prefix: Features, choice: torch.Tensor, points: torch.Tensor,
                        labels: torch.Tensor, images: Optional[torch.Tensor] = None,
-                       low_res: bool = False, boxes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                       low_res: bool = False, boxes: Optional[torch.Tensor] = None,
+                       options: Optional[DecodeOptions] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Each image with its chosen module, one pass per chosen domain (choice -1: vanilla).
 
-        ``images`` (N, 3, S, S) are needed by modules that read the image (CAD).
-        Returns logits (N, 1, S, S) (``low_res``: the decoder's (N, 1, 4G, 4G)) and
-        predicted IoU (N, 1), in input order.
+        ``images`` (N, 3, S, S) are needed by modules that read the image (CAD). ``options``:
+        multimask output, a mask prompt, a box with the points (:class:`DecodeOptions`).
+        Returns logits (N, C, S, S) (``low_res``: the decoder's (N, C, 4G, 4G)) and
+        predicted IoU (N, C), in input order (C = 1; 3 with ``options.multimask``).
         """
         heat = self.heatmap(points, labels) if self.needs_heatmap else None
         boxes = self.boxes(choice.shape[0]) if boxes is None else boxes
@@ -135,7 +137,8 @@ class SAMCLModel(nn.Module):
             module = self.module_for(self.domains[k]) if k >= 0 else None
             lg, io = segment_with(module, self.backbone, index_features(prefix, idx),
                                   None if images is None else images[idx], None if heat is None else heat[idx],
-                                  points[idx], labels[idx], None if boxes is None else boxes[idx], low_res)
+                                  points[idx], labels[idx], None if boxes is None else boxes[idx], low_res,
+                                  None if options is None else options.index(idx))
             if logits is None:
                 logits = lg.new_empty((choice.shape[0],) + lg.shape[1:])
                 iou = io.new_empty((choice.shape[0],) + io.shape[1:])
@@ -155,7 +158,7 @@ class SAMCLModel(nn.Module):
     @torch.no_grad()
     def predict(self, images: torch.Tensor, points: torch.Tensor, labels: torch.Tensor,
                 domain: Optional[str] = None, boxes: Optional[torch.Tensor] = None,
-                prefix: Optional[Features] = None) -> Dict[str, torch.Tensor]:
+                prefix: Optional[Features] = None, options: Optional[DecodeOptions] = None) -> Dict[str, torch.Tensor]:
         """Segment a batch: task-agnostic (``domain`` None: every image goes to the module the
         selector picks; for a bank that does not route, the latest trained module), or every image
         with one domain's module (``domain`` a name in ``domains``), or with none ("vanilla").
@@ -164,10 +167,12 @@ class SAMCLModel(nn.Module):
             images: (N, 3, S, S) float 0..255; points: (N, P, 2) (x, y) in the S x S frame; labels: (N, P).
             boxes: (N, 4) box prompts (x0, y0, x1, y1) instead of the model's own prompt, where supported.
             prefix: the images' frozen prefix if already computed (:meth:`Backbone.encode_prefix`).
+            options: multimask output, a mask prompt, a box with the points (:class:`DecodeOptions`).
         Returns:
-            "logits" (N, 1, S, S), "low_res_logits" (N, 1, 4G, 4G), "iou" (N, 1), "choice" (N,)
-            (index into ``domains``; -1: vanilla) and "probabilities" (N, K), the selector's
-            softmax over ``domains`` (computed also when ``domain`` forces the choice).
+            "logits" (N, C, S, S), "low_res_logits" (N, C, 4G, 4G), "iou" (N, C) (C = 1; 3 with
+            ``options.multimask``), "choice" (N,) (index into ``domains``; -1: vanilla) and
+            "probabilities" (N, K), the selector's softmax over ``domains`` (computed also when
+            ``domain`` forces the choice).
         """
         prefix = self.backbone.encode_prefix(images) if prefix is None else prefix
         probs = self.route_probabilities(prefix)
@@ -176,6 +181,7 @@ class SAMCLModel(nn.Module):
         else:
             k = self.domain_index(domain) if domain is not None else self.latest_trained()
             choice = torch.full((images.shape[0],), k, dtype=torch.long, device=self.device)
-        low, iou = self.segment_routed(prefix, choice, points, labels, images=images, low_res=True, boxes=boxes)
+        low, iou = self.segment_routed(prefix, choice, points, labels, images=images, low_res=True, boxes=boxes,
+                                       options=options)
         return {"logits": self.backbone.upsample_logits(low), "low_res_logits": low, "iou": iou, "choice": choice,
                 "probabilities": probs}

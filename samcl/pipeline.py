@@ -1,11 +1,9 @@
 """What train.py and test.py do, as functions (the scripts only parse flags)."""
-import dataclasses
 import json
 import logging
 import math
-import os
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -13,48 +11,21 @@ import torch.nn.functional as F
 
 from . import distributed as dist
 from . import methods  # noqa: F401  (registers the methods)
-from .backbones import build_backbone
-from .backbones.build import default_checkpoint
-from .bounded import check_torch_file
 from .config import Config, build_config
 from .continual import RESUMABLE_SETTINGS, ContinualTrainer
 from .data import SegmentationSplit, binarize_mask, read_domain_map, read_image
 from .metrics import METRICS, per_image_metrics
 from .model import SAMCLModel
 from .pictures import overlay
-from .plugins import check_plugins
+from .opening import build_model, config_checkpoint_identity, open_with
 from .precision import autocast, check_amp
-from .registry import METHODS, MODULES
-from .release.folder import is_release_folder, load_release_run, release_manifest, report_dir_for
-from .run_folder import (MANIFEST, METRICS_FILE, TEST_METRICS_FILE, RunFolderError, backbone_identity,
-                         check_same_checkpoint, checkpoint_identity, load_module, load_selector, module_path,
-                         package_versions, read_manifest, run_weights, selector_snapshot, setup_logging, verify_files,
-                         write_json)
-from .training import evaluate_split, make_loader, seed_everything, selector_accuracy
+from .registry import METHODS
+from .run_folder import (MANIFEST, METRICS_FILE, TEST_METRICS_FILE, RunFolderError, package_versions, read_manifest,
+                         setup_logging, write_json)
+from .training import evaluate_split, make_loader, selector_accuracy
 
 log = logging.getLogger("samcl.pipeline")
 OVERLAY_DIR = "overlays"
-
-
-def build_model(cfg: Config, device: torch.device) -> SAMCLModel:
-    """Backbone with its weights, an empty module bank of ``cfg``'s learning-module kind, on ``device``."""
-    check_plugins(cfg)  # names first: an unknown or unfitting method or module before any weights are read
-    seed_everything(cfg.seed, cfg.deterministic)
-    path = _checkpoint_path(cfg)
-    if path is not None and os.path.lexists(path):  # bounded checks first; build_backbone names a missing file
-        check_torch_file(path, "backbone checkpoint")
-    backbone = build_backbone(cfg)
-    spec = MODULES.get(cfg.module_kind).spec_class.for_backbone(backbone, cfg)
-    return SAMCLModel(backbone, spec, prompt=cfg.prompt).to(device)
-
-
-def _checkpoint_path(cfg: Config) -> Optional[Path]:
-    """The backbone weights file of ``cfg`` (None: random weights)."""
-    return None if cfg.random_weights else (Path(cfg.ckpt) if cfg.ckpt else default_checkpoint(cfg))
-
-
-def _checkpoint_identity(cfg: Config) -> Dict:
-    return checkpoint_identity(_checkpoint_path(cfg), cfg.random_weights, cfg.seed)
 
 
 def _run_continual(cfg: Config, device: torch.device, run_dir: Path, **trainer_options) -> Dict:
@@ -62,7 +33,8 @@ def _run_continual(cfg: Config, device: torch.device, run_dir: Path, **trainer_o
     the backbone, the data and the folder check out (a failed start leaves nothing behind)."""
     setup_logging(None, main=dist.is_main())
     model = build_model(cfg, device)
-    trainer = ContinualTrainer(cfg, model, device, run_dir, checkpoint=_checkpoint_identity(cfg), **trainer_options)
+    trainer = ContinualTrainer(cfg, model, device, run_dir, checkpoint=config_checkpoint_identity(cfg),
+                               **trainer_options)
     setup_logging(run_dir, main=dist.is_main())
     log.info("run folder %s on %s (%d process(es))", run_dir, device, dist.world_size())
     metrics = trainer.run()
@@ -97,75 +69,28 @@ def resume(run_dir: Path, overrides: Dict, device: torch.device) -> Dict:
 
 
 def load_run(run_dir: Path, cfg: Config, device: torch.device) -> SAMCLModel:
-    """Model of a run folder: its backbone settings, every finished module, the selector.
-
-    ``cfg`` supplies only where the weights are and on which device (the run's own
-    architecture, split and orientation are kept). A release-style folder (the
-    authors' ``Module_Selector.pth`` + ``<domain>.pth`` pickles, no run.json) is read
-    by :func:`samcl.release.load_release_run` with ``cfg``'s backbone and order.
-    """
-    if is_release_folder(run_dir):
-        return load_release_run(Path(run_dir), cfg, device, build_model)
-    manifest = read_manifest(run_dir)
-    run_cfg = dataclasses.replace(build_config([(str(Path(run_dir) / MANIFEST), manifest["config"])]),
-                                  ckpt=cfg.ckpt, random_weights=cfg.random_weights)
-    _check_weights(run_dir, manifest, run_cfg)
-    completed, with_module = manifest["completed"], set(manifest.get("modules", {}))
-    if not completed:
-        raise RunFolderError(f"{run_dir} has no finished domain yet; nothing to test")
-    weights = run_weights(manifest)  # safetensors; "pth" for a folder written before (read with weights_only)
-    modules = [module_path(run_dir, d, weights).name for d in completed if d in with_module]
-    snapshot = selector_snapshot(completed[-1], weights)
-    routed = snapshot in manifest["files"]  # methods without a selector (e.g. finetune) write none
-    verify_files(run_dir, manifest["files"], modules + ([snapshot] if routed else []))
-    model = build_model(run_cfg, device)
-    built = json.loads(json.dumps(backbone_identity(model.backbone)))
-    if manifest.get("backbone") not in (None, built):
-        raise RunFolderError(f"{run_dir} was trained on the backbone {manifest['backbone']}, but the one built from "
-                             f"its settings is {built}; its run.json is inconsistent")
-    selector, domains = load_selector(Path(run_dir) / snapshot) if routed else (None, completed)
-    for d in domains:
-        model.add_domain(d, load_module(module_path(run_dir, d, weights), model.backbone, model.kind)
-                         if d in with_module else None)
-    model.selector = None if selector is None else selector.to(device)
-    model.routes = routed  # without a selector: one shared module, whose latest snapshot segments
-    if len(completed) < len(manifest["order"]):
-        log.warning("%s is unfinished: only %s of %s are done (train.py --resume %s continues it)", run_dir,
-                    completed, manifest["order"], run_dir)
-    return model
-
-
-def _check_weights(run_dir: Path, manifest: Dict, run_cfg: Config) -> None:
-    """The backbone weights about to be loaded must be those the run was trained on (a missing
-    file is left to build_model, which names it and the fix)."""
-    path = _checkpoint_path(run_cfg)
-    if path is not None and not path.is_file():
-        return
-    check_same_checkpoint(run_dir, manifest.get("checkpoint"), _checkpoint_identity(run_cfg))
-
-
-def run_info(run_dir: Path, cfg: Config) -> Tuple[Dict, Path]:
-    """(manifest, folder for test outputs) of a run folder or of a release-style folder."""
-    if is_release_folder(run_dir):
-        return release_manifest(Path(run_dir), cfg.domains, cfg.unseen), report_dir_for(run_dir, Path(cfg.output_dir))
-    return read_manifest(run_dir), Path(run_dir)
+    """Model of a run folder or a release folder, opened as test.py opens it with ``cfg``
+    (:func:`samcl.opening.open_with`: ``cfg`` supplies the weights; the run keeps its own settings)."""
+    return open_with(run_dir, cfg, device).model
 
 
 def test(run_dir: Path, cfg: Config, device: torch.device, with_vanilla: bool = True,
          output: Optional[Path] = None, save_overlays: int = 0) -> Dict:
     """Route every test image of every domain of the run's order; write and print the report.
 
-    Works on a run folder of this project and on a release-style folder (whose
+    The run is opened by :func:`samcl.opening.open_with` and segments with its own method and
+    settings; ``cfg`` supplies the backbone weights, the data, batch size, workers, precision and
+    mask binarisation. Works on a run folder of this project and on a release-style folder (whose
     report goes to ``<output_dir>/release_<folder name>/``, the folder itself being
     read-only data). ``save_overlays``: that many pictures per domain in the report
     folder's ``overlays/`` (prediction, ground truth, points, the routed domain).
     """
     run_dir = Path(run_dir)
     setup_logging(None, hold=True)  # the log file only once the folder and the weights passed verification
-    manifest, report_dir = run_info(run_dir, cfg)
     check_amp(cfg.amp, device)
-    model = load_run(run_dir, cfg, device)
-    method = METHODS.get(manifest.get("config", {}).get("method", "samcl"))(cfg, model, device)
+    run = open_with(run_dir, cfg, device)
+    model, manifest, report_dir = run.model, run.manifest, run.report_dir
+    method = METHODS.get(run.config.method)(run.config, model, device)  # the run's method, as it was trained
     setup_logging(report_dir, "test_log.txt")
     test_map = read_domain_map(Path(cfg.test_json), Path(cfg.data_root))
     order = manifest["order"]

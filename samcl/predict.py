@@ -82,7 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--points", help="'x,y;x,y' in each image's pixels, the same for every image")
     p.add_argument("--labels", help="'1,0,...' one per point (default: all 1, foreground)")
     p.add_argument("--points_json", type=Path, help="JSON: file name -> [[x, y], ...] or [[[x, y], ...], [labels]]")
-    p.add_argument("--box", help="'x0,y0,x1,y1' box prompt in pixels (SAM backbones)")
+    p.add_argument("--box", help="'x0,y0,x1,y1' box prompt in pixels, with the points")
     p.add_argument("--domain", help="force this domain's module ('vanilla': none); default: the selector routes")
     p.add_argument("--output", required=True, type=Path, help="folder for the masks, overlays and predictions.json")
     p.add_argument("--batch_size", type=int, default=8, help="images per batch (default 8)")
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace, device) -> List[str]:
 
     from .data import DataError, read_image
     from .pictures import overlay
-    from .predictor import SAMCLPredictor
+    from .predictor import Prediction, SAMCLPredictor
 
     files = inputs(args.input)
     shared = parse_points(args.points, "--points") if args.points else None
@@ -145,7 +145,8 @@ def run(args: argparse.Namespace, device) -> List[str]:
             outs = []
             for _, image, pts, lab in ready:
                 predictor.set_image(image)
-                outs.append(predictor.predict(pts, lab, box=box, domain=args.domain))
+                masks, scores, low = predictor.predict(pts, lab, box=box, multimask_output=False, domain=args.domain)
+                outs.append(Prediction(masks, scores, low, *predictor.routing))
         else:
             outs = predictor.predict_batch([r[1] for r in ready], [r[2] for r in ready],
                                            [r[3] if r[3] is not None else [1] * len(r[2]) for r in ready],

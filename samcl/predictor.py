@@ -1,58 +1,78 @@
-"""Segment your own images with a trained run, in the conventions of segment_anything's SamPredictor.
+"""Segment your own images with a trained run, in the language of segment_anything's SamPredictor.
 
     from samcl.predictor import SAMCLPredictor
     predictor = SAMCLPredictor.from_run("log_sam1/SAMCL_Kvasir_camo_ISTD_ISIC_cod_COCO_300_1234_training")
     predictor.set_image(image)                      # H x W x 3 uint8 RGB, any size
-    masks, scores, logits, domain, probs = predictor.predict(point_coords=[[500, 375]], point_labels=[1])
+    masks, scores, logits = predictor.predict(point_coords=np.array([[500, 375]]), point_labels=np.array([1]))
+    predictor.routing                               # Routing(domain='Kvasir', probabilities={'Kvasir': 0.93, ...})
+    masks, scores, logits = predictor.predict(point_coords=np.array([[500, 375]]), point_labels=np.array([1]),
+                                              mask_input=logits[np.argmax(scores)][None], multimask_output=False)
+    masks, scores, logits = predictor.predict(box=np.array([100, 80, 620, 540]), domain="vanilla")
 
-The image is prepared as the training data were (PIL bilinear resize to the model's
-S x S input, aspect ratio ignored); prompt coordinates are in the *original* image's
-pixels and masks come back at its size. Each prediction also says which domain's module
-was used and the Module Selector's probabilities; ``domain=`` forces one ("vanilla": the
-frozen backbone). Works for this project's run folders (SAM and SAM 2, every learning
-module) and for the authors' release folders.
+``predict`` takes and returns what ``SamPredictor.predict`` does: ``masks`` (C, H, W) bool at
+the image's size (float logits with ``return_logits``), ``scores`` (C,) the predicted IoU,
+``logits`` (C, 256, 256 at 1024 input) low-resolution logits that ``mask_input`` takes back
+(on SAM 2 clamped to +-32, as SAM2ImagePredictor returns them); C = 3 with ``multimask_output`` (the default), else 1. After each call :attr:`~SAMCLPredictor.routing`
+says which domain's module segmented the image and the Module Selector's probabilities;
+``domain=`` forces a domain's module ("vanilla": the frozen backbone). The learning modules were
+trained on the single-mask output (the release's ``multimask_output=False``).
+
+The image is prepared as the training data were (PIL bilinear resize to the model's S x S input,
+aspect ratio ignored; SamPredictor resizes the longest side and pads); prompt coordinates are in
+the *original* image's pixels, and the decoder's logits are upsampled to S x S as the run says
+(``upsample``: nearest on SAM by default, as the release; bilinear is SamPredictor's), then
+bilinearly to the image's size. :meth:`~SAMCLPredictor.predict_batch` segments many images at
+once, routed as a batch. Works for this project's run folders (SAM and SAM 2, every learning
+module) and for the authors' release folders (:func:`samcl.opening.open_run`).
 """
-import dataclasses
 from pathlib import Path
-from typing import List, NamedTuple, Optional, Sequence, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .config import build_config, default_config, load_config
+from .backbones.base import DecodeOptions
 from .data import PAD_LABEL, resize_image
-from .model import SAMCLModel
-from .pipeline import load_run
+from .model import VANILLA, SAMCLModel
+from .opening import OpenedRun, open_run
 from .precision import autocast, check_amp
-from .release import RELEASE_ORDER, RELEASE_UNSEEN
-from .release.folder import is_release_folder, read_release_folder
-from .run_folder import MANIFEST, read_manifest
 
 ArrayLike = Union[np.ndarray, Sequence]
+SAM2_LOGIT_LIMIT = 32.0  # SAM2ImagePredictor clamps the low-resolution logits it returns to +-32
+
+
+class Routing(NamedTuple):
+    """Which module segmented an image."""
+
+    domain: str  # the domain whose module segmented the image, or "vanilla"
+    probabilities: Dict[str, float]  # the selector's softmax over the run's domains
 
 
 class Prediction(NamedTuple):
-    """One image's result. The first three are SamPredictor's (C = 1 mask)."""
+    """One image's result of :meth:`SAMCLPredictor.predict_batch`: SamPredictor's three, and the routing."""
 
     masks: np.ndarray  # (C, H, W) bool at the original size, or float logits with return_logits
     iou_predictions: np.ndarray  # (C,)
-    low_res_logits: np.ndarray  # (C, 4G, 4G) the decoder's own logits (256 x 256 at 1024)
+    low_res_logits: np.ndarray  # (C, L, L) the decoder's own logits (256 x 256 at 1024)
     domain: str  # the domain whose module segmented the image, or "vanilla"
-    probabilities: dict  # the selector's softmax over the run's domains
+    probabilities: Dict[str, float]  # the selector's softmax over the run's domains
 
 
 class SAMCLPredictor:
     """A trained module bank on one image at a time (:meth:`set_image`, :meth:`predict`) or a
     batch (:meth:`predict_batch`, routed as a batch, as test.py does)."""
 
-    def __init__(self, model: SAMCLModel, amp: str = "off", mask_threshold: float = 0.0) -> None:
+    def __init__(self, model: SAMCLModel, amp: str = "off", mask_threshold: float = 0.0,
+                 run: Optional[OpenedRun] = None) -> None:
         self.model = model.eval()
         self.device = model.device
         check_amp(amp, self.device)
         self.amp = amp
         self.mask_threshold = mask_threshold  # on the logits: sigmoid >= 0.5, as the metrics threshold
+        self.run = run  # the opened run folder (its configuration and manifest), when made by from_run
+        self.routing: Optional[Routing] = None  # of the latest predict()
         self._image: Optional[torch.Tensor] = None
         self._prefix = None
         self._size = (0, 0)
@@ -61,22 +81,13 @@ class SAMCLPredictor:
     def from_run(cls, run_dir: Union[str, Path], device: Optional[Union[str, torch.device]] = None, amp: str = "off",
                  ckpt: Optional[str] = None, random_weights: Optional[bool] = None, **settings) -> "SAMCLPredictor":
         """Load a run folder of this project (converted release folders included) or a raw release
-        folder. The backbone weights are the run's own unless ``ckpt`` / ``random_weights`` say
-        otherwise (they are checked against the run's, as test.py does); ``settings`` are further
-        Config settings (e.g. ``img_size`` or ``order`` for a release folder)."""
-        run_dir = Path(run_dir)
+        folder (:func:`samcl.opening.open_run`). The backbone weights are the run's own unless
+        ``ckpt`` / ``random_weights`` say otherwise (they are checked against the run's, as test.py
+        does); ``settings`` are further Config settings (e.g. ``img_size`` or ``order`` for a release folder)."""
         dev = torch.device(device) if device is not None else torch.device("cuda:0" if torch.cuda.is_available()
                                                                              else "cpu")
-        if is_release_folder(run_dir):
-            family = read_release_folder(run_dir, RELEASE_ORDER, RELEASE_UNSEEN).family
-            cfg = load_config(default_config(family, None), {"backbone": family, "ckpt": ckpt,
-                                                             "random_weights": random_weights, **settings})
-        else:
-            stored = build_config([(str(run_dir / MANIFEST), read_manifest(run_dir)["config"])])
-            given = {k: v for k, v in dict(ckpt=ckpt, random_weights=random_weights, **settings).items()
-                     if v is not None}
-            cfg = dataclasses.replace(stored, **given)
-        return cls(load_run(run_dir, cfg, dev), amp=amp)
+        run = open_run(run_dir, dev, ckpt=ckpt, random_weights=random_weights, settings=settings)
+        return cls(run.model, amp=amp, run=run)
 
     # ------------------------------------------------------------------ one image
     def set_image(self, image: np.ndarray) -> None:
@@ -84,35 +95,48 @@ class SAMCLPredictor:
         prefix (which also feeds the selector) is computed once here."""
         self._image = self._prepare(image)
         self._size = image.shape[:2]
+        self.routing = None
         with torch.no_grad(), autocast(self.amp, self.device):
             self._prefix = self.model.backbone.encode_prefix(self._image)
 
     def predict(self, point_coords: Optional[ArrayLike] = None, point_labels: Optional[ArrayLike] = None,
-                box: Optional[ArrayLike] = None, multimask_output: bool = False, return_logits: bool = False,
-                domain: Optional[str] = None) -> Prediction:
-        """Segment the image of :meth:`set_image`.
+                box: Optional[ArrayLike] = None, mask_input: Optional[ArrayLike] = None,
+                multimask_output: bool = True, return_logits: bool = False, *,
+                domain: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Segment the image of :meth:`set_image`, as ``SamPredictor.predict``; the routing is then
+        in :attr:`routing`.
 
         Args:
-            point_coords: (P, 2) (x, y) in the original image's pixels; point_labels: (P,) 1 or 0.
-            box: (4,) x0, y0, x1, y1 in original pixels (SAM backbones; a module that reads the point
-                heatmap needs points too).
+            point_coords: (P, 2) (x, y) in the original image's pixels; point_labels: (P,) 1 or 0
+                (default: all 1).
+            box: (4,) x0, y0, x1, y1 in original pixels, with the points or alone (a module that
+                reads the point heatmap needs points too).
+            mask_input: (1, L, L) low-resolution logits of an earlier prediction (L = 256 at 1024).
+            multimask_output: three masks instead of one.
+            return_logits: the masks as float logits instead of bool.
             domain: None routes with the selector; a domain name forces its module; "vanilla" none.
+        Returns:
+            masks (C, H, W), scores (C,), low-resolution logits (C, L, L); C = 3 with
+            ``multimask_output``, else 1.
         """
         if self._image is None:
             raise RuntimeError("call set_image(image) before predict()")
-        if multimask_output:
-            raise ValueError("multimask_output=True is not supported: the modules are trained for one mask per "
-                             "prompt set, as in the release")
         points, labels = self._prompts(point_coords, point_labels, self._size)
         boxes = None if box is None else self._box(box, self._size)
-        out = self._run(self._image, points[None], labels[None], domain, boxes, prefix=self._prefix)
-        return self._result(out, 0, self._size, return_logits)
+        options = DecodeOptions(multimask=multimask_output, mask_input=self._mask_input(mask_input),
+                                points_with_box=boxes is not None)
+        out = self._run(self._image, points[None], labels[None], domain, boxes, options, prefix=self._prefix)
+        result = self._result(out, 0, self._size, return_logits)
+        self.routing = Routing(result.domain, result.probabilities)
+        return result.masks, result.iou_predictions, result.low_res_logits
 
     # ------------------------------------------------------------------ a batch
     def predict_batch(self, images: Sequence[np.ndarray], point_coords: Sequence[ArrayLike],
                       point_labels: Sequence[ArrayLike], domain: Optional[str] = None,
-                      return_logits: bool = False) -> List[Prediction]:
-        """Many images at once (any sizes), routed as one batch; coordinates per image in its own pixels."""
+                      return_logits: bool = False, multimask_output: bool = False) -> List[Prediction]:
+        """Many images at once (any sizes), routed as one batch; coordinates per image in its own
+        pixels. One :class:`Prediction` per image: masks, scores, low-resolution logits (one mask
+        each unless ``multimask_output``) and its routing."""
         if not (len(images) == len(point_coords) == len(point_labels)) or not images:
             raise ValueError(f"give as many point sets and label sets as images (got {len(images)} images, "
                              f"{len(point_coords)} point sets, {len(point_labels)} label sets)")
@@ -123,7 +147,7 @@ class SAMCLPredictor:
         for i, (c, lab) in enumerate(prompts):
             points[i, : len(c)], labels[i, : len(lab)] = c, lab
         batch = torch.cat([self._prepare(img) for img in images])
-        out = self._run(batch, points, labels, domain, None)
+        out = self._run(batch, points, labels, domain, None, DecodeOptions(multimask=multimask_output))
         return [self._result(out, i, img.shape[:2], return_logits) for i, img in enumerate(images)]
 
     # ------------------------------------------------------------------ internals
@@ -166,19 +190,33 @@ class SAMCLPredictor:
         b = np.asarray(box, dtype=np.float64).reshape(4) * np.tile(self._scale(hw), 2)
         return torch.from_numpy(b.astype(np.float32))[None].to(self.device)
 
-    def _run(self, images, points, labels, domain, boxes, prefix=None):
-        if points.shape[1] == 0 and self.model.needs_heatmap:
+    def _mask_input(self, mask_input: Optional[ArrayLike]) -> Optional[torch.Tensor]:
+        if mask_input is None:
+            return None
+        m = np.asarray(mask_input, dtype=np.float32)
+        side = self.model.backbone.low_res_size
+        if m.shape != (1, side, side):
+            raise ValueError(f"mask_input must be (1, {side}, {side}) low-resolution logits (one mask of predict()'s "
+                             f"third result, e.g. logits[i][None]), got shape {m.shape}")
+        return torch.from_numpy(m)[None].to(self.device)
+
+    def _run(self, images, points, labels, domain, boxes, options: DecodeOptions, prefix=None):
+        if points.shape[1] == 0 and self.model.needs_heatmap and domain != VANILLA:
             raise ValueError(f"the {self.model.kind} modules read the point heatmap: give at least one point")
         with torch.no_grad(), autocast(self.amp, self.device):
-            return self.model.predict(images, points, labels, domain=domain, boxes=boxes, prefix=prefix)
+            return self.model.predict(images, points, labels, domain=domain, boxes=boxes, prefix=prefix,
+                                      options=options)
 
     def _result(self, out, i: int, hw, return_logits: bool) -> Prediction:
         logits = F.interpolate(out["logits"][i: i + 1].float(), size=tuple(hw), mode="bilinear", align_corners=False)[0]
+        low = out["low_res_logits"][i].float()
+        if self.model.backbone.family == "sam2":
+            low = low.clamp(-SAM2_LOGIT_LIMIT, SAM2_LOGIT_LIMIT)
         k = int(out["choice"][i])
         probs = out["probabilities"][i].float().cpu().tolist()
         return Prediction(
             masks=(logits if return_logits else logits > self.mask_threshold).cpu().numpy(),
             iou_predictions=out["iou"][i].float().cpu().numpy(),
-            low_res_logits=out["low_res_logits"][i].float().cpu().numpy(),
-            domain="vanilla" if k < 0 else self.model.domains[k],
+            low_res_logits=low.cpu().numpy(),
+            domain=VANILLA if k < 0 else self.model.domains[k],
             probabilities=dict(zip(self.model.domains, probs)))

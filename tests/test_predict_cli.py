@@ -66,3 +66,26 @@ def test_points_outside_an_image_and_a_bad_run_folder_are_named(run, tmp_path):
     r = predict("--run_dir", bad, "--input", image, "--points", "5,5", "--output", tmp_path / "o2", "--device", "cpu")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "polyp.safetensors" in r.stderr
     assert r.stderr.strip().count("\n") == 0  # one line
+
+
+def test_a_box_goes_with_the_points_as_in_the_predictor(run, tmp_path):
+    from samcl.data import read_image
+    from samcl.predictor import SAMCLPredictor
+
+    image = sorted((run / "data" / "Polyp" / "test" / "images").iterdir())[0]
+    w, h = Image.open(image).size
+    box = [2, 3, w - 4, h - 5]
+    out = tmp_path / "o"
+    r = predict("--run_dir", run / "run", "--input", image, "--points", "10,12", "--box", ",".join(map(str, box)),
+                "--output", out, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    predictor = SAMCLPredictor.from_run(run / "run", device="cpu")
+    predictor.set_image(np.asarray(read_image(image)))
+    masks, scores, _ = predictor.predict([[10, 12]], [1], box=box, multimask_output=False)
+    with_box = predictor.predict([[10, 12]], [1], box=box, multimask_output=False, return_logits=True)[0]
+    alone = predictor.predict([[10, 12]], [1], multimask_output=False, return_logits=True)[0]
+    assert not np.allclose(with_box, alone, atol=1e-3)  # the box counts, with the point
+    assert np.array_equal(np.asarray(Image.open(out / f"{image.stem}_mask.png")) == 255, masks[0])
+    result = json.loads((out / "predictions.json").read_text())["results"][image.name]
+    assert result["domain"] == predictor.routing.domain
+    assert result["iou_prediction"] == pytest.approx(float(scores[0]), abs=1e-6)

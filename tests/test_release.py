@@ -280,19 +280,22 @@ def test_convert_round_trip_is_bit_exact(name, tmp_path):
         convert(src, tmp_path / "x", other)
 
 
-def test_load_run_reads_release_and_converted_folders_alike(tmp_path):
-    """pipeline.load_run: a release folder (detected) and its converted run folder give the same model."""
+def test_open_with_reads_release_and_converted_folders_alike(tmp_path):
+    """opening.open_with: a release folder (detected) and its converted run folder give the same model."""
     from samcl.config import Config
-    from samcl.pipeline import load_run, run_info
+    from samcl.opening import open_with
 
     src, dst = release_dir("SAM1"), tmp_path / "converted"
     convert(src, dst, "sam")
     cfg = Config(random_weights=True, ckpt=None, output_dir=str(tmp_path / "out"))
-    (man_r, out_r), (man_c, out_c) = run_info(src, cfg), run_info(dst, cfg)
+    release, converted = open_with(src, cfg, torch.device("cpu")), open_with(dst, cfg, torch.device("cpu"))
+    (man_r, out_r), (man_c, out_c) = (release.manifest, release.report_dir), (converted.manifest, converted.report_dir)
     assert man_r["format"] == "samcl-release" and out_r == tmp_path / "out" / "release_SAM1"
     assert man_c["format"] == "samcl-run" and out_c == dst
     assert (man_r["order"], man_r["unseen"]) == (man_c["order"], man_c["unseen"]) == (list(RELEASE_ORDER), ["COCO"])
-    models = [load_run(folder, cfg, torch.device("cpu")) for folder in (src, dst)]
+    assert release.config.backbone == converted.config.backbone == "sam" and release.config.method == "samcl"
+    assert (release.config.rank, release.config.order) == (converted.config.rank, converted.config.order)
+    models = [release.model, converted.model]
     for model in models:
         assert model.domains == list(RELEASE_ORDER) and model.module_for("COCO") is None
         assert model.spec == read_release_module(src / "Kvasir.pth").spec

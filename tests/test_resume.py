@@ -244,7 +244,7 @@ def test_resume_checks_metrics_json_against_its_checksum(data, ckpt_run, tmp_pat
     monkeypatch.setattr(logging.getLogger("samcl"), "propagate", True)
     cfg = pipeline.resume_config(run, overrides)
     trainer = ContinualTrainer(cfg, pipeline.build_model(cfg, CPU), CPU, run, resume=True,
-                               checkpoint=pipeline._checkpoint_identity(cfg))
+                               checkpoint=pipeline.config_checkpoint_identity(cfg))
     assert trainer.state.steps == metrics["steps"] and "one step ahead" in caplog.text
 
 

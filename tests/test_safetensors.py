@@ -138,7 +138,8 @@ def test_opening_a_safetensors_run_folder_reads_no_pickle(runs, monkeypatch, tmp
     assert report["results"]["polyp"]["trained"]
     predictor = SAMCLPredictor.from_run(st, device="cpu")
     predictor.set_image(torch.zeros(40, 60, 3, dtype=torch.uint8).numpy())
-    assert predictor.predict([[10, 10]], [1]).masks.shape == (1, 40, 60)
+    masks, scores, low = predictor.predict([[10, 10]], [1])
+    assert masks.shape == (3, 40, 60) and scores.shape == (3,) and low.shape[0] == 3
     with pytest.raises(AssertionError, match="a pickle was read"):  # the guard is real: a .pth folder trips it
         pipeline.load_run(pth, cfg, CPU)
 

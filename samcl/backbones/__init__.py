@@ -3,7 +3,7 @@
 Importing the package registers every backbone family (``samcl.registry.BACKBONES``).
 """
 from . import sam, sam2  # noqa: F401  (registers the families)
-from .base import Backbone, BlockGeometry, Features, index_features
+from .base import Backbone, BlockGeometry, DecodeOptions, Features, index_features
 from .build import build_backbone
 
-__all__ = ["Backbone", "BlockGeometry", "Features", "index_features", "build_backbone"]
+__all__ = ["Backbone", "BlockGeometry", "DecodeOptions", "Features", "index_features", "build_backbone"]

@@ -16,7 +16,7 @@ grid) and the named points where a module may act — :meth:`attention`, :meth:`
 :meth:`mlp` of a block, :attr:`neck`, :attr:`mask_decoder` — and a learning module
 installs its own hooks there for the duration of a call (:mod:`samcl.modules`).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -50,6 +50,27 @@ class BlockGeometry:
     width: int
     keeps_shape: bool
     window: int
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """What a decoder call may take besides one point set (or box) per image: segment_anything's
+    SamPredictor inputs. The defaults are the continual loop's call (one mask, no mask prompt).
+
+    multimask: the decoder's three multimask outputs (C = 3) instead of its single mask (C = 1;
+        SAM 2 picks it by stability in eval mode).
+    mask_input: (N, 1, 4G, 4G) low-resolution logits of an earlier prediction, a dense prompt.
+    points_with_box: a box prompt goes with the points (as SamPredictor takes both) instead of
+        replacing them (CAD's full-image box).
+    """
+
+    multimask: bool = False
+    mask_input: Optional[torch.Tensor] = None
+    points_with_box: bool = False
+
+    def index(self, idx: torch.Tensor) -> "DecodeOptions":
+        """The options of the images ``idx`` of the batch."""
+        return self if self.mask_input is None else replace(self, mask_input=self.mask_input[idx])
 
 
 class Backbone(nn.Module):
@@ -122,6 +143,12 @@ class Backbone(nn.Module):
     def mask_decoder(self) -> nn.Module:
         raise NotImplementedError
 
+    @property
+    def low_res_size(self) -> int:
+        """Side of the decoder's low-resolution logits, which a mask prompt takes too (4x the
+        decoder's image embedding: 256 at 1024)."""
+        raise NotImplementedError
+
     # -------------------------------------------------------------- forward contract
     def prefix(self, images: torch.Tensor) -> Features:
         """(N, 3, S, S) float 0..255 -> blocks up to the selector layer, with autograd (for a module
@@ -144,30 +171,34 @@ class Backbone(nn.Module):
 
     def decode(self, features: Features, points: torch.Tensor, labels: torch.Tensor,
                boxes: Optional[torch.Tensor] = None, low_res: bool = False,
-               mask_decoder: Optional[nn.Module] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+               mask_decoder: Optional[nn.Module] = None,
+               options: Optional[DecodeOptions] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """One prompt set per image.
 
         Args:
-            points: (N, P, 2) (x, y) in the S x S input frame; labels: (N, P).
+            points: (N, P, 2) (x, y) in the S x S input frame; labels: (N, P). P = 0: no point prompt.
             boxes: (N, 4) box prompts (x0, y0, x1, y1) instead of the points, where supported.
-            low_res: return the decoder's own low-resolution logits (N, 1, 4G, 4G) instead.
+            low_res: return the decoder's own low-resolution logits (N, C, 4G, 4G) instead.
             mask_decoder: a decoder to use instead of the backbone's own (a module's copy).
+            options: multimask output, a mask prompt, a box with the points (default: none of them).
         Returns:
-            mask logits (N, 1, S, S) (see :meth:`upsample_logits`) and predicted IoU (N, 1).
+            mask logits (N, C, S, S) (see :meth:`upsample_logits`) and predicted IoU (N, C); C = 1,
+            3 with ``options.multimask``.
         """
         raise NotImplementedError
 
     def upsample_logits(self, low_res: torch.Tensor) -> torch.Tensor:
-        """(N, 1, 4G, 4G) decoder logits -> (N, 1, S, S) float, by ``self.upsample``
+        """(N, C, 4G, 4G) decoder logits -> (N, C, S, S) float, by ``self.upsample``
         (nearest on SAM as the release, quirk Q6; bilinear on SAM 2 as its predictor)."""
         kwargs = {"align_corners": False} if self.upsample == "bilinear" else {}
         return F.interpolate(low_res.float(), size=(self.img_size, self.img_size), mode=self.upsample, **kwargs)
 
     def segment(self, prefix: Features, points: torch.Tensor, labels: torch.Tensor,
-                boxes: Optional[torch.Tensor] = None, low_res: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                boxes: Optional[torch.Tensor] = None, low_res: bool = False,
+                options: Optional[DecodeOptions] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Suffix + decoder for one group of images (``boxes``: (N, 4) box prompts instead of the
-        points, SAM only; ``low_res``: see :meth:`decode`)."""
-        return self.decode(self.encode_suffix(prefix), points, labels, boxes=boxes, low_res=low_res)
+        points, SAM only; ``low_res``, ``options``: see :meth:`decode`)."""
+        return self.decode(self.encode_suffix(prefix), points, labels, boxes=boxes, low_res=low_res, options=options)
 
     def freeze(self) -> "Backbone":
         """No parameter of the backbone trains; train/eval mode still follows the caller

@@ -8,7 +8,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 
 from ..config import load_model_table
 from ..registry import register_backbone
-from .base import Backbone, BlockGeometry, Features
+from .base import Backbone, BlockGeometry, DecodeOptions, Features
 
 
 
@@ -149,6 +149,10 @@ class SAMBackbone(Backbone):
     def mask_decoder(self) -> torch.nn.Module:
         return self.sam.mask_decoder
 
+    @property
+    def low_res_size(self) -> int:
+        return int(self.sam.prompt_encoder.mask_input_size[0])
+
     # -------------------------------------------------------------- forward
     def prefix(self, images: torch.Tensor) -> Features:
         """-> {"tokens": (N, G, G, C) output of the selector block}."""
@@ -170,16 +174,21 @@ class SAMBackbone(Backbone):
 
     def decode(self, features: Features, points: torch.Tensor, labels: torch.Tensor,
                boxes: Optional[torch.Tensor] = None, low_res: bool = False,
-               mask_decoder: Optional[torch.nn.Module] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``boxes`` (N, 4) (x0, y0, x1, y1) prompt instead of the points; ``mask_decoder``
-        replaces SAM's own (a CAD module's fine-tuned copy); ``low_res``: the decoder's
-        (N, 1, 256, 256) logits, not upsampled."""
+               mask_decoder: Optional[torch.nn.Module] = None,
+               options: Optional[DecodeOptions] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``boxes`` (N, 4) (x0, y0, x1, y1) prompt instead of the points (with them:
+        ``options.points_with_box``); ``mask_decoder`` replaces SAM's own (a CAD module's fine-tuned
+        copy); ``low_res``: the decoder's (N, C, 256, 256) logits, not upsampled; ``options``:
+        multimask output, mask prompt (:class:`DecodeOptions`)."""
+        opts = options or DecodeOptions()
         pe = self.sam.prompt_encoder
         decoder = self.sam.mask_decoder if mask_decoder is None else mask_decoder
-        prompt = {"points": None, "boxes": boxes} if boxes is not None else {"points": (points, labels), "boxes": None}
-        sparse, dense = pe(**prompt, masks=None)
+        with_points = points.shape[1] > 0 and (boxes is None or opts.points_with_box)
+        sparse, dense = pe(points=(points, labels) if with_points else None, boxes=boxes, masks=opts.mask_input)
         image_pe = pe.get_dense_pe()
         emb = features["image_embeddings"]
+        if sparse.shape[0] != emb.shape[0]:  # no prompt at all: the encoder makes one empty set
+            sparse = sparse.expand(emb.shape[0], -1, -1)
         # One call for the whole batch, one prompt set per image. The stock
         # decoder repeats its image embedding once per prompt set (images x prompts), so
         # it gets a single zero image and each image's embedding rides in the dense
@@ -190,6 +199,6 @@ class SAMBackbone(Backbone):
             image_pe=image_pe,
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=emb + dense,
-            multimask_output=False,
+            multimask_output=opts.multimask,
         )
         return (logits if low_res else self.upsample_logits(logits)), iou

@@ -20,7 +20,7 @@ from sam2.modeling.sam2_base import SAM2Base
 
 from ..config import load_model_table
 from ..registry import register_backbone
-from .base import Backbone, BlockGeometry, Features
+from .base import Backbone, BlockGeometry, DecodeOptions, Features
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -202,6 +202,10 @@ class SAM2Backbone(Backbone):
     def mask_decoder(self) -> torch.nn.Module:
         return self.sam2.sam_mask_decoder
 
+    @property
+    def low_res_size(self) -> int:
+        return int(self.sam2.sam_prompt_encoder.mask_input_size[0])
+
     # -------------------------------------------------------------- forward
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) float 0..255 -> 0..1, ImageNet mean/std normalised (SAM2Transforms)."""
@@ -260,23 +264,36 @@ class SAM2Backbone(Backbone):
 
     def decode(self, features: Features, points: torch.Tensor, labels: torch.Tensor,
                boxes: Optional[torch.Tensor] = None, low_res: bool = False,
-               mask_decoder: Optional[torch.nn.Module] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+               mask_decoder: Optional[torch.nn.Module] = None,
+               options: Optional[DecodeOptions] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """As ``SAM2ImagePredictor._predict`` with one prompt set per image, batched.
 
         Args:
             features: from :meth:`encode_suffix`; points: (N, P, 2) (x, y) in the S x S
-                frame; labels: (N, P) (1 foreground, 0 background, -1 padding).
+                frame; labels: (N, P) (1 foreground, 0 background, -1 padding); P = 0: no points.
+            boxes: (N, 4) box prompts, with the points (``options.points_with_box``) only.
+            options: multimask output (the decoder's own: three masks; without it, in eval mode,
+                the single mask or the most stable of the three), mask prompt (:class:`DecodeOptions`).
         Returns:
-            mask logits (N, 1, S, S) (bilinear from the decoder's 4G x 4G; ``low_res``: those
-            4G x 4G logits) and IoU (N, 1).
+            mask logits (N, C, S, S) (bilinear from the decoder's 4G x 4G; ``low_res``: those
+            4G x 4G logits) and IoU (N, C); C = 3 with ``options.multimask``, else 1.
         """
-        if boxes is not None:
+        opts = options or DecodeOptions()
+        if boxes is not None and not opts.points_with_box:
             raise ValueError("box prompts (prompt: box) are CAD's recipe, for SAM (ViT) backbones only")
         model = self.sam2
         pe = model.sam_prompt_encoder
         # the predictor normalises coordinates by the image frame, then scales to image_size
         coords = points.float() / self.img_size * model.image_size
-        sparse, dense = pe(points=(coords, labels), boxes=None, masks=None)
+        if boxes is not None:  # as the predictor: the box's corners are points labelled 2 and 3, before the points
+            corners = boxes.float().reshape(-1, 2, 2) / self.img_size * model.image_size
+            coords = torch.cat([corners, coords], dim=1)
+            labels = torch.cat([labels.new_tensor([[2, 3]]).expand(corners.shape[0], 2), labels], dim=1)
+        sparse, dense = pe(points=(coords, labels) if coords.shape[1] > 0 else None, boxes=None,
+                           masks=opts.mask_input)
+        n = features["image_embed"].shape[0]
+        if sparse.shape[0] != n:  # no prompt at all: the encoder makes one empty set
+            sparse = sparse.expand(n, -1, -1)
         high_res = [features[f"high_res_{k}"] for k in range(sum(k.startswith("high_res_") for k in features))]
         decoder = model.sam_mask_decoder if mask_decoder is None else mask_decoder
         logits, iou, _, _ = decoder(
@@ -284,7 +301,7 @@ class SAM2Backbone(Backbone):
             image_pe=pe.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
-            multimask_output=False,
+            multimask_output=opts.multimask,
             repeat_image=False,  # one prompt set per image: no cross-multiplication
             high_res_features=high_res or None,
         )

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones.base import Backbone, Features
+from ..backbones.base import Backbone, DecodeOptions, Features
 from ..registry import register_module
 from .base import Hook, LearningModule, ModuleSpec
 
@@ -71,10 +71,11 @@ class AdapterModule(LearningModule):
 
     def segment(self, backbone: Backbone, prefix: Features, images: Optional[torch.Tensor],
                 heatmap: Optional[torch.Tensor], points: torch.Tensor, labels: torch.Tensor,
-                boxes: Optional[torch.Tensor] = None, low_res: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                boxes: Optional[torch.Tensor] = None, low_res: bool = False,
+                options: Optional[DecodeOptions] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """The whole encoder from the images with the adapters, then the decoder."""
         if images is None:
             raise ValueError("an adapter module needs the batch's images (it acts inside every encoder block)")
         with self.attached(backbone):
             features = backbone.encode_suffix(backbone.prefix(images))
-        return backbone.decode(features, points, labels, boxes=boxes, low_res=low_res)
+        return backbone.decode(features, points, labels, boxes=boxes, low_res=low_res, options=options)

@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Tupl
 import torch
 from torch import nn
 
-from ..backbones.base import Backbone, Features
+from ..backbones.base import Backbone, DecodeOptions, Features
 from ..registry import MODULES
 
 # (backbone submodule, "forward" | "forward_pre", hook) as nn.Module.register_forward(_pre)_hook takes it;
@@ -135,11 +135,13 @@ class LearningModule(nn.Module):
     # ------------------------------------------------------------------ forward
     def segment(self, backbone: Backbone, prefix: Features, images: Optional[torch.Tensor],
                 heatmap: Optional[torch.Tensor], points: torch.Tensor, labels: torch.Tensor,
-                boxes: Optional[torch.Tensor] = None, low_res: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Logits (N, 1, S, S) (``low_res``: the decoder's (N, 1, 4G, 4G)) and IoU (N, 1) of a batch
-        that uses this module: by default the backbone's suffix and decoder with the hooks attached."""
+                boxes: Optional[torch.Tensor] = None, low_res: bool = False,
+                options: Optional[DecodeOptions] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Logits (N, C, S, S) (``low_res``: the decoder's (N, C, 4G, 4G)) and IoU (N, C) of a batch
+        that uses this module: by default the backbone's suffix and decoder with the hooks attached.
+        C = 1 unless ``options`` (:class:`~samcl.backbones.base.DecodeOptions`) asks for multimask output."""
         with self.attached(backbone, heatmap=heatmap):
-            return backbone.segment(prefix, points, labels, boxes=boxes, low_res=low_res)
+            return backbone.segment(prefix, points, labels, boxes=boxes, low_res=low_res, options=options)
 
     def frozen_features(self, backbone: Backbone, images: torch.Tensor) -> Features:
         """The frozen features the training cache keeps per image: the prefix (modules whose
@@ -161,9 +163,10 @@ class LearningModule(nn.Module):
 
 def segment_with(module: Optional[LearningModule], backbone: Backbone, prefix: Features,
                  images: Optional[torch.Tensor], heatmap: Optional[torch.Tensor], points: torch.Tensor,
-                 labels: torch.Tensor, boxes: Optional[torch.Tensor] = None,
-                 low_res: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                 labels: torch.Tensor, boxes: Optional[torch.Tensor] = None, low_res: bool = False,
+                 options: Optional[DecodeOptions] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """One group of images through ``module`` (None: the frozen backbone)."""
     if module is None:
-        return backbone.segment(prefix, points, labels, boxes=boxes, low_res=low_res)
-    return module.segment(backbone, prefix, images, heatmap, points, labels, boxes=boxes, low_res=low_res)
+        return backbone.segment(prefix, points, labels, boxes=boxes, low_res=low_res, options=options)
+    return module.segment(backbone, prefix, images, heatmap, points, labels, boxes=boxes, low_res=low_res,
+                          options=options)

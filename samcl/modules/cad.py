@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones.base import Backbone
+from ..backbones.base import Backbone, DecodeOptions
 from ..registry import register_module
 from .base import LearningModule, ModuleSpec
 
@@ -224,10 +224,10 @@ class CADModule(LearningModule):
 
     def segment(self, backbone, prefix, images: Optional[torch.Tensor], heatmap: Optional[torch.Tensor],
                 points: torch.Tensor, labels: torch.Tensor, boxes: Optional[torch.Tensor] = None,
-                low_res: bool = False):
-        """Logits (N, 1, S, S) (``low_res``: the decoder's own) and predicted IoU (N, 1) with this
-        domain's adapter and decoder."""
+                low_res: bool = False, options: Optional[DecodeOptions] = None):
+        """Logits (N, C, S, S) (``low_res``: the decoder's own) and predicted IoU (N, C) with this
+        domain's adapter and decoder (C = 1 unless ``options`` asks for multimask output)."""
         frozen, adapted = self.embedding(backbone, prefix, images)
         emb = frozen + self.spec.scale * adapted
         return backbone.decode({"image_embeddings": emb}, points, labels, boxes=boxes, low_res=low_res,
-                               mask_decoder=self.decoder)
+                               mask_decoder=self.decoder, options=options)

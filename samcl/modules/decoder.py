@@ -11,7 +11,7 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import nn
 
-from ..backbones.base import Backbone, Features
+from ..backbones.base import Backbone, DecodeOptions, Features
 from ..registry import register_module
 from .base import LearningModule, ModuleSpec
 
@@ -61,7 +61,9 @@ class DecoderModule(LearningModule):
 
     def segment(self, backbone: Backbone, prefix: Features, images: Optional[torch.Tensor],
                 heatmap: Optional[torch.Tensor], points: torch.Tensor, labels: torch.Tensor,
-                boxes: Optional[torch.Tensor] = None, low_res: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                boxes: Optional[torch.Tensor] = None, low_res: bool = False,
+                options: Optional[DecodeOptions] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             features = backbone.encode_suffix(prefix)
-        return backbone.decode(features, points, labels, boxes=boxes, low_res=low_res, mask_decoder=self.decoder)
+        return backbone.decode(features, points, labels, boxes=boxes, low_res=low_res, mask_decoder=self.decoder,
+                               options=options)

@@ -30,7 +30,7 @@ from sam2.modeling.backbones.hieradet import do_pool
 from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
 from torch import nn
 
-from ..backbones.base import Backbone, Features
+from ..backbones.base import Backbone, DecodeOptions, Features
 from ..registry import register_module
 from ..settings import Settings, setting
 from .base import Hook, LearningModule, ModuleSpec
@@ -217,12 +217,13 @@ class PromptPoolModule(LearningModule):
 
     def segment(self, backbone: Backbone, prefix: Features, images: Optional[torch.Tensor],
                 heatmap: Optional[torch.Tensor], points: torch.Tensor, labels: torch.Tensor,
-                boxes: Optional[torch.Tensor] = None, low_res: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                boxes: Optional[torch.Tensor] = None, low_res: bool = False,
+                options: Optional[DecodeOptions] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Choose the prompts from the prefix's selector embedding, then the suffix and the decoder
         with them; records ``last_similarity``."""
         chosen, self.last_similarity = self.select(backbone.selector_embedding(prefix))
         with self.attached(backbone, chosen=chosen):
-            return backbone.segment(prefix, points, labels, boxes=boxes, low_res=low_res)
+            return backbone.segment(prefix, points, labels, boxes=boxes, low_res=low_res, options=options)
 
     def describe(self) -> str:
         s = self.spec

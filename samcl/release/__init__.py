@@ -29,8 +29,9 @@ the authors' code (``torch.load(..., weights_only=False)`` in their environment)
 
 Modules: :mod:`.unpickle` (the restricted loading of the authors' pickles),
 :mod:`.folder` (release files and folders mapped onto this project's modules and
-selector; :func:`.folder.load_release_run` receives the model factory it builds
-with), :mod:`.convert` (convert and export), ``__main__`` (the command line).
+selector; :func:`.folder.release_model` receives the model factory it builds
+with; :func:`samcl.opening.open_run` opens a release folder as a run),
+:mod:`.convert` (convert and export), ``__main__`` (the command line).
 """
 from typing import Tuple
 

@@ -273,7 +273,8 @@ def release_manifest(folder: Path, order: Sequence[str], unseen: Sequence[str]) 
 
 @dataclass
 class ReleaseFolder:
-    """A release folder read into memory: modules by domain, selector, family."""
+    """A release folder read into memory: modules by domain, selector, family, and what a run.json
+    would say of it (:func:`release_manifest`)."""
 
     folder: Path
     order: List[str]
@@ -281,6 +282,7 @@ class ReleaseFolder:
     modules: Dict[str, ReleaseModule]
     selector: ModuleSelector
     family: str
+    manifest: Dict[str, Any]
 
     @property
     def spec(self) -> AugModuleSpec:
@@ -309,7 +311,7 @@ def read_release_folder(folder: Path, order: Sequence[str] = RELEASE_ORDER,
     if sel_dim != first.spec.dim:
         raise ReleaseFormatError(f"{folder / SELECTOR_FILE} takes {sel_dim}-d embeddings but the modules are "
                                  f"{first.spec.dim} wide: the files come from different releases")
-    return ReleaseFolder(folder, man["order"], man["unseen"], mods, selector, first.family)
+    return ReleaseFolder(folder, man["order"], man["unseen"], mods, selector, first.family, man)
 
 
 def report_dir_for(folder: Path, output_dir: Path) -> Path:
@@ -317,38 +319,41 @@ def report_dir_for(folder: Path, output_dir: Path) -> Path:
     return Path(output_dir) / f"release_{Path(folder).resolve().name}"
 
 
-def load_release_run(folder: Path, cfg: Any, device: torch.device,
-                     build_model: Callable[[Any, torch.device], Any]) -> Any:
-    """SAMCLModel of a release folder: backbone of ``cfg``, the release's modules and selector.
-
-    Used by :func:`samcl.pipeline.load_run` (hence by ``test.py`` and ``test_SAM2.py``)
-    when the folder is release-style; ``build_model(cfg, device)`` is the pipeline's model
-    factory, so this package needs none of the training code. ``cfg.backbone`` ("sam" or
-    "sam2") must be the family of the files; ``cfg.order``/``cfg.unseen`` give the domain
-    order (default: the release's). With ``cfg.random_weights`` the backbone is random
-    (smoke tests).
-    """
-    rel = read_release_folder(folder, cfg.domains, cfg.unseen)
-    if rel.family != cfg.backbone:
+def check_release_family(rel: ReleaseFolder, backbone: str, arch: str) -> None:
+    """Refuse to read a release folder as a ``backbone`` (``arch``) run when its modules are of the other
+    family, naming the script that tests it."""
+    if rel.family != backbone:
         tool = "test_SAM2.py" if rel.family == "sam2" else "test.py"
         raise ReleaseFormatError(
-            f"{folder} holds {FAMILY_NAMES[rel.family]} modules (width {rel.spec.dim}, blocks {list(rel.spec.layers)}), "
-            f"but this run is set up for the {FAMILY_NAMES.get(cfg.backbone, cfg.backbone)} backbone "
-            f"({cfg.backbone}/{getattr(cfg, 'arch_name', cfg.vit_name)}); test it with {tool}")
-    run_cfg = dataclasses.replace(cfg, ckpt=None if cfg.random_weights else cfg.ckpt, rank=rel.spec.rank,
-                                  aug_layers=list(rel.spec.layers), order="_".join(rel.order), unseen=list(rel.unseen))
-    model = build_model(run_cfg, device)
+            f"{rel.folder} holds {FAMILY_NAMES[rel.family]} modules (width {rel.spec.dim}, blocks "
+            f"{list(rel.spec.layers)}), but this run is set up for the {FAMILY_NAMES.get(backbone, backbone)} "
+            f"backbone ({backbone}/{arch}); test it with {tool}")
+
+
+def release_run_config(rel: ReleaseFolder, cfg: Any) -> Any:
+    """``cfg`` (a Config of the folder's family) with the release's module shape, order and unseen domains."""
+    return dataclasses.replace(cfg, ckpt=None if cfg.random_weights else cfg.ckpt, rank=rel.spec.rank,
+                               aug_layers=list(rel.spec.layers), order="_".join(rel.order), unseen=list(rel.unseen))
+
+
+def release_model(rel: ReleaseFolder, cfg: Any, device: torch.device,
+                  build_model: Callable[[Any, torch.device], Any]) -> Any:
+    """SAMCLModel of a release folder read by :func:`read_release_folder`: the backbone of ``cfg``
+    (:func:`release_run_config`), the release's modules and selector.
+
+    ``build_model(cfg, device)`` is the model factory of :mod:`samcl.opening`, so this package
+    needs none of the training code. With ``cfg.random_weights`` the backbone is random (smoke tests).
+    """
+    model = build_model(cfg, device)
     for rm in rel.modules.values():
         check_fits(rm, model.backbone)
     if rel.selector.layer1.in_features != model.backbone.selector_dim:
-        raise ReleaseFormatError(f"{Path(folder) / SELECTOR_FILE} takes {rel.selector.layer1.in_features}-d embeddings "
-                                 f"but backbone {model.backbone.family}/{model.backbone.arch} gives "
+        raise ReleaseFormatError(f"{rel.folder / SELECTOR_FILE} takes {rel.selector.layer1.in_features}-d "
+                                 f"embeddings but backbone {model.backbone.family}/{model.backbone.arch} gives "
                                  f"{model.backbone.selector_dim}-d ones")
     for d in rel.order:
         model.add_domain(d, rel.modules[d].module if d in rel.modules else None)
     model.selector = rel.selector.to(device)
-    log.info("release folder %s: %s modules for %s, vanilla for %s, selector over %s", folder,
+    log.info("release folder %s: %s modules for %s, vanilla for %s, selector over %s", rel.folder,
              FAMILY_NAMES[rel.family], list(rel.modules), rel.unseen, rel.order)
     return model
-
-
