@@ -15,8 +15,10 @@ Both are checked in bounded memory (:mod:`samcl.bounded`) before they are read, 
 back as the same dict. torch (and safetensors' torch half) is imported by the functions
 that need it (writing points.json needs none).
 """
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Collection, Dict, Type
@@ -27,19 +29,40 @@ SAFETENSORS = ".safetensors"
 TAG_KEY = "samcl"  # the safetensors metadata entry holding the file's JSON
 
 
+# a write that failed for want of space: a full disk, a file-size limit, a quota
+NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+class NoSpaceError(OSError):
+    """A file could not be written for want of space; the message names the file and the free space.
+    The file is as it was before (the write went to a temporary file, which is removed)."""
+
+
+def free_space(folder: Path) -> str:
+    """The free space of ``folder``'s file system, in words."""
+    try:
+        return f"{shutil.disk_usage(folder).free / 1024**2:,.1f} MB free"
+    except OSError:
+        return "free space unknown"
+
+
 def _atomic(path: Path, write: Callable[[Any], None], mode: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            raise NoSpaceError(e.errno, f"cannot write {path}: {e.strerror} ({free_space(path.parent)} on its "
+                                        f"disk); the file is as it was before") from None
         raise
 
 
@@ -48,9 +71,15 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` of ``obj``, atomically. It is serialised in memory first: torch's writer turns
+    the file's own errors (a full disk) into a RuntimeError that no longer says what happened."""
+    import io
+
     import torch
 
-    _atomic(path, lambda f: torch.save(obj, f), "wb")
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    _atomic(path, lambda f: f.write(buffer.getbuffer()), "wb")
 
 
 def save_tagged(obj: Dict[str, Any], path: Path) -> None:
