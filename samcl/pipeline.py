@@ -19,6 +19,8 @@ from .bounded import check_torch_file
 from .config import Config, build_config
 from .continual import RESUMABLE_SETTINGS, ContinualTrainer
 from .data import SegmentationSplit, binarize_mask, read_domain_map, read_image
+from .evaluation import evaluate_split, selector_accuracy
+from .loading import make_loader, seed_everything
 from .metrics import METRICS, per_image_metrics
 from .model import SAMCLModel
 from .pictures import overlay
@@ -30,7 +32,6 @@ from .run_folder import (MANIFEST, METRICS_FILE, TEST_METRICS_FILE, RunFolderErr
                          check_same_checkpoint, checkpoint_identity, load_module, load_selector, module_path,
                          package_versions, read_manifest, run_weights, selector_snapshot, setup_logging, verify_files,
                          write_json)
-from .training import evaluate_split, make_loader, seed_everything, selector_accuracy
 
 log = logging.getLogger("samcl.pipeline")
 OVERLAY_DIR = "overlays"

@@ -13,6 +13,7 @@ from samcl import pipeline
 from samcl.config import CONFIG_DIR, load_config
 from samcl.demo import make_demo_data
 from samcl.io import read_tagged
+from samcl.loading import Batch
 from samcl.methods.finetune import FineTune
 from samcl.methods.l2p import L2P
 from samcl.methods.olora import OLoRA
@@ -20,7 +21,7 @@ from samcl.modules.lora import LoRASpec
 from samcl.modules.olora import OLoRAModule, OLoRASpec, orthogonality
 from samcl.modules.prompt_pool import PromptPoolSpec, choose, hiera_attention, pull_loss, sam_attention
 from samcl.plugins import check_plugins
-from samcl.training import Batch, SegmentStep
+from samcl.training_step import SegmentStep
 from tests.conftest import tiny_backbone
 
 CPU = torch.device("cpu")

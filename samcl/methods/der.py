@@ -19,8 +19,8 @@ resume and storage are :class:`~samcl.methods.er.ExperienceReplay`'s.
 import torch
 
 from ..backbones.base import Features
+from ..loading import Batch
 from ..registry import register_method
-from ..training import Batch
 from .base import Forward
 from .er import ExperienceReplay
 
