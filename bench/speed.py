@@ -80,9 +80,10 @@ if str(REPO) not in sys.path:
 
 from samcl.config import load_config  # noqa: E402
 from samcl.continual import ContinualTrainer  # noqa: E402
-from samcl.training import evaluate_split, make_loader, routed, to_device  # noqa: E402
 from samcl.data import SegmentationSplit, read_domain_map  # noqa: E402
 from samcl.demo import make_demo_data  # noqa: E402
+from samcl.evaluation import evaluate_split, routed  # noqa: E402
+from samcl.loading import make_loader, to_device  # noqa: E402
 from samcl.metrics import per_image_metrics  # noqa: E402
 from samcl.model import segment_with  # noqa: E402
 from samcl.pipeline import build_model  # noqa: E402

@@ -1,4 +1,5 @@
-"""Command-line flags shared by the top-level scripts, device selection, and how a script ends.
+"""Command-line flags shared by the commands (samcl.commands and the other entry points), device selection,
+and how a script ends.
 
 Every flag defaults to None so that only what the user typed overrides the
 ``--config`` file, which overrides the built-in defaults (the published setting).
@@ -23,7 +24,7 @@ from dataclasses import MISSING, fields
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, NoReturn, Optional
 
 from .config import (CHOICES, CONFIG_DIR, DEFAULT_CONFIG, FAMILY_NAMES, MODULE_ALIASES, SETTINGS_META, Config,
-                     default_config, load_config, read_config_file)
+                     load_config, read_config_file)
 from .settings import describe_default, registered_names
 
 if TYPE_CHECKING:
@@ -301,100 +302,3 @@ def chosen_family(argv: Optional[list], family: str) -> str:
     pre.add_argument("--backbone", choices=CHOICES["backbone"])
     known, _ = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
     return known.backbone or family
-
-
-def train_main(family: str, doc: str, argv: Optional[list] = None) -> None:
-    """train.py (family "sam") and train_SAM2.py ("sam2"): a new run, or --resume one."""
-    from pathlib import Path
-
-    family = chosen_family(argv, family)
-    p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_flags(p, family)
-    add_train_flags(p, family)
-    args = p.parse_args(argv)
-    check_module_family(args.module, family, "train")
-    if args.resume:
-        if args.config or args.overwrite:
-            raise CLIError("--resume keeps the run's own settings; drop --config/--overwrite")
-    else:
-        cfg = config_from_args(args, default_config(family, args.module), flag_names(p))
-    # torch and the backbones only now, once the flags and settings passed
-    from .pipeline import resume, train
-
-    with training_processes():
-        device = resolve_device(args.cuda, args.device)
-        if args.resume:
-            resume(Path(args.resume), explicit_settings(args), device)
-        else:
-            train(cfg, device, overwrite=args.overwrite)
-
-
-@contextmanager
-def training_processes() -> Iterator[None]:
-    """The body of a training command: errors explained; under torchrun a failing rank says so
-    (torchrun then ends the others instead of letting them hang) and the process group ends."""
-    from . import distributed
-
-    try:
-        with explained_errors():
-            yield
-    except BaseException as e:
-        if distributed.is_distributed():
-            print(f"{distributed.rank_prefix()}failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        raise
-    finally:
-        distributed.shutdown()
-
-
-RELEASE_FOLDERS = {"sam": "SAM1", "sam2": "SAM2"}
-
-
-def default_test_folder(cfg: Config, family: str):
-    """--run_dir if given; else the run folder train.py makes with the same flags; else the
-    authors' release folder checkpoint/SAM1 (SAM2) if it holds their modules. If none of them
-    exists, a CLIError says where it looked."""
-    from .config import CHECKPOINT_DIR
-
-    run_dir = cfg.resolved_run_dir()
-    if cfg.run_dir is not None and not run_dir.exists():
-        raise CLIError(f"run folder {run_dir} does not exist (--run_dir takes a run folder of "
-                       f"{SCRIPTS[family, 'train']} or a release folder such as checkpoint/{RELEASE_FOLDERS[family]})")
-    if run_dir.exists():
-        return run_dir
-    from .release.folder import is_release_folder
-
-    release = CHECKPOINT_DIR / RELEASE_FOLDERS[family]
-    if is_release_folder(release):
-        print(f"no run folder {run_dir}: testing the release modules in {release}")
-        return release
-    state = "is not a release folder (Module_Selector.pth and <domain>.pth)" if release.exists() else "does not exist"
-    train = SCRIPTS[family, "train"]
-    raise CLIError(f"nothing to test: looked for the run folder {run_dir} (where {train} puts a run with these "
-                   f"flags: it does not exist) and for the authors' release modules in {release} (it {state}); "
-                   f"train first (python {train} with the same flags), pass --run_dir, or put the release modules "
-                   f"there")
-
-
-def test_main(family: str, doc: str, argv: Optional[list] = None) -> None:
-    """test.py (family "sam") and test_SAM2.py ("sam2"): route, evaluate, print and write the report."""
-    family = chosen_family(argv, family)
-    p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_flags(p, family)
-    p.add_argument("--batch_size", type=int, dest="eval_batch_size", help="test images per batch (default 8)")
-    p.add_argument("--no_vanilla", action="store_true", help="skip the vanilla (no module) comparison pass")
-    p.add_argument("--output", help="where to write the report (default <run_dir>/test_metrics.json)")
-    p.add_argument("--save_overlays", type=int, default=0, metavar="N",
-                   help="also draw N test images per domain into the report folder's overlays/ (prediction, "
-                        "ground truth, points, routed domain; default 0)")
-    args = p.parse_args(argv)
-    if args.save_overlays < 0:
-        raise CLIError(f"--save_overlays must be >= 0, got {args.save_overlays}")
-    check_module_family(args.module, family, "test")
-    cfg = config_from_args(args, default_config(family, args.module), flag_names(p))
-    with explained_errors():
-        device = resolve_device(args.cuda, args.device)
-        run_dir = default_test_folder(cfg, family)
-        from .pipeline import test  # the backbones only now, once the flags, settings and folder passed
-
-        test(run_dir, cfg, device, with_vanilla=not args.no_vanilla, output=args.output,
-             save_overlays=args.save_overlays)

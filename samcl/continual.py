@@ -19,7 +19,9 @@ from tqdm import tqdm
 from . import distributed as dist
 from . import methods  # noqa: F401  (registers the methods)
 from .data import JointSplit
+from .evaluation import evaluate_split, selector_accuracy, with_module
 from .feature_cache import PrefixCache
+from .loading import load_splits, make_loader, progress, set_epoch, to_device
 from .metrics import METRICS
 from .model import SAMCLModel
 from .modules.base import LearningModule
@@ -27,8 +29,7 @@ from .precision import amp_forward, check_amp
 from .registry import METHODS
 from .run_state import RunState
 from .selector import EmbeddingBuffer
-from .training import (SegmentStep, buffer_batch, collect_embeddings, evaluate_split, load_splits, make_loader,
-                       progress, selector_accuracy, set_epoch, to_device, with_module)
+from .training_step import SegmentStep, buffer_batch, collect_embeddings
 
 # Settings a resume may change; every other setting is the run's own.
 RESUMABLE_SETTINGS = ("order", "unseen", "data_root", "train_json", "test_json", "num_workers", "eval_batch_size",

@@ -33,7 +33,7 @@ from .release.folder import (check_release_family, is_release_folder, read_relea
 from .run_folder import (MANIFEST, RunFolderError, backbone_identity, check_same_checkpoint, checkpoint_identity,
                          load_module, load_selector, module_path, read_manifest, run_weights, selector_snapshot,
                          verify_files)
-from .training import seed_everything
+from .loading import seed_everything
 
 log = logging.getLogger("samcl.opening")
 

@@ -14,6 +14,8 @@ from . import methods  # noqa: F401  (registers the methods)
 from .config import Config, build_config
 from .continual import RESUMABLE_SETTINGS, ContinualTrainer
 from .data import SegmentationSplit, binarize_mask, read_domain_map, read_image
+from .evaluation import evaluate_split, selector_accuracy
+from .loading import make_loader
 from .metrics import METRICS, per_image_metrics
 from .model import SAMCLModel
 from .pictures import overlay
@@ -22,7 +24,6 @@ from .precision import autocast, check_amp
 from .registry import METHODS
 from .run_folder import (MANIFEST, METRICS_FILE, TEST_METRICS_FILE, RunFolderError, package_versions, read_manifest,
                          setup_logging, write_json)
-from .training import evaluate_split, make_loader, selector_accuracy
 
 log = logging.getLogger("samcl.pipeline")
 OVERLAY_DIR = "overlays"

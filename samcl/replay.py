@@ -9,7 +9,7 @@ its mask (1, S, S) as uint8, its prompt points (P, 2) and labels (P,) as its bat
 them (P: that batch's, with its -1 padding), its file name and domain, and for DER++ the
 decoder's low-resolution logits (1, 4G, 4G) float32 of the step that stored it. Samples live
 in host memory; :meth:`ReservoirBuffer.sample` brings a draw to the device as a
-:class:`~samcl.training.Batch`, re-padding point sets of different sizes with label -1.
+:class:`~samcl.loading.Batch`, re-padding point sets of different sizes with label -1.
 
 Randomness, all of it reproducible on resume:
 
@@ -38,8 +38,8 @@ import torch
 from . import distributed as dist
 from .data import PAD_LABEL
 from .io import load_tagged, save_tagged
+from .loading import Batch
 from .run_folder import RunFolderError
-from .training import Batch
 
 REPLAY_FORMAT = "samcl-replay"
 REPLAY_DIR = "replay"  # run folder: replay/after_<domain>.<suffix>, the buffer as committed after that step

@@ -55,7 +55,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import yaml
 
-from .cli import CLIError, Parser, explained_errors, resolve_device, training_processes
+from .cli import CLIError, Parser, explained_errors, resolve_device
+from .commands.train import training_processes
 from .sweep_plan import PLAN_FILE, Plan, Run, check_plan, default_output, make_plan
 
 if TYPE_CHECKING:

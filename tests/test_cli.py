@@ -92,7 +92,7 @@ def test_config_layering_and_validation(tmp_path):
 def test_simple_testing_falls_back_to_the_release_folder(tmp_path, monkeypatch):
     """`python test.py --module SAMCL` tests checkpoint/SAM1 when no training run exists (README)."""
     from samcl import config
-    from samcl.cli import default_test_folder
+    from samcl.commands.test import default_test_folder
     from tests.conftest import RELEASE, require
 
     release = require(RELEASE / "SAM1")

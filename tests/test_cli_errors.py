@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from samcl.config import ConfigError, load_config
-from samcl.training import make_loader
 from samcl.data import DataError, SegmentationSplit
 from samcl.demo import make_demo_data
+from samcl.loading import make_loader
 from tests.conftest import REPO
 
 TRAIN, TEST = "train.py", "test.py"

@@ -9,9 +9,10 @@ import torch
 
 from samcl import pipeline
 from samcl.config import CONFIG_DIR, load_config
-from samcl.training import evaluate_split, make_loader, routed
 from samcl.data import SegmentationSplit, read_domain_map
 from samcl.demo import make_demo_data
+from samcl.evaluation import evaluate_split, routed
+from samcl.loading import make_loader
 from samcl.selector import EmbeddingBuffer
 from tests.conftest import REPO
 

@@ -107,8 +107,8 @@ def test_scripts_run_from_the_command_line(demo_data):
 def test_evaluation_progress_counts_images(demo_data):
     import io
 
-    from samcl.training import image_progress, make_loader
     from samcl.data import SegmentationSplit
+    from samcl.loading import image_progress, make_loader
 
     ds = SegmentationSplit(demo_data / "data" / "Polyp" / "test", 64)
     out = io.StringIO()

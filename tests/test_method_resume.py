@@ -34,7 +34,7 @@ def commit_then_kill(self, d):
     if (d, -1) == (domain, epoch):
         os.kill(os.getpid(), signal.SIGKILL)
 run_state.RunState.save_partial, run_state.RunState.commit = partial_then_kill, commit_then_kill
-from samcl.cli import train_main
+from samcl.commands.train import train_main
 train_main("sam", "", sys.argv[3:])
 """
 

@@ -13,20 +13,20 @@ from samcl import pipeline
 from samcl.config import CONFIG_DIR, load_config
 from samcl.demo import make_demo_data
 from samcl.io import read_tagged
+from samcl.loading import Batch
 from samcl.methods.finetune import FineTune
 from samcl.methods.l2p import L2P
 from samcl.methods.olora import OLoRA
 from samcl.modules.lora import LoRASpec
 from samcl.modules.olora import OLoRAModule, OLoRASpec, orthogonality
-from samcl.modules.prompt_pool import PromptPoolSpec, choose, hiera_attention, pull_loss, sam_attention
+from samcl.modules.prompt_pool import PromptPoolSpec, choose, pull_loss
 from samcl.plugins import check_plugins
-from samcl.training import Batch, SegmentStep
+from samcl.training_step import SegmentStep
 from tests.conftest import tiny_backbone
 
 CPU = torch.device("cpu")
 CONFIGS = {"sam": "demo_sam.yaml", "sam2": "demo_sam2.yaml"}
 KIND = {"olora": "olora", "l2p": "prompt_pool"}
-ATTENTION = {"sam": sam_attention, "sam2": hiera_attention}
 
 
 @pytest.fixture(scope="module", params=["sam", "sam2"])
@@ -181,7 +181,7 @@ def test_the_recomputed_attention_without_prompts_is_the_stock_one_bit_for_bit(b
         attn = backbone.attention(i)
         none = x.new_zeros(x.shape[0], 0, attn.qkv.out_features // 3)
         with torch.no_grad():
-            assert torch.equal(ATTENTION[backbone.family](attn, x, none, none), out), i
+            assert torch.equal(backbone.prefixed_attention(i)(x, none, none), out), i
     # the whole model with the hooks and no prompt chosen is the stock model
     module = PromptPoolSpec.for_backbone(backbone).build(backbone).eval()
     b = a_batch(backbone)
@@ -220,9 +220,10 @@ def literal_attention(attn, x, key, value, rel_pos):
 
 def test_the_recomputed_attention_with_prompts_is_the_literal_formula(backbone):
     seen = attention_inputs(backbone, a_batch(backbone).images)
+    backbone = copy.deepcopy(backbone)  # its relative positions are changed below
     g = torch.Generator().manual_seed(5)
     for i, (x, _) in seen.items():
-        attn = copy.deepcopy(backbone.attention(i))
+        attn = backbone.attention(i)
         rel_pos = bool(getattr(attn, "use_rel_pos", False))
         if rel_pos:  # SAM's are zero in a random model: make them count
             with torch.no_grad():
@@ -231,7 +232,7 @@ def test_the_recomputed_attention_with_prompts_is_the_literal_formula(backbone):
         width = attn.qkv.out_features // 3
         key, value = torch.randn(2, x.shape[0], 7, width, generator=g).unbind(0)
         with torch.no_grad():
-            got = ATTENTION[backbone.family](attn, x, key, value)
+            got = backbone.prefixed_attention(i)(x, key, value)
             torch.testing.assert_close(got, literal_attention(attn, x, key, value, rel_pos), rtol=1e-4, atol=1e-5)
             assert not torch.allclose(got, attn(x), atol=1e-3), i  # the prompts do act
 

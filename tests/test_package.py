@@ -1,6 +1,7 @@
 """The installable package: pyproject.toml lists every package, and ``pip install .`` gives the
 console scripts, which find the shipped configs as package data."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,15 @@ def test_pyproject_lists_every_package():
     assert listed - on_disk == set(mapped), "every listed package is a folder of samcl/ or mapped by package-dir"
 
 
+def test_the_version_is_written_once_in_the_package():
+    """pyproject.toml takes the version from samcl.__version__ instead of a second copy."""
+    import samcl
+
+    assert "version" not in PYPROJECT["project"] and "version" in PYPROJECT["project"]["dynamic"]
+    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "samcl.__version__"}
+    assert re.fullmatch(r"\d+\.\d+\.\d+", samcl.__version__), samcl.__version__
+
+
 def test_pip_install_gives_console_scripts_that_find_the_shipped_configs(tmp_path):
     src, site = tmp_path / "src", tmp_path / "site"
     src.mkdir()
@@ -31,6 +41,9 @@ def test_pip_install_gives_console_scripts_that_find_the_shipped_configs(tmp_pat
     r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                         "--target", str(site), str(src)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
+    import samcl
+
+    assert [p.name for p in site.glob("samcl-*.dist-info")] == [f"samcl-{samcl.__version__}.dist-info"]
     scripts = sorted(PYPROJECT["project"]["scripts"])
     assert scripts == ["samcl-demo", "samcl-points", "samcl-predict", "samcl-test", "samcl-train"]
     assert all((site / "bin" / s).is_file() for s in scripts)

@@ -16,11 +16,12 @@ from samcl.config import CONFIG_DIR, load_config
 from samcl.data import SegmentationSplit, collate, read_domain_map
 from samcl.demo import make_demo_data
 from samcl.io import read_tagged
+from samcl.loading import make_loader, to_device
 from samcl.losses import training_loss
 from samcl.methods.base import ContinualMethod
 from samcl.methods.ewc import EWC, ewc_penalty, online_fisher, squared_gradients, trainable
 from samcl.methods.lwf import LwF, bernoulli_kl, distillation
-from samcl.training import SegmentStep, make_loader, to_device
+from samcl.training_step import SegmentStep
 from tests.conftest import REPO
 
 CPU = torch.device("cpu")

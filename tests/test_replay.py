@@ -14,12 +14,13 @@ from samcl import pipeline
 from samcl.config import CONFIG_DIR, load_config
 from samcl.data import SegmentationSplit, collate, read_domain_map
 from samcl.demo import make_demo_data
+from samcl.loading import Batch, to_device
 from samcl.losses import training_loss
 from samcl.precision import amp_available, amp_forward
 from samcl.registry import METHODS
 from samcl.replay import ReservoirBuffer
 from samcl.run_folder import RunFolderError
-from samcl.training import Batch, SegmentStep, to_device
+from samcl.training_step import SegmentStep
 from tests.conftest import REPO
 
 CPU = torch.device("cpu")

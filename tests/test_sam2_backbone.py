@@ -249,7 +249,8 @@ def test_config_pairs_module_and_backbone():
 def test_readme_commands_parse(tmp_path, monkeypatch):
     from functools import partial
 
-    from samcl.cli import test_main, train_main
+    from samcl.commands.test import test_main
+    from samcl.commands.train import train_main
 
     train_sam2, test_sam2 = partial(train_main, "sam2", ""), partial(test_main, "sam2", "")
     monkeypatch.chdir(tmp_path)  # no checkpoint/ and no run folder here

@@ -17,10 +17,11 @@ from torch import nn
 
 from samcl import pipeline
 from samcl.config import CONFIG_DIR, load_config
-from samcl.training import evaluate_split, make_loader, routed
 from samcl.data import SegmentationSplit
 from samcl.demo import make_demo_data
+from samcl.evaluation import evaluate_split, routed
 from samcl.feature_cache import PrefixCache
+from samcl.loading import make_loader
 from samcl.model import SAMCLModel
 from samcl.modules.augmodule import AugModuleSpec
 from samcl.precision import amp_available, amp_forward, autocast, check_amp

@@ -14,10 +14,13 @@ A backbone splits its image encoder at the *selector layer*:
 A backbone knows no learning module. It exposes its geometry (depth, widths, windows,
 grid) and the named points where a module may act — :meth:`attention`, :meth:`qkv`,
 :meth:`mlp` of a block, :attr:`neck`, :attr:`mask_decoder` — and a learning module
-installs its own hooks there for the duration of a call (:mod:`samcl.modules`).
+installs its own hooks there for the duration of a call (:mod:`samcl.modules`). Where a
+module needs a block's computation itself, the backbone provides it
+(:meth:`prefixed_attention`: the attention with extra key/value tokens), so that only
+the backbones read their package's code.
 """
 from dataclasses import dataclass, replace
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,8 @@ from torch import nn
 
 Features = Dict[str, torch.Tensor]
 UPSAMPLE_MODES = ("nearest", "bilinear")
+# (x (N, rows, cols, C_in), key (N, P, C), value (N, P, C)) -> the attention's output (see Backbone.prefixed_attention)
+PrefixedAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def grid_mean(tokens: torch.Tensor) -> torch.Tensor:
@@ -36,6 +41,11 @@ def grid_mean(tokens: torch.Tensor) -> torch.Tensor:
 def index_features(features: Features, index: torch.Tensor) -> Features:
     """Select samples (batch-first) from every tensor of a prefix or feature dict."""
     return {k: v[index] for k, v in features.items()}
+
+
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, P, C) -> (B, heads, P, C / heads)."""
+    return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
 
 
 @dataclass(frozen=True)
@@ -132,6 +142,16 @@ class Backbone(nn.Module):
     def mlp(self, i: int) -> nn.Module:
         """The MLP of block i."""
         return self.block(i).mlp
+
+    def prefixed_attention(self, i: int) -> PrefixedAttention:
+        """The forward of block i's attention with P extra key/value tokens before the image tokens'
+        own: ``(x, key, value) -> out``, x (B, rows, cols, C_in) as :meth:`attention` is called
+        (windows batched), key and value (B, P, C) in the attention's key/value space (after the qkv
+        projection, C = its qkv's out / 3, split into its heads as its own keys and values). The
+        image tokens' queries attend to them; no query is added. With P = 0 it is the stock forward,
+        bit for bit. Computed from the attention's own weights, so a module that replaces the
+        attention's forward with it (a "replace" hook) keeps the frozen weights."""
+        raise NotImplementedError(f"the {self.family} backbone has no attention with extra key/value tokens")
 
     @property
     def neck(self) -> Optional[nn.Module]:

@@ -5,10 +5,11 @@ from typing import Optional, Tuple
 
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
 
 from ..config import load_model_table
 from ..registry import register_backbone
-from .base import Backbone, BlockGeometry, DecodeOptions, Features
+from .base import Backbone, BlockGeometry, DecodeOptions, Features, PrefixedAttention, split_heads
 
 
 
@@ -105,6 +106,31 @@ def load_sam_weights(sam: Sam, path: Path, arch: str) -> None:
         ) from None
 
 
+def prefixed_sam_attention(attn: torch.nn.Module, x: torch.Tensor, key: torch.Tensor,
+                           value: torch.Tensor) -> torch.Tensor:
+    """``segment_anything``'s Attention.forward on ``x`` (B, H, W, C) with P extra key/value tokens
+    ``key``, ``value`` (B, P, C) before the image tokens' own; relative positions (when the block
+    uses them) are added to the image columns of the attention map only (prompt columns get none).
+    With P = 0 the same operations as the stock forward (the same result bit for bit). Returns
+    (B, H, W, C)."""
+    b, h, w, _ = x.shape
+    heads = attn.num_heads
+    qkv = attn.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.reshape(3, b * heads, h * w, -1).unbind(0)  # (B * heads, HW, c)
+    p = key.shape[1]
+    if p:
+        k = torch.cat([split_heads(key, heads).reshape(b * heads, p, -1), k], dim=1)
+        v = torch.cat([split_heads(value, heads).reshape(b * heads, p, -1), v], dim=1)
+    scores = (q * attn.scale) @ k.transpose(-2, -1)  # (B * heads, HW, P + HW)
+    if attn.use_rel_pos:
+        image = add_decomposed_rel_pos(scores[..., p:].contiguous(), q, attn.rel_pos_h, attn.rel_pos_w,
+                                       (h, w), (h, w))
+        scores = torch.cat([scores[..., :p], image], dim=-1) if p else image
+    scores = scores.softmax(dim=-1)
+    out = (scores @ v).view(b, heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+    return attn.proj(out)
+
+
 @register_backbone("sam")
 class SAMBackbone(Backbone):
     """Frozen SAM (ViT) split at the selector layer (block depth // 2: 6 of ViT-B)."""
@@ -140,6 +166,10 @@ class SAMBackbone(Backbone):
 
     def geometry(self, i: int) -> BlockGeometry:
         return BlockGeometry(width=self.selector_dim, keeps_shape=True, window=self.block(i).window_size)
+
+    def prefixed_attention(self, i: int) -> PrefixedAttention:
+        """:func:`prefixed_sam_attention` of block i's attention (in windowed blocks, per window)."""
+        return partial(prefixed_sam_attention, self.attention(i))
 
     @property
     def neck(self) -> torch.nn.Module:

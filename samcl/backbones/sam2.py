@@ -11,16 +11,19 @@ through forward hooks on the attention modules of the augmented blocks; SAM 2 ha
 no neck injection.
 """
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from sam2.build_sam import build_sam2
+from sam2.modeling.backbones.hieradet import do_pool
 from sam2.modeling.sam2_base import SAM2Base
 
 from ..config import load_model_table
 from ..registry import register_backbone
-from .base import Backbone, BlockGeometry, DecodeOptions, Features
+from .base import Backbone, BlockGeometry, DecodeOptions, Features, PrefixedAttention, split_heads
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -144,6 +147,28 @@ def load_sam2_weights(model: SAM2Base, path: Path, arch: str, official: Optional
             f"Pass the matching --hiera_name or the official {official}. ({str(e).splitlines()[0]})") from None
 
 
+def prefixed_hiera_attention(attn: torch.nn.Module, x: torch.Tensor, key: torch.Tensor,
+                             value: torch.Tensor) -> torch.Tensor:
+    """``sam2``'s MultiScaleAttention.forward on ``x`` (B, H, W, C_in) with P extra key/value tokens
+    (B, P, C_out) before the image tokens' own; a q-pooling block pools the queries only (output
+    (B, H', W', C_out)), the extra tokens join the unpooled keys and values. With P = 0 the same
+    operations as the stock forward (the same result bit for bit)."""
+    b, h, w, _ = x.shape
+    heads = attn.num_heads
+    qkv = attn.qkv(x).reshape(b, h * w, 3, heads, -1)
+    q, k, v = torch.unbind(qkv, 2)  # (B, HW, heads, c)
+    if attn.q_pool:
+        q = do_pool(q.reshape(b, h, w, -1), attn.q_pool)
+        h, w = q.shape[1:3]
+        q = q.reshape(b, h * w, heads, -1)
+    k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, HW, c)
+    if key.shape[1]:
+        k = torch.cat([split_heads(key, heads), k], dim=2)
+        v = torch.cat([split_heads(value, heads), v], dim=2)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v)
+    return attn.proj(out.transpose(1, 2).reshape(b, h, w, -1))
+
+
 @register_backbone("sam2")
 class SAM2Backbone(Backbone):
     """Frozen SAM 2.1 split at the selector block of its Hiera trunk (the first global-attention
@@ -197,6 +222,10 @@ class SAM2Backbone(Backbone):
         blk = self.block(i)
         return BlockGeometry(width=blk.dim_out, keeps_shape=blk.dim == blk.dim_out and not blk.q_stride,
                              window=blk.window_size)
+
+    def prefixed_attention(self, i: int) -> PrefixedAttention:
+        """:func:`prefixed_hiera_attention` of block i's attention (in windowed blocks, per window)."""
+        return partial(prefixed_hiera_attention, self.attention(i))
 
     @property
     def mask_decoder(self) -> torch.nn.Module:

@@ -25,12 +25,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..backbones.base import Features
+from ..loading import Batch
 from ..losses import training_loss
 from ..model import SAMCLModel
 from ..modules.base import LearningModule
 from ..run_folder import WEIGHTS
 from ..selector import EmbeddingBuffer
-from ..training import Batch
 
 # the training forward the protocol hands to observe: SegmentStep (possibly under DDP and autocast)
 Forward = nn.Module

@@ -19,9 +19,9 @@ resume and storage are :class:`~samcl.methods.er.ExperienceReplay`'s.
 import torch
 
 from ..backbones.base import Features
+from ..loading import Batch
 from ..registry import register_method
 from ..settings import Settings, setting
-from ..training import Batch
 from .base import Forward
 from .er import ExperienceReplay
 

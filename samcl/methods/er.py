@@ -20,12 +20,12 @@ from torch.utils.data import DataLoader
 from .. import distributed as dist
 from ..backbones.base import Features
 from ..data import PAD_LABEL
+from ..loading import Batch
 from ..modules.base import LearningModule
 from ..registry import register_method
 from ..settings import Settings, setting
 from ..replay import REPLAY_DIR, Replayed, ReservoirBuffer
 from ..run_folder import RunFolderError, step_snapshot
-from ..training import Batch
 from .base import ContinualMethod, Forward
 from .finetune import FineTune
 

@@ -34,13 +34,14 @@ from torch.utils.data import DataLoader
 from .. import distributed as dist
 from ..backbones.base import Features
 from ..io import load_tagged, save_tagged
+from ..loading import Batch, progress, to_device
 from ..losses import training_loss
 from ..modules.base import LearningModule
 from ..precision import amp_forward
 from ..registry import register_method
 from ..settings import Settings, setting
 from ..run_folder import RunFolderError, step_snapshot
-from ..training import Batch, SegmentStep, progress, to_device
+from ..training_step import SegmentStep
 from .base import Forward
 from .finetune import FineTune
 

@@ -7,9 +7,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..backbones.base import Features
+from ..loading import Batch
 from ..modules.base import LearningModule
 from ..registry import register_method
-from ..training import Batch
 from .base import ContinualMethod
 
 

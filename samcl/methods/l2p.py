@@ -14,11 +14,11 @@ from typing import Optional
 import torch
 
 from ..backbones.base import Features
+from ..loading import Batch
 from ..modules.base import LearningModule
 from ..modules.prompt_pool import pull_loss
 from ..registry import register_method
 from ..settings import Settings, setting
-from ..training import Batch
 from .base import Forward
 from .finetune import FineTune
 

@@ -30,11 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.base import Features
+from ..loading import Batch
 from ..modules.base import LearningModule
 from ..precision import amp_forward
 from ..registry import register_method
 from ..settings import Settings, setting
-from ..training import Batch, SegmentStep
+from ..training_step import SegmentStep
 from .base import Forward
 from .finetune import FineTune
 

@@ -15,10 +15,10 @@ from typing import Optional
 import torch
 
 from ..backbones.base import Features
+from ..loading import Batch
 from ..modules.base import LearningModule
 from ..registry import register_method
 from ..settings import Settings, setting
-from ..training import Batch
 from .base import Forward
 from .finetune import FineTune
 

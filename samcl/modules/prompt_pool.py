@@ -10,27 +10,26 @@ the top-k keys by cosine similarity choose k prompts, whose k*L key and k*L valu
 prepended to the keys and values of every late block's attention (the image tokens' queries
 attend to them; no query is added, so the token grid keeps its shape).
 
-Injection: while attached, each late block's attention runs our forward instead of its own
+Injection: while attached, each late block's attention runs another forward instead of its own
 (a "replace" injection): the same attention, from the attention's own qkv/proj weights, with
-the extra keys and values (:func:`sam_attention`, :func:`hiera_attention`); with no prompt it
-computes exactly what the stock forward does, once. In windowed blocks every window of an image gets that image's prompts; SAM's
-relative positions are added to the image-token columns of the attention map only (prompt
-columns get none); SAM 2's q-pooling blocks pool the queries as the stock attention does,
-the prompts join the (unpooled) keys and values.
+the extra keys and values, which the backbone provides (:meth:`Backbone.prefixed_attention
+<samcl.backbones.base.Backbone.prefixed_attention>`); with no prompt it computes exactly what
+the stock forward does, once. In windowed blocks every window of an image gets that image's
+prompts; SAM's relative positions are added to the image-token columns of the attention map
+only (prompt columns get none); SAM 2's q-pooling blocks pool the queries as the stock
+attention does, the prompts join the (unpooled) keys and values.
 
 Initialisation: keys and prompts uniform in [-1, 1] (L2P's), so a fresh module already changes
 the frozen model's output (it is not zero-initialised).
 """
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from sam2.modeling.backbones.hieradet import do_pool
-from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
 from torch import nn
 
-from ..backbones.base import Backbone, DecodeOptions, Features
+from ..backbones.base import Backbone, DecodeOptions, Features, PrefixedAttention
 from ..registry import register_module
 from ..settings import Settings, setting
 from .base import Hook, LearningModule, ModuleSpec
@@ -60,7 +59,7 @@ class PromptPoolSpec(ModuleSpec):
     def for_backbone(cls, backbone: Backbone, cfg: Any = None) -> "PromptPoolSpec":
         """Every block after the selector layer; M, k, L from ``cfg.l2p_pool_size``, ``l2p_top_k``,
         ``l2p_prompt_length`` (10, 5, 5 without a cfg)."""
-        if backbone.family not in ATTENTIONS:
+        if backbone.family not in FAMILIES:
             raise ValueError(f"the prompt pool recomputes the attention of SAM and SAM 2 blocks, not of a "
                              f"{backbone.family} backbone")
         layers = tuple(range(backbone.selector_layer + 1, backbone.depth))
@@ -75,7 +74,7 @@ class PromptPoolSpec(ModuleSpec):
 
     def check(self, backbone: Backbone) -> None:
         problems = []
-        if backbone.family not in ATTENTIONS:
+        if backbone.family not in FAMILIES:
             problems.append(f"no prefix attention for the {backbone.family} family")
         if self.key_dim != backbone.selector_dim:
             problems.append(f"keys of width {self.key_dim} (selector embedding: {backbone.selector_dim})")
@@ -94,57 +93,8 @@ def _width(backbone: Backbone, i: int) -> int:
     return backbone.qkv(i).out_features // 3
 
 
-# ---------------------------------------------------------------------------- the attentions, with a prefix
-def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, P, C) -> (B, heads, P, C / heads)."""
-    return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
-
-
-def sam_attention(attn: nn.Module, x: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``segment_anything``'s Attention.forward on ``x`` (B, H, W, C) with P extra key/value tokens
-    ``key``, ``value`` (B, P, C) before the image tokens' own; relative positions (when the block
-    uses them) are added to the image columns of the attention map only. With P = 0 the same
-    operations as the stock forward (the same result bit for bit). Returns (B, H, W, C)."""
-    b, h, w, _ = x.shape
-    heads = attn.num_heads
-    qkv = attn.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.reshape(3, b * heads, h * w, -1).unbind(0)  # (B * heads, HW, c)
-    p = key.shape[1]
-    if p:
-        k = torch.cat([_heads(key, heads).reshape(b * heads, p, -1), k], dim=1)
-        v = torch.cat([_heads(value, heads).reshape(b * heads, p, -1), v], dim=1)
-    scores = (q * attn.scale) @ k.transpose(-2, -1)  # (B * heads, HW, P + HW)
-    if attn.use_rel_pos:
-        image = add_decomposed_rel_pos(scores[..., p:].contiguous(), q, attn.rel_pos_h, attn.rel_pos_w,
-                                       (h, w), (h, w))
-        scores = torch.cat([scores[..., :p], image], dim=-1) if p else image
-    scores = scores.softmax(dim=-1)
-    out = (scores @ v).view(b, heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
-    return attn.proj(out)
-
-
-def hiera_attention(attn: nn.Module, x: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``sam2``'s MultiScaleAttention.forward on ``x`` (B, H, W, C_in) with P extra key/value tokens
-    (B, P, C_out) before the image tokens' own; a q-pooling block pools the queries only (output
-    (B, H', W', C_out)). With P = 0 the same operations as the stock forward."""
-    b, h, w, _ = x.shape
-    heads = attn.num_heads
-    qkv = attn.qkv(x).reshape(b, h * w, 3, heads, -1)
-    q, k, v = torch.unbind(qkv, 2)  # (B, HW, heads, c)
-    if attn.q_pool:
-        q = do_pool(q.reshape(b, h, w, -1), attn.q_pool)
-        h, w = q.shape[1:3]
-        q = q.reshape(b, h * w, heads, -1)
-    k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, HW, c)
-    if key.shape[1]:
-        k = torch.cat([_heads(key, heads), k], dim=2)
-        v = torch.cat([_heads(value, heads), v], dim=2)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v)
-    return attn.proj(out.transpose(1, 2).reshape(b, h, w, -1))
-
-
-Attention = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-ATTENTIONS: Dict[str, Attention] = {"sam": sam_attention, "sam2": hiera_attention}
+# the backbone families whose Backbone.prefixed_attention the pool runs
+FAMILIES = ("sam", "sam2")
 
 
 # ---------------------------------------------------------------------------- the module
@@ -175,7 +125,7 @@ class PromptPoolModule(LearningModule):
     method's pull loss)."""
 
     spec_class = PromptPoolSpec
-    backbones = tuple(ATTENTIONS)
+    backbones = FAMILIES
     backbone_reason = "the prompts enter by recomputing SAM's and SAM 2's block attention"
     # the keys get a gradient only from a loss on last_similarity (L2P's key pull), not from the segmentation
     # loss; a method whose loss always includes that term sets it False on its module (under DDP a parameter
@@ -197,9 +147,8 @@ class PromptPoolModule(LearningModule):
         """The attention of every late block replaced, for the call, by the same attention with the
         chosen prompts (``context["chosen"]``: (N, k) pool indices per image; k may be 0)."""
         chosen: Optional[torch.Tensor] = context.get("chosen")
-        attention = ATTENTIONS[backbone.family]
 
-        def make(j: int, attn: nn.Module):
+        def make(j: int, attention: PrefixedAttention):
             def forward(x: torch.Tensor) -> torch.Tensor:
                 if chosen is None:
                     raise ValueError("a prompt-pool module chooses its prompts from the prefix: "
@@ -209,10 +158,10 @@ class PromptPoolModule(LearningModule):
                 # (N, 2, kL, C): the chosen prompts' tokens in rank order
                 p = p.transpose(1, 2).reshape(n, 2, k * self.spec.length, p.shape[-1])
                 p = p.repeat_interleave(x.shape[0] // n, dim=0)  # every window of an image: its prompts
-                return attention(attn, x, p[:, 0], p[:, 1])
+                return attention(x, p[:, 0], p[:, 1])
             return forward
 
-        return [(backbone.attention(i), "replace", make(j, backbone.attention(i)))
+        return [(backbone.attention(i), "replace", make(j, backbone.prefixed_attention(i)))
                 for j, i in enumerate(self.spec.layers)]
 
     def segment(self, backbone: Backbone, prefix: Features, images: Optional[torch.Tensor],

@@ -1,0 +1,69 @@
+"""The train command: train.py (family "sam") and train_SAM2.py ("sam2"), a new run or --resume one."""
+import argparse
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+from ..cli import (CLIError, Parser, add_common_flags, add_train_flags, check_module_family, chosen_family,
+                   config_from_args, explained_errors, explicit_settings, flag_names, resolve_device)
+from ..config import default_config
+
+TRAIN_DOC = {
+    "sam": """Train SAMCL in the continual manner over --order (SAM ViT backbone).
+
+    python train.py --module SAMCL --batch_size 8 --cuda 0
+    python train.py --config configs/demo_sam.yaml --device cpu
+    python train.py --module CAD --cuda 0                     # CAD, its own recipe (configs/cad_vit_b.yaml)
+    python train.py --resume log_sam1/<run> --cuda 0          # after a crash, or with a longer --order
+    torchrun --nproc_per_node 4 train.py --module SAMCL --batch_size 2 --cuda -1
+""",
+    "sam2": """Train SAMCL in the continual manner over --order (SAM 2.1 Hiera backbone).
+
+    python train_SAM2.py --module SAMCL_2 --batch_size 16 --cuda 0
+    python train_SAM2.py --config configs/demo_sam2.yaml --device cpu
+    python train_SAM2.py --resume log_sam2/<run> --cuda 0     # after a crash, or with a longer --order
+    torchrun --nproc_per_node 4 train_SAM2.py --module SAMCL_2 --batch_size 4 --cuda -1
+""",
+}
+
+
+def train_main(family: str, doc: str, argv: Optional[list] = None) -> None:
+    """train.py (family "sam") and train_SAM2.py ("sam2"): a new run, or --resume one."""
+    family = chosen_family(argv, family)
+    p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_flags(p, family)
+    add_train_flags(p, family)
+    args = p.parse_args(argv)
+    check_module_family(args.module, family, "train")
+    if args.resume:
+        if args.config or args.overwrite:
+            raise CLIError("--resume keeps the run's own settings; drop --config/--overwrite")
+    else:
+        cfg = config_from_args(args, default_config(family, args.module), flag_names(p))
+    # torch and the backbones only now, once the flags and settings passed
+    from ..pipeline import resume, train
+
+    with training_processes():
+        device = resolve_device(args.cuda, args.device)
+        if args.resume:
+            resume(Path(args.resume), explicit_settings(args), device)
+        else:
+            train(cfg, device, overwrite=args.overwrite)
+
+
+@contextmanager
+def training_processes() -> Iterator[None]:
+    """The body of a training command: errors explained; under torchrun a failing rank says so
+    (torchrun then ends the others instead of letting them hang) and the process group ends."""
+    from .. import distributed
+
+    try:
+        with explained_errors():
+            yield
+    except BaseException as e:
+        if distributed.is_distributed():
+            print(f"{distributed.rank_prefix()}failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        distributed.shutdown()
