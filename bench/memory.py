@@ -5,7 +5,7 @@
     python bench/memory.py --device cuda --vit_name vit_b --img_size 1024 --batch 4
     python bench/memory.py --vit_name vit_tiny --img_size 128 --modules cad adapter+decoder
 
-For each registered learning module (``samcl.modules``: the AugModule, CAD, bottleneck
+For each registered learning module (``samcl.learning_modules``: the AugModule, CAD, bottleneck
 adapters in every block, LoRA on the qkv after the selector layer, a decoder copy) and for
 SAM-Adapter's recipe (the adapters trained together with a decoder copy) it builds the
 same frozen SAM backbone (random weights: memory does not depend on them), runs one
@@ -50,11 +50,11 @@ if str(REPO) not in sys.path:
 from samcl.backbones.sam import SAMBackbone, build_sam  # noqa: E402
 from samcl.heatmap import points_to_heatmap  # noqa: E402
 from samcl.losses import cad_loss, samcl_loss  # noqa: E402
-from samcl.modules.base import LearningModule  # noqa: E402
-from samcl.registry import MODULES as REGISTERED  # noqa: E402
+from samcl.learning_modules.base import LearningModule  # noqa: E402
+from samcl.registry import LEARNING_MODULES as REGISTERED  # noqa: E402
 
 SAM_ADAPTER = "adapter+decoder"
-MODULES = ("augmodule", "cad", SAM_ADAPTER, "adapter", "lora", "decoder")
+LEARNING_MODULES = ("augmodule", "cad", SAM_ADAPTER, "adapter", "lora", "decoder")
 WHAT = {
     "augmodule": "SAMCL's AugModule on the blocks after the selector layer; prefix without autograd",
     "cad": "conv adapter beside the encoder (no encoder autograd) + decoder copy",
@@ -233,7 +233,7 @@ def make_batch(backbone: SAMBackbone, n: int, device: torch.device, seed: int = 
 
 
 def run(vit_name: str = "vit_b", img_size: Optional[int] = None, batch: int = 1, device: str = "cpu",
-        modules=MODULES, steps: int = 1, seed: int = 0) -> Dict:
+        modules=LEARNING_MODULES, steps: int = 1, seed: int = 0) -> Dict:
     dev = torch.device(device)
     results: List[Dict] = []
     torch.manual_seed(seed)
@@ -276,7 +276,7 @@ def main(argv=None) -> Dict:
     p.add_argument("--vit_name", default="vit_b", help="SAM size: vit_b (default), vit_l, vit_h, vit_tiny")
     p.add_argument("--img_size", type=int, help="input side (default: 256 on the CPU, the architecture's on CUDA)")
     p.add_argument("--batch", type=int, default=None, help="images per step (default 1 on the CPU, 4 on CUDA)")
-    p.add_argument("--modules", nargs="*", choices=MODULES, default=list(MODULES))
+    p.add_argument("--modules", nargs="*", choices=LEARNING_MODULES, default=list(LEARNING_MODULES))
     p.add_argument("--steps", type=int, default=None, help="timed steps after the measured one (default 1 CPU, 5 CUDA)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--json", help="output file (default bench/results/memory_<device>_<vit>_<size>.json)")

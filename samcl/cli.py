@@ -159,7 +159,7 @@ def _flag_options(name: str, default: Any) -> Dict[str, Any]:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     inner = args[0] if typing.get_origin(hint) is typing.Union else hint
     help_text = m.help.format(methods=", ".join(registered_names("register_method")),
-                              modules=", ".join(registered_names("register_module")))
+                              modules=", ".join(registered_names("register_learning_module")))
     if default is not None:
         help_text += f" (default: {describe_default(default)})"
     options: Dict[str, Any] = {"help": help_text.replace("%", "%%"), "default": None}

@@ -93,7 +93,7 @@ class CoreSettings:
     method: str = setting("samcl", "continual-learning method, a file of samcl/methods/: {methods}", scope="common",
                           group="what to train")
     learning_module: Optional[str] = setting(
-        None, "what trains inside the frozen model, a file of samcl/modules/: {modules} (default: the one --module "
+        None, "what trains inside the frozen model, a file of samcl/learning_modules/: {modules} (default: the one --module "
               "names: augmodule, or cad for CAD)", scope="common", group="what to train")
     backbone: str = setting("sam", "sam: SAM (ViT), as train.py / test.py; sam2: SAM 2.1 (Hiera), as train_SAM2.py / "
                             "test_SAM2.py (those scripts are this flag's aliases)", choices=("sam", "sam2"),
@@ -201,13 +201,13 @@ class CoreSettings:
         return [d for d in self.order.split("_") if d]
 
     @property
-    def module_kind(self) -> str:
+    def learning_module_kind(self) -> str:
         """The learning-module kind: ``learning_module``, or the one ``module`` names."""
         return self.learning_module or MODULE_ALIASES[self.module].learning_module
 
     def run_name(self) -> str:
         alias = MODULE_ALIASES[self.module]
-        name = self.module if (self.method, self.module_kind) == alias[:2] else f"{self.method}-{self.module_kind}"
+        name = self.module if (self.method, self.learning_module_kind) == alias[:2] else f"{self.method}-{self.learning_module_kind}"
         return f"{name}_{self.order}_{self.num_embedding}_{self.seed}_training"
 
     def resolved_run_dir(self) -> Path:

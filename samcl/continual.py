@@ -23,8 +23,8 @@ from .evaluation import evaluate_split, selector_accuracy, with_module
 from .feature_cache import PrefixCache
 from .loading import load_splits, make_loader, progress, set_epoch, to_device
 from .metrics import METRICS
-from .model import SAMCLModel
-from .modules.base import LearningModule
+from .model import ModuleBank
+from .learning_modules.base import LearningModule
 from .precision import amp_forward, check_amp
 from .registry import METHODS
 from .run_state import RunState
@@ -41,7 +41,7 @@ log = logging.getLogger("samcl.continual")
 class ContinualTrainer:
     """Runs the protocol for ``cfg`` (its method over ``model``) and writes the run folder."""
 
-    def __init__(self, cfg, model: SAMCLModel, device: torch.device, run_dir: Path, overwrite: bool = False,
+    def __init__(self, cfg, model: ModuleBank, device: torch.device, run_dir: Path, overwrite: bool = False,
                  resume: bool = False, checkpoint: Optional[Dict] = None) -> None:
         check_amp(cfg.amp, device)  # --amp bf16 only where it runs, before any file is made
         self.cfg, self.model, self.device = cfg, model, device

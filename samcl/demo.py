@@ -221,7 +221,7 @@ def _compare(args: argparse.Namespace, device) -> None:
         cfg = load_config(DEMO_CONFIGS[args.backbone], {
             "data_root": str(out), "epoch": args.epoch, "method": method, "learning_module": COMPARED_MODULE,
             "run_dir": str(out / f"compare_{args.backbone}" / method)})
-        print(f"[demo] 2/2 ({k}/{len(COMPARED)}) training {method} ({cfg.module_kind}) over {cfg.order}")
+        print(f"[demo] 2/2 ({k}/{len(COMPARED)}) training {method} ({cfg.learning_module_kind}) over {cfg.order}")
         train(cfg, device, overwrite=True)
         runs.append(cfg.resolved_run_dir())
     rows = [summarise(r) for r in runs]

@@ -11,7 +11,7 @@ from . import distributed as dist
 from .backbones.base import Features
 from .loading import Batch, image_progress, to_device
 from .metrics import METRICS, MetricAccumulator, per_image_metrics
-from .model import SAMCLModel
+from .model import ModuleBank
 from .precision import autocast
 
 # (prefix, batch) -> (mask logits (N, 1, S, S), choice (N,): index into model.domains, -1 for none)
@@ -19,7 +19,7 @@ Segmenter = Callable[[Features, Batch], Tuple[torch.Tensor, torch.Tensor]]
 
 
 @torch.no_grad()
-def evaluate_split(model: SAMCLModel, loader: DataLoader, device: torch.device, segment: Segmenter, *,
+def evaluate_split(model: ModuleBank, loader: DataLoader, device: torch.device, segment: Segmenter, *,
                    routed: bool = True, modules: Tuple[nn.Module, ...] = (), with_vanilla: bool = False,
                    desc: str = "eval", amp: str = "off") -> Dict:
     """Metrics of one test split through ``segment``, every image counted once (also across ranks).
@@ -75,7 +75,7 @@ def selector_accuracy(counts: Dict[str, int], true_domain: str) -> Optional[floa
     return counts[true_domain] / total
 
 
-def routed(model: SAMCLModel) -> Segmenter:
+def routed(model: ModuleBank) -> Segmenter:
     """Segmenter of task-agnostic routing: each image with the module of the domain the selector picks."""
     def segment(prefix: Features, b: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
         choice = model.route(prefix)
@@ -84,7 +84,7 @@ def routed(model: SAMCLModel) -> Segmenter:
     return segment
 
 
-def with_module(model: SAMCLModel, module: nn.Module) -> Segmenter:
+def with_module(model: ModuleBank, module: nn.Module) -> Segmenter:
     """Segmenter of every image with ``module`` (no routing; choice -1), e.g. to validate it."""
     def segment(prefix: Features, b: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
         logits, _ = model.segment_one(module, prefix, b.points, b.labels, images=b.images)

@@ -1,9 +1,10 @@
-"""The continual model at inference: frozen backbone + resident per-domain modules + Module Selector.
+"""The module bank: the frozen backbone, every domain's learning module and the Module Selector.
 
-All modules stay on the device; a batch is routed by the selector and split into
-groups that share a module (quirk Q8: no copies of SAM, no reloads). Every domain's
-module is of one registered kind (:mod:`samcl.modules`), given by the model's spec;
-a test-only domain has no module: the frozen backbone ("vanilla").
+It is the model every method trains and tests. All learning modules stay on the device; a batch
+is routed by the selector and split into groups that share a learning module (quirk Q8: no copies
+of SAM, no reloads). Every domain's learning module is of one registered kind
+(:mod:`samcl.learning_modules`), given by the bank's spec; a test-only domain has none: the frozen
+backbone ("vanilla").
 """
 from typing import Dict, List, Optional, Tuple
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from .backbones.base import Backbone, DecodeOptions, Features, index_features
 from .heatmap import points_to_heatmap
-from .modules.base import LearningModule, ModuleSpec, segment_with
+from .learning_modules.base import LearningModule, ModuleSpec, segment_with
 from .selector import ModuleSelector
 
 PROMPTS = ("points", "box")
@@ -24,10 +25,11 @@ def full_image_boxes(n: int, size: int, device: torch.device) -> torch.Tensor:
     return torch.tensor([[0.0, 0.0, float(size), float(size)]], device=device).expand(n, 4)
 
 
-class SAMCLModel(nn.Module):
-    """``domains[k]`` is the domain of selector output k; ``modules[name]`` its learning module,
-    absent for a test-only (unseen) domain, which is vanilla SAM. ``spec`` says which kind of
-    module every domain gets; ``prompt`` is "points" (SAMCL) or "box" (CAD's full-image box)."""
+class ModuleBank(nn.Module):
+    """``domains[k]`` is the domain of selector output k; ``modules_by_domain[name]`` its learning
+    module, absent for a test-only (unseen) domain, which is vanilla SAM. ``spec`` says which kind
+    of learning module every domain gets; ``prompt`` is "points" (SAMCL) or "box" (CAD's full-image
+    box)."""
 
     def __init__(self, backbone: Backbone, spec: ModuleSpec, prompt: str = "points") -> None:
         super().__init__()
@@ -185,3 +187,6 @@ class SAMCLModel(nn.Module):
                                        options=options)
         return {"logits": self.backbone.upsample_logits(low), "low_res_logits": low, "iou": iou, "choice": choice,
                 "probabilities": probs}
+
+
+SAMCLModel = ModuleBank  # the module bank's earlier name, for code written against it

@@ -24,9 +24,9 @@ from .backbones import build_backbone
 from .backbones.build import default_checkpoint
 from .bounded import check_torch_file
 from .config import Config, build_config, default_config, load_config
-from .model import SAMCLModel
+from .model import ModuleBank
 from .plugins import check_plugins
-from .registry import MODULES
+from .registry import LEARNING_MODULES
 from .release import RELEASE_ORDER, RELEASE_UNSEEN
 from .release.folder import (check_release_family, is_release_folder, read_release_folder, release_model,
                              release_run_config, report_dir_for)
@@ -47,14 +47,14 @@ RELEASE_READ_SETTINGS = ("backbone", "vit_name", "hiera_name", "img_size", "sele
 class OpenedRun(NamedTuple):
     """An opened run folder (or release folder)."""
 
-    model: SAMCLModel  # backbone with its weights, every finished domain's module, the selector
+    model: ModuleBank  # backbone with its weights, every finished domain's module, the selector
     config: Config  # the run's own configuration, with the backbone weights it was opened with
     manifest: Dict[str, Any]  # run.json; for a release folder what it would say (format "samcl-release")
     report_dir: Path  # where test outputs go: the run folder; <output_dir>/release_<name> for a release folder
 
 
 # ----------------------------------------------------------------------------- the model a configuration names
-def build_model(cfg: Config, device: torch.device) -> SAMCLModel:
+def build_model(cfg: Config, device: torch.device) -> ModuleBank:
     """Backbone with its weights, an empty module bank of ``cfg``'s learning-module kind, on ``device``."""
     check_plugins(cfg)  # names first: an unknown or unfitting method or module before any weights are read
     seed_everything(cfg.seed, cfg.deterministic)
@@ -62,8 +62,8 @@ def build_model(cfg: Config, device: torch.device) -> SAMCLModel:
     if path is not None and os.path.lexists(path):  # bounded checks first; build_backbone names a missing file
         check_torch_file(path, "backbone checkpoint")
     backbone = build_backbone(cfg)
-    spec = MODULES.get(cfg.module_kind).spec_class.for_backbone(backbone, cfg)
-    return SAMCLModel(backbone, spec, prompt=cfg.prompt).to(device)
+    spec = LEARNING_MODULES.get(cfg.learning_module_kind).spec_class.for_backbone(backbone, cfg)
+    return ModuleBank(backbone, spec, prompt=cfg.prompt).to(device)
 
 
 def checkpoint_path(cfg: Config) -> Optional[Path]:

@@ -17,7 +17,7 @@ from .data import SegmentationSplit, binarize_mask, read_domain_map, read_image
 from .evaluation import evaluate_split, selector_accuracy
 from .loading import make_loader
 from .metrics import METRICS, per_image_metrics
-from .model import SAMCLModel
+from .model import ModuleBank
 from .pictures import overlay
 from .opening import build_model, config_checkpoint_identity, open_with
 from .precision import autocast, check_amp
@@ -69,7 +69,7 @@ def resume(run_dir: Path, overrides: Dict, device: torch.device) -> Dict:
     return _run_continual(resume_config(run_dir, overrides), device, Path(run_dir), resume=True)
 
 
-def load_run(run_dir: Path, cfg: Config, device: torch.device) -> SAMCLModel:
+def load_run(run_dir: Path, cfg: Config, device: torch.device) -> ModuleBank:
     """Model of a run folder or a release folder, opened as test.py opens it with ``cfg``
     (:func:`samcl.opening.open_with`: ``cfg`` supplies the weights; the run keeps its own settings)."""
     return open_with(run_dir, cfg, device).model
@@ -118,7 +118,7 @@ def test(run_dir: Path, cfg: Config, device: torch.device, with_vanilla: bool = 
 
 
 @torch.no_grad()
-def save_test_overlays(model: SAMCLModel, split: SegmentationSplit, indices, folder: Path, amp: str = "off") -> None:
+def save_test_overlays(model: ModuleBank, split: SegmentationSplit, indices, folder: Path, amp: str = "off") -> None:
     """Pictures of test images: the routed prediction resized to the image's own size, the ground
     truth's outline, the points, and the routed domain and IoU in a caption (``<domain>_<image>.png``)."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -3,15 +3,15 @@
 Importing this module registers every method and learning module (it imports their
 packages), so the configuration itself stays free of them.
 """
-from . import methods, modules  # noqa: F401  (they register the plug-ins)
+from . import learning_modules, methods  # noqa: F401  (they register the plug-ins)
 from .config import Config, ConfigError
-from .registry import METHODS, MODULES
+from .registry import METHODS, LEARNING_MODULES
 
 
 def check_plugins(cfg: Config) -> Config:
     """The method and the learning module are registered and fit each other and the backbone;
     an unknown name or a combination that cannot work raises, naming the reason."""
-    method, module = METHODS.get(cfg.method), MODULES.get(cfg.module_kind)
+    method, module = METHODS.get(cfg.method), LEARNING_MODULES.get(cfg.learning_module_kind)
     if method.learning_modules is not None and module.name not in method.learning_modules:
         raise ConfigError(f"method {method.name} works with the learning modules {list(method.learning_modules)}, "
                           f"not {module.name}")

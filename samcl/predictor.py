@@ -35,7 +35,7 @@ from PIL import Image
 
 from .backbones.base import DecodeOptions
 from .data import PAD_LABEL, resize_image
-from .model import VANILLA, SAMCLModel
+from .model import VANILLA, ModuleBank
 from .opening import OpenedRun, open_run
 from .precision import autocast, check_amp
 
@@ -64,7 +64,7 @@ class SAMCLPredictor:
     """A trained module bank on one image at a time (:meth:`set_image`, :meth:`predict`) or a
     batch (:meth:`predict_batch`, routed as a batch, as test.py does)."""
 
-    def __init__(self, model: SAMCLModel, amp: str = "off", mask_threshold: float = 0.0,
+    def __init__(self, model: ModuleBank, amp: str = "off", mask_threshold: float = 0.0,
                  run: Optional[OpenedRun] = None) -> None:
         self.model = model.eval()
         self.device = model.device

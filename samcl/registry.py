@@ -2,11 +2,11 @@
 
 A plug-in registers itself where it is defined::
 
-    @register_module("lora")
+    @register_learning_module("lora")
     class LoRAModule(LearningModule): ...
 
-and is found by name (``MODULES.get("lora")``); an unknown name is refused with the
-list of known ones. The packages :mod:`samcl.methods`, :mod:`samcl.modules` and
+and is found by name (``LEARNING_MODULES.get("lora")``); an unknown name is refused with the
+list of known ones. The packages :mod:`samcl.methods`, :mod:`samcl.learning_modules` and
 :mod:`samcl.backbones` import every plug-in they hold, so importing a package fills
 its registry. Nothing else in the project lists the kinds.
 """
@@ -51,9 +51,9 @@ class Registry(Generic[T]):
 
 
 METHODS: Registry = Registry("method")
-MODULES: Registry = Registry("learning module")
+LEARNING_MODULES: Registry = Registry("learning module")
 BACKBONES: Registry = Registry("backbone")
 
 register_method = METHODS.register
-register_module = MODULES.register
+register_learning_module = LEARNING_MODULES.register
 register_backbone = BACKBONES.register

@@ -48,8 +48,8 @@ import yaml
 from .backbones.base import Backbone
 from .config import stored_settings
 from .io import atomic_write_text, load_tagged, save_tagged
-from .modules.base import LearningModule
-from .registry import MODULES
+from .learning_modules.base import LearningModule
+from .registry import LEARNING_MODULES
 from .selector import ModuleSelector
 
 MANIFEST = "run.json"
@@ -135,7 +135,7 @@ def save_module(module: LearningModule, backbone: Backbone, domain: str, path: P
 def load_module(path: Path, backbone: Backbone, kind: str = "augmodule") -> LearningModule:
     """Load a module file of ``kind``, refusing one of another kind or written for another
     backbone (both are named)."""
-    formats = {module_format(k): k for k in MODULES.names()}
+    formats = {module_format(k): k for k in LEARNING_MODULES.names()}
     data = load_tagged(path, formats, "module file (for the authors' release files see README, "
                        "'Using the authors' release')", RunFolderError)
     found = formats[data["format"]]
@@ -146,7 +146,7 @@ def load_module(path: Path, backbone: Backbone, kind: str = "augmodule") -> Lear
     if (ident["family"], ident["arch"]) != (backbone.family, backbone.arch):
         raise RunFolderError(f"{path} was trained on {ident['family']}/{ident['arch']} but the backbone is "
                              f"{backbone.family}/{backbone.arch}; pass the matching --vit_name/--ckpt")
-    spec = MODULES.get(kind).spec_class.from_dict(data["spec"])
+    spec = LEARNING_MODULES.get(kind).spec_class.from_dict(data["spec"])
     spec.check(backbone)
     with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten below
         module = spec.build(backbone)

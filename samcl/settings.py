@@ -29,7 +29,8 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # the folders of samcl/ whose every file is a plugin: (folder, registering decorator, group label)
-PLUGIN_FOLDERS = (("methods", "register_method", "method"), ("modules", "register_module", "learning module"))
+PLUGIN_FOLDERS = (("methods", "register_method", "method"),
+                  ("learning_modules", "register_learning_module", "learning module"))
 SCOPES = ("common", "train")  # common: train and test scripts take the flag; train: training scripts only
 
 

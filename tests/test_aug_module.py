@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from samcl.modules.augmodule import AugModule, AugModuleSpec, token_heat, window_heat
+from samcl.learning_modules.augmodule import AugModule, AugModuleSpec, token_heat, window_heat
 from samcl.backbones.sam import SAMBackbone, build_sam
 from samcl.heatmap import points_to_heatmap
 

@@ -12,7 +12,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from samcl.modules.augmodule import AugModule, AugModuleSpec
+from samcl.learning_modules.augmodule import AugModule, AugModuleSpec
 from samcl.bounded import MAX_PICKLE_BYTES, check_torch_file
 from samcl.io import load_tagged
 from samcl.release.convert import _release_pickle_module, release_dict

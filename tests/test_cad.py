@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from samcl import pipeline
-from samcl.modules.augmodule import AugModule, AugModuleSpec
-from samcl.modules.cad import CADModule, CADSpec, ConvAdapter, high_frequency, high_pass
+from samcl.learning_modules.augmodule import AugModule, AugModuleSpec
+from samcl.learning_modules.cad import CADModule, CADSpec, ConvAdapter, high_frequency, high_pass
 from samcl.config import default_config
 from samcl.config import CONFIG_DIR, load_config
 from samcl.demo import make_demo_data
 from samcl.io import read_tagged
 from samcl.losses import cad_loss, soft_iou_loss
-from samcl.model import SAMCLModel
+from samcl.model import ModuleBank
 from samcl.run_folder import RunFolderError, load_module, save_module
 from tests.conftest import REPO
 
@@ -109,7 +109,7 @@ def test_encoder_gets_no_gradient_and_keeps_no_graph(tiny_sam):
     assert module.decoder.output_upscaling[0].weight.grad is not None
     assert module.decoder is not tiny_sam.sam.mask_decoder
     # the same model with an AugModule does backpropagate through the blocks after the selector layer
-    aug = SAMCLModel(tiny_sam, AugModuleSpec.for_backbone(tiny_sam)).new_module()
+    aug = ModuleBank(tiny_sam, AugModuleSpec.for_backbone(tiny_sam)).new_module()
     outputs.clear()
     handles = [blk.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for blk in enc.blocks]
     aug.segment(tiny_sam, prefix, images, torch.zeros(2, 16, 16), points, labels)

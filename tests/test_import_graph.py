@@ -85,7 +85,7 @@ LAYERS: Layers = (
     # the frozen SAM / SAM 2 models: the only readers of segment_anything and sam2
     ("backbones", ("samcl.backbones", "samcl.backbones.*")),
     # the learning modules, which act inside a backbone
-    ("modules", ("samcl.modules", "samcl.modules.*")),
+    ("learning_modules", ("samcl.learning_modules", "samcl.learning_modules.*")),
     # the model (backbone + modules + selector), its files, the loaders, the evaluation, the training step
     ("model", ("samcl.model", "samcl.run_folder", "samcl.loading", "samcl.evaluation", "samcl.training_step",
                "samcl.replay")),

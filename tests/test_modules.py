@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from samcl.heatmap import points_to_heatmap
-from samcl.modules.base import segment_with
-from samcl.registry import MODULES, UnknownName
+from samcl.learning_modules.base import segment_with
+from samcl.registry import LEARNING_MODULES, UnknownName
 from samcl.run_folder import load_module, save_module
 from tests.conftest import tiny_backbone
 
@@ -29,11 +29,11 @@ def batch(bb, n=2, seed=0):
 def build(kind, bb):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
-        return MODULES.get(kind).spec_class.for_backbone(bb).build(bb).eval()
+        return LEARNING_MODULES.get(kind).spec_class.for_backbone(bb).build(bb).eval()
 
 
 def kinds_for(bb):
-    return [k for k in MODULES.names() if not (k == "cad" and bb.family == "sam2")]
+    return [k for k in LEARNING_MODULES.names() if not (k == "cad" and bb.family == "sam2")]
 
 
 def hooked(bb):
@@ -59,15 +59,15 @@ def run(module, bb, images, points, labels):
 
 
 def test_registry_lists_the_kinds_and_refuses_unknown_names():
-    assert MODULES.names() == ["adapter", "augmodule", "cad", "decoder", "lora", "olora", "prompt_pool"]
+    assert LEARNING_MODULES.names() == ["adapter", "augmodule", "cad", "decoder", "lora", "olora", "prompt_pool"]
     with pytest.raises(UnknownName, match="unknown learning module 'dora'; known: adapter, augmodule, cad, decoder, lora, "
                                           "olora, prompt_pool$"):
-        MODULES.get("dora")
+        LEARNING_MODULES.get("dora")
 
 
 def test_cad_on_sam2_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="CAD needs a SAM \\(ViT\\) backbone.*conv_s0/conv_s1"):
-        MODULES.get("cad").spec_class.for_backbone(tiny_backbone("sam2"))
+        LEARNING_MODULES.get("cad").spec_class.for_backbone(tiny_backbone("sam2"))
 
 
 def test_fresh_zero_initialised_modules_equal_the_frozen_backbone(backbone):

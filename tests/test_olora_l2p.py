@@ -17,9 +17,9 @@ from samcl.loading import Batch
 from samcl.methods.finetune import FineTune
 from samcl.methods.l2p import L2P
 from samcl.methods.olora import OLoRA
-from samcl.modules.lora import LoRASpec
-from samcl.modules.olora import OLoRAModule, OLoRASpec, orthogonality
-from samcl.modules.prompt_pool import PromptPoolSpec, choose, pull_loss
+from samcl.learning_modules.lora import LoRASpec
+from samcl.learning_modules.olora import OLoRAModule, OLoRASpec, orthogonality
+from samcl.learning_modules.prompt_pool import PromptPoolSpec, choose, pull_loss
 from samcl.plugins import check_plugins
 from samcl.training_step import SegmentStep
 from tests.conftest import tiny_backbone

@@ -10,8 +10,8 @@ from samcl import pipeline
 from samcl.config import CONFIG_DIR, load_config
 from samcl.data import POINTS_FRAME, SegmentationSplit, read_domain_map
 from samcl.demo import make_demo_data
-from samcl.model import SAMCLModel
-from samcl.modules.augmodule import AugModuleSpec
+from samcl.model import ModuleBank
+from samcl.learning_modules.augmodule import AugModuleSpec
 from samcl.predictor import SAMCLPredictor
 from tests.conftest import RELEASE, SAMPLE, tiny_backbone
 
@@ -131,7 +131,7 @@ def vanilla(family: str) -> SAMCLPredictor:
     """Our predictor on a tiny backbone with no learning module, upsampling bilinearly as SamPredictor does."""
     bb = tiny_backbone(family)
     bb.upsample = "bilinear"
-    return SAMCLPredictor(SAMCLModel(bb, AugModuleSpec.for_backbone(bb)))
+    return SAMCLPredictor(ModuleBank(bb, AugModuleSpec.for_backbone(bb)))
 
 
 def stock(family: str, backbone):

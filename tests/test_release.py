@@ -216,7 +216,7 @@ def test_sam2_release_module_is_refused_by_a_vit_b_backbone(vit_b):
 
 def test_release_module_acts_through_the_backbone_hooks(vit_b):
     """Released tensors take effect in a windowed block, a global block and the neck; a zero module does not."""
-    from samcl.modules.augmodule import AugModule
+    from samcl.learning_modules.augmodule import AugModule
 
     rm = read_release_module(release_dir("SAM1") / "Kvasir.pth")
     zero = AugModule(rm.spec)
@@ -436,7 +436,7 @@ def test_a_release_folder_of_the_other_family_is_refused_by_the_script(script, f
 def test_export_of_a_trained_tiny_run_reads_back_and_tests(tmp_path):
     """train (tiny SAM, 2 domains, 1 epoch) -> export -> release folder: bit-exact, testable by pipeline.test."""
     from samcl import pipeline
-    from samcl.modules.augmodule import AugModuleSpec
+    from samcl.learning_modules.augmodule import AugModuleSpec
     from samcl.config import CONFIG_DIR, load_config
     from samcl.demo import make_demo_data
     from samcl.io import read_tagged

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from samcl.modules.augmodule import AugModule, AugModuleSpec
-from samcl.modules.base import segment_with
+from samcl.learning_modules.augmodule import AugModule, AugModuleSpec
+from samcl.learning_modules.base import segment_with
 from samcl.backbones.sam2 import SAM2Backbone, build_sam2_model, load_sam2_weights
 from samcl.config import Config, load_config
 

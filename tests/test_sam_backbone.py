@@ -3,11 +3,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from samcl.modules.augmodule import AugModule, AugModuleSpec
-from samcl.modules.base import segment_with
+from samcl.learning_modules.augmodule import AugModule, AugModuleSpec
+from samcl.learning_modules.base import segment_with
 from samcl.backbones.base import index_features
 from samcl.backbones.sam import SAMBackbone, build_sam, load_sam_weights
-from samcl.model import SAMCLModel
+from samcl.model import ModuleBank
 from samcl.selector import ModuleSelector
 
 
@@ -66,7 +66,7 @@ def test_bilinear_upsampling_option():
 
 def test_zero_module_leaves_masks_unchanged_and_trained_module_changes_them(tiny_sam):
     images, points, labels = batch()
-    model = SAMCLModel(tiny_sam, AugModuleSpec.for_backbone(tiny_sam))
+    model = ModuleBank(tiny_sam, AugModuleSpec.for_backbone(tiny_sam))
     heat = model.heatmap(points, labels)
     with torch.no_grad():
         prefix = tiny_sam.encode_prefix(images)
@@ -83,7 +83,7 @@ def test_module_acts_on_windowed_and_global_blocks_and_neck(tiny_sam):
     assert tiny_sam.sam.image_encoder.blocks[4].window_size == 7  # windowed (16x16 grid padded to 21x21)
     assert tiny_sam.sam.image_encoder.blocks[5].window_size == 0  # global
     images, points, labels = batch(2)
-    heat = SAMCLModel(tiny_sam, spec).heatmap(points, labels)
+    heat = ModuleBank(tiny_sam, spec).heatmap(points, labels)
     prefix = tiny_sam.encode_prefix(images)
     base = tiny_sam.encode_suffix(prefix)["image_embeddings"]
     for name in ("B.0", "B.1", "extra.upward_"):
@@ -97,7 +97,7 @@ def test_module_acts_on_windowed_and_global_blocks_and_neck(tiny_sam):
 
 def test_routed_batch_equals_per_image(tiny_sam):
     images, points, labels = batch(5)
-    model = SAMCLModel(tiny_sam, AugModuleSpec.for_backbone(tiny_sam))
+    model = ModuleBank(tiny_sam, AugModuleSpec.for_backbone(tiny_sam))
     model.add_domain("a", trained_like(model.spec, 1))
     model.add_domain("b", trained_like(model.spec, 2))
     model.add_domain("u", None)
@@ -120,7 +120,7 @@ def test_routed_batch_equals_per_image(tiny_sam):
 
 def test_predict_exposes_scores_low_res_logits_and_forced_domains(tiny_sam):
     images, points, labels = batch(4)
-    model = SAMCLModel(tiny_sam, AugModuleSpec.for_backbone(tiny_sam))
+    model = ModuleBank(tiny_sam, AugModuleSpec.for_backbone(tiny_sam))
     model.add_domain("a", trained_like(model.spec, 1))
     model.add_domain("b", trained_like(model.spec, 2))
     model.add_domain("u", None)
@@ -153,9 +153,9 @@ def test_predict_exposes_scores_low_res_logits_and_forced_domains(tiny_sam):
 
 def test_module_for_another_backbone_is_refused(tiny_sam):
     with pytest.raises(ValueError, match=r"sam/vit_tiny.*width 384 \(this backbone: 32\)"):
-        SAMCLModel(tiny_sam, AugModuleSpec(dim=384, layers=(6, 7, 8, 9), neck_channels=None))
+        ModuleBank(tiny_sam, AugModuleSpec(dim=384, layers=(6, 7, 8, 9), neck_channels=None))
     with pytest.raises(ValueError, match="frozen prefix"):
-        SAMCLModel(tiny_sam, AugModuleSpec(dim=32, layers=(2, 4), neck_channels=(32, 32)))
+        ModuleBank(tiny_sam, AugModuleSpec(dim=32, layers=(2, 4), neck_channels=(32, 32)))
 
 
 def test_official_key_layout_loads_and_foreign_checkpoints_are_named(tmp_path):

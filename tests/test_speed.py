@@ -22,8 +22,8 @@ from samcl.demo import make_demo_data
 from samcl.evaluation import evaluate_split, routed
 from samcl.feature_cache import PrefixCache
 from samcl.loading import make_loader
-from samcl.model import SAMCLModel
-from samcl.modules.augmodule import AugModuleSpec
+from samcl.model import ModuleBank
+from samcl.learning_modules.augmodule import AugModuleSpec
 from samcl.precision import amp_available, amp_forward, autocast, check_amp
 from samcl.run_folder import load_module
 from samcl.selector import ModuleSelector
@@ -201,7 +201,7 @@ def test_amp_runs_on_a_bfloat16_cpu_and_is_refused_elsewhere_with_the_fix(monkey
 def test_amp_code_path_runs_under_bf16_autocast(tiny_sam):
     """The autocast path (exercised on the CPU here; the option itself is CUDA-only): the module's
     hooks, neck terms and decoder run under bf16, outputs come back float32 and close to fp32."""
-    model = SAMCLModel(tiny_sam, AugModuleSpec.for_backbone(tiny_sam))
+    model = ModuleBank(tiny_sam, AugModuleSpec.for_backbone(tiny_sam))
     module = model.new_module()
     with torch.no_grad():
         for p in module.parameters():
@@ -228,7 +228,7 @@ def test_amp_code_path_runs_under_bf16_autocast(tiny_sam):
 
 # ------------------------------------------------------------ testing path
 def test_batched_routed_evaluation_equals_per_image(data, tiny_sam):
-    model = SAMCLModel(tiny_sam, AugModuleSpec.for_backbone(tiny_sam))
+    model = ModuleBank(tiny_sam, AugModuleSpec.for_backbone(tiny_sam))
     gen = torch.Generator().manual_seed(3)
     for d in ("polyp", "shadow"):
         m = model.new_module()

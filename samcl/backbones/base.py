@@ -14,7 +14,7 @@ A backbone splits its image encoder at the *selector layer*:
 A backbone knows no learning module. It exposes its geometry (depth, widths, windows,
 grid) and the named points where a module may act — :meth:`attention`, :meth:`qkv`,
 :meth:`mlp` of a block, :attr:`neck`, :attr:`mask_decoder` — and a learning module
-installs its own hooks there for the duration of a call (:mod:`samcl.modules`). Where a
+installs its own hooks there for the duration of a call (:mod:`samcl.learning_modules`). Where a
 module needs a block's computation itself, the backbone provides it
 (:meth:`prefixed_attention`: the attention with extra key/value tokens), so that only
 the backbones read their package's code.

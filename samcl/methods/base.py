@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader
 from ..backbones.base import Features
 from ..loading import Batch
 from ..losses import training_loss
-from ..model import SAMCLModel
-from ..modules.base import LearningModule
+from ..model import ModuleBank
+from ..learning_modules.base import LearningModule
 from ..run_folder import WEIGHTS
 from ..selector import EmbeddingBuffer
 
@@ -54,7 +54,7 @@ class ContinualMethod:
     # (run_folder.selector_snapshot, ...); the run state sets the run's own ("pth": written before safetensors)
     weights: str = WEIGHTS
 
-    def __init__(self, cfg: Any, model: SAMCLModel, device: torch.device, buffer: Optional[EmbeddingBuffer] = None,
+    def __init__(self, cfg: Any, model: ModuleBank, device: torch.device, buffer: Optional[EmbeddingBuffer] = None,
                  run_dir: Optional[Path] = None) -> None:
         self.cfg = cfg
         self.model = model

@@ -21,7 +21,7 @@ from .. import distributed as dist
 from ..backbones.base import Features
 from ..data import PAD_LABEL
 from ..loading import Batch
-from ..modules.base import LearningModule
+from ..learning_modules.base import LearningModule
 from ..registry import register_method
 from ..settings import Settings, setting
 from ..replay import REPLAY_DIR, Replayed, ReservoirBuffer

@@ -36,7 +36,7 @@ from ..backbones.base import Features
 from ..io import load_tagged, save_tagged
 from ..loading import Batch, progress, to_device
 from ..losses import training_loss
-from ..modules.base import LearningModule
+from ..learning_modules.base import LearningModule
 from ..precision import amp_forward
 from ..registry import register_method
 from ..settings import Settings, setting

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from ..backbones.base import Features
 from ..loading import Batch
-from ..modules.base import LearningModule
+from ..learning_modules.base import LearningModule
 from ..registry import register_method
 from .base import ContinualMethod
 

@@ -4,7 +4,7 @@ data, on the domains of the whole order in name order (so the result does not de
 order), and then only evaluates: each later step tests the domains seen so far with that module."""
 from typing import List, Optional
 
-from ..modules.base import LearningModule
+from ..learning_modules.base import LearningModule
 from ..registry import register_method
 from .finetune import FineTune
 

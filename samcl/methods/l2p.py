@@ -1,7 +1,7 @@
 """L2P, Learning to Prompt (Wang et al. 2022), as prefix tuning: ONE prompt pool trained through
 the domains (as fine-tuning trains one shared module), every image choosing its prompts by the
 cosine similarity of its frozen selector-layer embedding to the pool's keys
-(:mod:`samcl.modules.prompt_pool`). The loss adds L2P's key-pull term,
+(:mod:`samcl.learning_modules.prompt_pool`). The loss adds L2P's key-pull term,
 ``l2p_pull_weight * mean over images of sum over the chosen keys of (1 - cos(query, key))``, to
 the segmentation loss (summed over the batch's images); the keys get their gradient from that
 term only. Inference is task-agnostic (the same choice of prompts, no selector). Every image takes its
@@ -15,8 +15,8 @@ import torch
 
 from ..backbones.base import Features
 from ..loading import Batch
-from ..modules.base import LearningModule
-from ..modules.prompt_pool import pull_loss
+from ..learning_modules.base import LearningModule
+from ..learning_modules.prompt_pool import pull_loss
 from ..registry import register_method
 from ..settings import Settings, setting
 from .base import Forward

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..backbones.base import Features
 from ..loading import Batch
-from ..modules.base import LearningModule
+from ..learning_modules.base import LearningModule
 from ..precision import amp_forward
 from ..registry import register_method
 from ..settings import Settings, setting

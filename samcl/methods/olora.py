@@ -1,11 +1,11 @@
 """O-LoRA (Wang et al. 2023): a new LoRA pair per domain, kept orthogonal to the earlier ones.
 
-At every trained domain the learning module (:mod:`samcl.modules.olora`) grows by one LoRA
+At every trained domain the learning module (:mod:`samcl.learning_modules.olora`) grows by one LoRA
 pair: the earlier pairs are copied from the previous module and frozen (no gradient, no
 optimiser state), the new pair starts as a LoRA (A Kaiming-uniform, B zero, drawn from
 seed + t). The loss adds ``olora_lambda * sum_layers sum_old sum_ij |(A_old^T A_new)_ij|``
 (O-LoRA's L_orth; A as the paper's (in, r) matrices, see
-:func:`samcl.modules.olora.orthogonality`) to the segmentation loss (summed over the batch's
+:func:`samcl.learning_modules.olora.orthogonality`) to the segmentation loss (summed over the batch's
 images). Inference is task-agnostic: every image with all pairs summed (no selector). The
 module file of each step holds all its pairs, so only the latest one is kept.
 """
@@ -16,7 +16,7 @@ import torch
 
 from ..backbones.base import Features
 from ..loading import Batch
-from ..modules.base import LearningModule
+from ..learning_modules.base import LearningModule
 from ..registry import register_method
 from ..settings import Settings, setting
 from .base import Forward

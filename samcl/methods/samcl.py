@@ -16,7 +16,7 @@ from .. import distributed as dist
 from ..backbones.base import Features
 from ..evaluation import routed
 from ..loading import Batch
-from ..modules.base import LearningModule
+from ..learning_modules.base import LearningModule
 from ..registry import register_method
 from ..run_folder import load_selector, save_selector, selector_file, selector_snapshot
 from ..selector import ModuleSelector, train_selector

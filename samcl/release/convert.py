@@ -18,8 +18,8 @@ from ..backbones.build import backbone_family
 from ..backbones.sam import sam_architectures
 from ..config import FAMILY_NAMES, Config
 from ..io import atomic_write_text, load_tagged, save_tagged
-from ..modules.augmodule import AugModule, AugModuleSpec
-from ..registry import MODULES
+from ..learning_modules.augmodule import AugModule, AugModuleSpec
+from ..registry import LEARNING_MODULES
 from ..run_folder import (MANIFEST, WEIGHTS, RunFolderError, load_selector, module_format, module_path,
                           package_versions, read_manifest, run_weights, save_selector, selector_file,
                           selector_snapshot, sha256_file, verify_files, write_json)
@@ -176,7 +176,7 @@ def save_release_module(module: AugModule, family: str, path: Path, cnt: int = 0
 
 
 def _read_own_module(path: Path) -> Tuple[AugModule, Dict[str, Any]]:
-    formats = [module_format(k) for k in MODULES.names()]
+    formats = [module_format(k) for k in LEARNING_MODULES.names()]
     data = load_tagged(path, formats, "module file", RunFolderError)
     if data["format"] != module_format("augmodule"):
         raise RunFolderError(f"{path} holds a {data.get('kind')} module: the release format has AugModules only "

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import FAMILY_NAMES
-from ..modules.augmodule import AugModule, AugModuleSpec
+from ..learning_modules.augmodule import AugModule, AugModuleSpec
 from ..run_folder import MANIFEST, run_markers
 from ..selector import ModuleSelector
 from . import RELEASE_ORDER, RELEASE_UNSEEN
@@ -338,7 +338,7 @@ def release_run_config(rel: ReleaseFolder, cfg: Any) -> Any:
 
 def release_model(rel: ReleaseFolder, cfg: Any, device: torch.device,
                   build_model: Callable[[Any, torch.device], Any]) -> Any:
-    """SAMCLModel of a release folder read by :func:`read_release_folder`: the backbone of ``cfg``
+    """ModuleBank of a release folder read by :func:`read_release_folder`: the backbone of ``cfg``
     (:func:`release_run_config`), the release's modules and selector.
 
     ``build_model(cfg, device)`` is the model factory of :mod:`samcl.opening`, so this package

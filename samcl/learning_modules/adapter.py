@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import Backbone, DecodeOptions, Features
-from ..registry import register_module
+from ..registry import register_learning_module
 from .base import Hook, LearningModule, ModuleSpec
 
 
@@ -53,7 +53,7 @@ class Bottleneck(nn.Module):
         return self.up(F.gelu(self.down(x)))
 
 
-@register_module("adapter")
+@register_learning_module("adapter")
 class AdapterModule(LearningModule):
     spec_class = AdapterSpec
     reads_images = True

@@ -1,7 +1,7 @@
 """Learning modules: what trains inside the frozen backbone (one file per kind).
 
 Importing the package imports every file in it, and each registers its kind
-(``samcl.registry.MODULES``): a new kind is one new file, with no list to edit.
+(``samcl.registry.LEARNING_MODULES``): a new kind is one new file, with no list to edit.
 """
 import importlib
 import pkgutil

@@ -2,7 +2,7 @@
 after the selector layer, one pair per trained domain.
 
 ``qkv(x) + scale * sum_k B_k(A_k(x))`` over the pairs k = 0 .. tasks - 1, each pair a LoRA of
-:mod:`samcl.modules.lora` (``A_k``: in -> r, Kaiming-uniform; ``B_k``: r -> out, zero;
+:mod:`samcl.learning_modules.lora` (``A_k``: in -> r, Kaiming-uniform; ``B_k``: r -> out, zero;
 ``scale = alpha / r``). The method (:mod:`samcl.methods.olora`) adds a pair per domain, freezes
 the earlier ones and keeps the new one's ``A`` orthogonal to theirs (:func:`orthogonality`).
 Inference sums every pair: no task identity is needed. A module file holds all its pairs; the
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..backbones.base import Backbone
-from ..registry import register_module
+from ..registry import register_learning_module
 from .base import Hook, LearningModule
 from .lora import LoRASpec
 
@@ -54,7 +54,7 @@ def orthogonality(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return (old @ new.transpose(0, 1)).abs().sum()
 
 
-@register_module("olora")
+@register_learning_module("olora")
 class OLoRAModule(LearningModule):
     """``pairs[k]`` is the LoRA of the k-th trained domain; the last one is the one that trains."""
 

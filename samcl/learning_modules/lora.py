@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..backbones.base import Backbone
-from ..registry import register_module
+from ..registry import register_learning_module
 from .base import Hook, LearningModule, ModuleSpec
 
 
@@ -49,7 +49,7 @@ def _shape(backbone: Backbone, i: int) -> Tuple[int, int]:
     return (qkv.in_features, qkv.out_features)
 
 
-@register_module("lora")
+@register_learning_module("lora")
 class LoRAModule(LearningModule):
     spec_class = LoRASpec
 

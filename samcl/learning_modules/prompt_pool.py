@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import Backbone, DecodeOptions, Features, PrefixedAttention
-from ..registry import register_module
+from ..registry import register_learning_module
 from ..settings import Settings, setting
 from .base import Hook, LearningModule, ModuleSpec
 
@@ -118,7 +118,7 @@ def pull_loss(similarity: torch.Tensor) -> torch.Tensor:
     return (1 - similarity).sum(dim=1).mean()
 
 
-@register_module("prompt_pool")
+@register_learning_module("prompt_pool")
 class PromptPoolModule(LearningModule):
     """``keys`` (M, D_sel); ``prompts[j]`` (M, 2, L, C_j) of late block ``spec.layers[j]``.
     ``last_similarity`` is the (N, k) cosine similarity of the last call's chosen keys (the

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..backbones.base import Backbone, DecodeOptions, Features
-from ..registry import register_module
+from ..registry import register_learning_module
 from .base import LearningModule, ModuleSpec
 
 IMAGE_PATH_PARTS = ("conv_s0", "conv_s1")  # SAM 2: used by the image path, not by the decoder's forward
@@ -45,7 +45,7 @@ def _copy(backbone: Backbone) -> nn.Module:
     return decoder.requires_grad_(True)
 
 
-@register_module("decoder")
+@register_learning_module("decoder")
 class DecoderModule(LearningModule):
     spec_class = DecoderSpec
     # with one mask output, the other mask tokens' heads get no gradient

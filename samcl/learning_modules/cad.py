@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import Backbone, DecodeOptions
-from ..registry import register_module
+from ..registry import register_learning_module
 from .base import LearningModule, ModuleSpec
 
 # fraction of the spectrum's area (H*W) whose centred square is removed (CAD, SAM-Adapter: tau = 0.25)
@@ -174,7 +174,7 @@ def frozen_features(backbone, images: Optional[torch.Tensor], prefix: Optional[D
     return prefix
 
 
-@register_module("cad")
+@register_learning_module("cad")
 class CADModule(LearningModule):
     """The trainable module of one domain: a :class:`ConvAdapter` and its own copy of SAM's
     mask decoder (the backbone's prompt encoder and image encoder stay frozen and shared).

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import Backbone
-from ..registry import register_module
+from ..registry import register_learning_module
 from .base import Hook, LearningModule, ModuleSpec
 
 ORIENTATIONS = ("reference", "corrected")
@@ -98,7 +98,7 @@ class Extra(nn.Module):
                 nn.init.zeros_(lin.bias)
 
 
-@register_module("augmodule")
+@register_learning_module("augmodule")
 class AugModule(LearningModule):
     """The trainable module of one domain.
 

@@ -8,8 +8,8 @@ is attached. A module is rebuilt from its *spec*, a small frozen dataclass deriv
 the backbone and the configuration, stored beside its weights.
 
 A new kind is one file: subclass :class:`ModuleSpec` and :class:`LearningModule`,
-register the module class with ``@register_module("name")``, and import the file in
-``samcl/modules/__init__.py``.
+register the module class with ``@register_learning_module("name")``, and import the file in
+``samcl/learning_modules/__init__.py``.
 """
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..backbones.base import Backbone, DecodeOptions, Features
-from ..registry import MODULES
+from ..registry import LEARNING_MODULES
 
 # (backbone submodule, "forward" | "forward_pre", hook) as nn.Module.register_forward(_pre)_hook takes it;
 # or (submodule, "replace", forward): the submodule's forward itself, for a module that recomputes the
@@ -60,9 +60,9 @@ class ModuleSpec:
         return self.module_class().name
 
     def module_class(self) -> type:
-        for name in MODULES.names():
-            if MODULES.get(name).spec_class is type(self):
-                return MODULES.get(name)
+        for name in LEARNING_MODULES.names():
+            if LEARNING_MODULES.get(name).spec_class is type(self):
+                return LEARNING_MODULES.get(name)
         raise ValueError(f"no learning module is registered for {type(self).__name__}")
 
     def build(self, backbone: Backbone) -> "LearningModule":
