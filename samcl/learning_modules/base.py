@@ -7,9 +7,10 @@ backbone is stock again afterwards and many modules stay resident, switched by w
 is attached. A module is rebuilt from its *spec*, a small frozen dataclass derived from
 the backbone and the configuration, stored beside its weights.
 
-A new kind is one file: subclass :class:`ModuleSpec` and :class:`LearningModule`,
-register the module class with ``@register_learning_module("name")``, and import the file in
-``samcl/learning_modules/__init__.py``.
+A new kind is one file in ``samcl/learning_modules/`` (found there, no list to edit): subclass
+:class:`ModuleSpec` and :class:`LearningModule`, register the module class with
+``@register_learning_module("name")``, and declare any settings of its own in a
+:class:`samcl.settings.Settings` subclass in the same file.
 """
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields

@@ -14,8 +14,9 @@ DDP, bf16 and the feature cache, and calls for every domain t of the order:
 
 and :meth:`ContinualMethod.segment` to evaluate a batch, saying which module each image
 used. The optimiser, the scheduler and the loss are the method's, built from the
-configuration. A new method is one file: subclass, register it with
-``@register_method("name")`` and import the file in ``samcl/methods/__init__.py``.
+configuration. A new method is one file in ``samcl/methods/`` (found there, no list to edit):
+subclass, register it with ``@register_method("name")``, and declare any settings of its own in a
+:class:`samcl.settings.Settings` subclass in the same file (its flags then appear in ``--help``).
 """
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
