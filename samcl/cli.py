@@ -138,11 +138,15 @@ def check_module_family(module: Optional[str], family: str, kind: str) -> None:
                        f"is the {FAMILY_NAMES[family]} script: use {SCRIPTS[right, kind]}")
 
 
+def declared_defaults() -> Dict[str, Any]:
+    """Each setting's default as declared."""
+    return {f.name: (f.default_factory() if f.default is MISSING else f.default) for f in fields(Config)}
+
+
 def family_defaults(family: str) -> Dict[str, Any]:
     """What each setting is when no flag gives it: the family's default recipe over the declared
     defaults (what ``--help`` states; a script with ``--module CAD`` starts from CAD's recipe)."""
-    defaults = {f.name: (f.default_factory() if f.default is MISSING else f.default) for f in fields(Config)}
-    return {**defaults, **read_config_file(str(DEFAULT_CONFIG[family]))}
+    return {**declared_defaults(), **read_config_file(str(DEFAULT_CONFIG[family]))}
 
 
 def _group(p: argparse.ArgumentParser, title: str) -> Any:
@@ -211,6 +215,18 @@ def settings_reference() -> str:
                          f"{what} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def add_setting_flag(p: argparse.ArgumentParser, name: str, *, with_default: bool = False,
+                     help: Optional[str] = None) -> None:
+    """The flag of one setting on a script that takes a few (generate_point.py, predict.py): the
+    declaration's type, choices and help (``help`` instead, where the script reads the setting
+    differently). ``with_default``: the declared default is the flag's own (else None: absent)."""
+    default = declared_defaults()[name] if with_default else None
+    options = _flag_options(name, default)
+    if help is not None:
+        options["help"] = help.replace("%", "%%")
+    p.add_argument(f"--{name}", **{**options, "default": default})
 
 
 def add_common_flags(p: argparse.ArgumentParser, family: str = "sam") -> None:

@@ -74,7 +74,7 @@ def inputs(path: Path) -> List[Path]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from .cli import Parser, explained_errors, resolve_device
+    from .cli import Parser, add_setting_flag, explained_errors, resolve_device
 
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run_dir", required=True, help="a trained run folder (or the authors' release folder)")
@@ -87,10 +87,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--output", required=True, type=Path, help="folder for the masks, overlays and predictions.json")
     p.add_argument("--batch_size", type=int, default=8, help="images per batch (default 8)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: GPU 0 if present, else CPU)")
-    p.add_argument("--amp", choices=("off", "bf16"), default="off", help="bf16 autocast (default off)")
-    p.add_argument("--ckpt", help="backbone weights (default: the run's own)")
-    p.add_argument("--random_weights", action="store_true", default=None, help="random backbone (smoke tests)")
-    p.add_argument("--img_size", type=int, help="model input side for a release folder (default 1024)")
+    add_setting_flag(p, "amp", with_default=True)
+    add_setting_flag(p, "ckpt", help="backbone weights (default: the run's own)")
+    add_setting_flag(p, "random_weights", help="random backbone weights (smoke tests; default: the run's own)")
+    add_setting_flag(p, "img_size", help="model input side for a release folder (default: the architecture's, 1024)")
     args = p.parse_args(argv)
     if (args.points is None) == (args.points_json is None):
         p.error("give the prompts with exactly one of --points and --points_json")

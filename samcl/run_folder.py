@@ -136,8 +136,8 @@ def load_module(path: Path, backbone: Backbone, kind: str = "augmodule") -> Lear
     """Load a module file of ``kind``, refusing one of another kind or written for another
     backbone (both are named)."""
     formats = {module_format(k): k for k in LEARNING_MODULES.names()}
-    data = load_tagged(path, formats, "module file (for the authors' release files see README, "
-                       "'Using the authors' release')", RunFolderError)
+    data = load_tagged(path, formats, "module file (for the authors' release files see docs/release.md)",
+                       RunFolderError)
     found = formats[data["format"]]
     if found != kind:
         raise RunFolderError(f"{path} holds a {found} module, but this run uses {kind} modules; "

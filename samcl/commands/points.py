@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..cli import CLIError, Parser, explained_errors
+from ..cli import CLIError, Parser, add_setting_flag, explained_errors
 
 POINTS_DOC = """Write the static prompt points (masks/points.json) of every split in the JSON maps.
 
@@ -22,14 +22,11 @@ points (label 0) spread over the image and is reported by name.
 def points_main(argv: Optional[List[str]] = None) -> int:
     """generate_point.py: write every split's points.json, or (--check) check the data; exit status."""
     p = Parser(description=POINTS_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_root", default=".", help="folder the JSON maps' paths are relative to (default .)")
-    p.add_argument("--train_json", default="datasets_train.json", help="domain -> train split map")
-    p.add_argument("--test_json", default="datasets_test.json", help="domain -> test split map")
+    for name in ("data_root", "train_json", "test_json", "mask_binarize", "mask_threshold"):
+        add_setting_flag(p, name, with_default=True)
+    add_setting_flag(p, "seed", with_default=True,
+                     help="seed; each file's draw depends only on it and its name (default: 1234)")
     p.add_argument("--num_points", type=int, default=3, help="points per mask (default 3)")
-    p.add_argument("--seed", type=int, default=1234, help="seed; each file's draw depends only on it and its name")
-    p.add_argument("--mask_binarize", choices=("threshold", "reference"), default="threshold",
-                   help="'threshold' (>= --mask_threshold, default) or 'reference' (floor(v/255))")
-    p.add_argument("--mask_threshold", type=int, default=128, help="threshold for 'threshold' (default 128)")
     p.add_argument("--domains", nargs="*", help="only these domain keys (default: all in the maps)")
     p.add_argument("--check", action="store_true",
                    help="write nothing: check every split of both maps, report every problem, exit 1 if any "

@@ -19,7 +19,7 @@ Only SAM (ViT) backbones: SAM 2's mask decoder also owns the high-resolution fea
 projections (``conv_s0``/``conv_s1``) that run inside its image path, before the
 decoder proper, so "fine-tune the whole decoder while the encoder runs without
 autograd" does not fit that backbone's split without re-plumbing its image path
-(README, "CAD").
+(docs/cad.md).
 """
 import copy
 import math
@@ -147,7 +147,7 @@ class CADSpec(ModuleSpec):
                 f"CAD needs a SAM (ViT) backbone, got {getattr(backbone, 'family', type(backbone).__name__)}: "
                 f"SAM 2's mask decoder also owns the high-resolution projections (conv_s0/conv_s1) inside its "
                 f"image path, so fine-tuning the whole decoder beside an autograd-free encoder does not fit "
-                f"that backbone (README, 'CAD')")
+                f"that backbone (docs/cad.md)")
         return cls(channels=int(backbone.embedding_channels), grid=int(backbone.grid_size),
                    in_side=8 * int(backbone.grid_size))
 
@@ -187,7 +187,7 @@ class CADModule(LearningModule):
     backbones = ("sam",)
     backbone_reason = ("SAM 2's mask decoder also owns the high-resolution projections (conv_s0/conv_s1) inside "
                        "its image path, so fine-tuning the whole decoder beside an autograd-free encoder does not "
-                       "fit that backbone (README, 'CAD')")
+                       "fit that backbone (docs/cad.md)")
 
     def __init__(self, spec: CADSpec, mask_decoder: nn.Module) -> None:
         super().__init__(spec)
