@@ -43,7 +43,8 @@ EXPLAINED = (ValueError, OSError)
 
 
 def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
+    """The exception's message and its notes (:func:`samcl.io.add_note`) on one line, "; " between."""
+    return "; ".join(" ".join(part.split()) for part in [str(e), *getattr(e, "__notes__", [])])
 
 
 def rank_prefix() -> str:

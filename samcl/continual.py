@@ -49,14 +49,25 @@ class ContinualTrainer:
         self.state = RunState(cfg, self.method, run_dir, checkpoint)
         self.run_bar = tqdm(disable=True)  # the whole run's bar, made by run()
         self.cache_stats: Dict = {}  # the last domain's feature-cache statistics
-        if resume:
-            self.state.restore()
-        self.train_sets, self.test_sets = load_splits(cfg, model.backbone.img_size, self.state.domains,
-                                                      self.state.todo(), self.state.unseen)
-        if not resume:
-            self.state.prepare(overwrite)
+        try:  # the folder's lock is taken by restore (a resume) or prepare (a new run, once the data passed)
+            if resume:
+                self.state.restore()
+            self.train_sets, self.test_sets = load_splits(cfg, model.backbone.img_size, self.state.domains,
+                                                          self.state.todo(), self.state.unseen)
+            if not resume:
+                self.state.prepare(overwrite)
+        except BaseException:
+            self.state.unlock()
+            raise
 
     def run(self) -> Dict:
+        """Every step still to do, then the run's metrics; the folder's lock is released at the end."""
+        try:
+            return self._run_steps()
+        finally:
+            self.state.unlock()
+
+    def _run_steps(self) -> Dict:
         cfg, st = self.cfg, self.state
         st.begin()
         log.info(self.model.describe_module())

@@ -38,6 +38,12 @@ class NoSpaceError(OSError):
     The file is as it was before (the write went to a temporary file, which is removed)."""
 
 
+def add_note(e: BaseException, note: str) -> None:
+    """Append ``note`` to what ``e`` says (``BaseException.add_note``, also on Python 3.10); the
+    command line prints the message and its notes on one line."""
+    e.__notes__ = [*getattr(e, "__notes__", []), note]
+
+
 def free_space(folder: Path) -> str:
     """The free space of ``folder``'s file system, in words."""
     try:

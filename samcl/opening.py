@@ -31,8 +31,8 @@ from .release import RELEASE_ORDER, RELEASE_UNSEEN
 from .release.folder import (check_release_family, is_release_folder, read_release_folder, release_model,
                              release_run_config, report_dir_for)
 from .run_folder import (MANIFEST, RunFolderError, backbone_identity, check_same_checkpoint, checkpoint_identity,
-                         load_module, load_selector, module_path, read_manifest, run_weights, selector_snapshot,
-                         verify_files)
+                         load_module, load_selector, module_path, read_manifest, run_weights, selector_file,
+                         selector_snapshot, sha256_file, verify_files)
 from .loading import seed_everything
 
 log = logging.getLogger("samcl.opening")
@@ -124,6 +124,8 @@ def _open_run_folder(run_dir: Path, device: torch.device, given: Dict[str, Any],
     snapshot = selector_snapshot(completed[-1], fmt)
     routed = snapshot in manifest["files"]  # methods without a selector (e.g. finetune) write none
     verify_files(run_dir, manifest["files"], modules + ([snapshot] if routed else []))
+    if routed:
+        _check_latest_selector(run_dir, manifest["files"], selector_file(fmt), snapshot)
     model = build_model(cfg, device)
     built = json.loads(json.dumps(backbone_identity(model.backbone)))
     if manifest.get("backbone") not in (None, built):
@@ -139,6 +141,16 @@ def _open_run_folder(run_dir: Path, device: torch.device, given: Dict[str, Any],
         log.warning("%s is unfinished: only %s of %s are done (train.py --resume %s continues it)", run_dir,
                     completed, manifest["order"], run_dir)
     return OpenedRun(model, cfg, manifest, run_dir)
+
+
+def _check_latest_selector(run_dir: Path, checksums: Dict[str, str], latest: str, snapshot: str) -> None:
+    """The selector a test reads is the last step's snapshot (verified above). ``Module_Selector.*``
+    is the same selector under the release's file name, a copy for export: it is not read, so a
+    changed copy does not change what is tested; that is said rather than passed over."""
+    path = run_dir / latest
+    if latest in checksums and (not path.is_file() or sha256_file(path) != checksums[latest]):
+        log.warning("%s is not the selector %s records (changed, replaced or missing); it is a copy for export, "
+                    "not read: the run is tested with %s", path, MANIFEST, snapshot)
 
 
 def _check_weights(run_dir: Path, manifest: Dict[str, Any], cfg: Config) -> None:

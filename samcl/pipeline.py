@@ -3,7 +3,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -11,10 +11,11 @@ import torch.nn.functional as F
 
 from . import distributed as dist
 from . import methods  # noqa: F401  (registers the methods)
-from .config import Config, build_config
+from .config import FAMILY_NAMES, Config, build_config
 from .continual import RESUMABLE_SETTINGS, ContinualTrainer
 from .data import SegmentationSplit, binarize_mask, read_domain_map, read_image
 from .evaluation import evaluate_split, selector_accuracy
+from .io import add_note
 from .loading import make_loader
 from .metrics import METRICS, per_image_metrics
 from .model import ModuleBank
@@ -29,18 +30,39 @@ log = logging.getLogger("samcl.pipeline")
 OVERLAY_DIR = "overlays"
 
 
-def _run_continual(cfg: Config, device: torch.device, run_dir: Path, **trainer_options) -> Dict:
+TRAIN_SCRIPTS = {"sam": "train.py", "sam2": "train_SAM2.py"}
+
+
+def _run_continual(cfg: Config, device: torch.device, run_dir: Path, notices: Tuple[str, ...] = (),
+                   **trainer_options) -> Dict:
     """Build the model and run the protocol into ``run_dir``; the log file is opened only once
-    the backbone, the data and the folder check out (a failed start leaves nothing behind)."""
-    setup_logging(None, main=dist.is_main())
+    the backbone, the data and the folder check out (a failed start leaves nothing behind), and
+    starts with what was logged before (``notices`` first). An error once the folder holds the run
+    says how to continue it."""
+    setup_logging(None, main=dist.is_main(), hold=True)
+    for notice in notices:
+        log.warning(notice)
     model = build_model(cfg, device)
     trainer = ContinualTrainer(cfg, model, device, run_dir, checkpoint=config_checkpoint_identity(cfg),
                                **trainer_options)
     setup_logging(run_dir, main=dist.is_main())
     log.info("run folder %s on %s (%d process(es))", run_dir, device, dist.world_size())
-    metrics = trainer.run()
+    try:
+        metrics = trainer.run()
+    except (ValueError, OSError) as e:  # the errors a user can fix: after the fix, --resume goes on
+        add_note(e, continue_hint(cfg, run_dir))
+        raise
     log.info("done: %s", run_dir)
     return metrics
+
+
+def continue_hint(cfg: Config, run_dir: Path) -> str:
+    """What to run once the cause of a stop is fixed: the run folder keeps every finished domain and
+    the last saved epoch of the one in progress."""
+    script = TRAIN_SCRIPTS[cfg.backbone]
+    return (f"the run folder {run_dir} keeps every finished domain and the last saved epoch; once this is fixed, "
+            f"continue it with: python {script} --resume {run_dir} (or start it over: the same command with "
+            f"--overwrite)")
 
 
 def train(cfg: Config, device: torch.device, overwrite: bool = False) -> Dict:
@@ -64,9 +86,17 @@ def resume_config(run_dir: Path, overrides: Dict) -> Config:
     return build_config([(str(Path(run_dir) / MANIFEST), stored), *allowed, ("--resume", {"run_dir": str(run_dir)})])
 
 
-def resume(run_dir: Path, overrides: Dict, device: torch.device) -> Dict:
-    """Continue an interrupted run, or add the new domains of a longer ``--order`` to a finished one."""
-    return _run_continual(resume_config(run_dir, overrides), device, Path(run_dir), resume=True)
+def resume(run_dir: Path, overrides: Dict, device: torch.device, family: Optional[str] = None) -> Dict:
+    """Continue an interrupted run, or add the new domains of a longer ``--order`` to a finished one.
+    The run keeps its own backbone: ``family``, the resuming script's, is only compared with it and
+    a difference said first."""
+    cfg = resume_config(run_dir, overrides)
+    notices = ()
+    if family is not None and family != cfg.backbone:
+        notices = (f"{run_dir} is a {FAMILY_NAMES[cfg.backbone]} run ({cfg.backbone}/{cfg.arch_name}), resumed with "
+                   f"{TRAIN_SCRIPTS[family]}: it goes on with its own backbone ({TRAIN_SCRIPTS[cfg.backbone]} is its "
+                   f"script)",)
+    return _run_continual(cfg, device, Path(run_dir), notices, resume=True)
 
 
 def load_run(run_dir: Path, cfg: Config, device: torch.device) -> ModuleBank:

@@ -14,16 +14,19 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
 from . import distributed as dist
 from .bounded import check_torch_file
+from .config import stored_settings
 from .io import atomic_torch_save
+from .lock import LOCK_FILE, RunLock
 from .methods.base import ContinualMethod
 from .pictures import draw_report
 from .metrics import AccuracyMatrix
-from .run_folder import (MANIFEST, METRICS_FILE, PARTIAL_DIR, WEIGHTS, RunFolderError, backbone_identity,
+from .run_folder import (CONFIG_FILE, MANIFEST, METRICS_FILE, PARTIAL_DIR, WEIGHTS, RunFolderError, backbone_identity,
                          buffer_part, load_module, module_path, package_versions, read_manifest, run_weights,
                          save_module, sha256_file, verify_files, write_config, write_json)
 from .selector import EmbeddingBuffer
@@ -51,6 +54,19 @@ class RunState:
         self.with_module: set = set()  # the steps that saved a module file
         self.weights = WEIGHTS  # a resumed run keeps its own (restore)
         method.weights = self.weights
+        self._lock: Optional[RunLock] = None
+
+    # ------------------------------------------------------------ the writer's lock
+    def lock(self) -> None:
+        """Take the run folder's lock (rank 0, which writes the folder): a second process training
+        there is refused at once, naming this one (:mod:`samcl.lock`). Held until :meth:`unlock`."""
+        if dist.is_main() and self._lock is None:
+            self._lock = RunLock(self.run_dir).acquire()
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # ------------------------------------------------------------ a new folder
     def prepare(self, overwrite: bool) -> None:
@@ -60,10 +76,11 @@ class RunState:
             raise RunFolderError(
                 f"run folder {self.run_dir} already holds a run; pass --overwrite to replace it "
                 f"or --run_dir for a new folder, or --resume it")
-        if dist.is_main():
-            if exists:
-                shutil.rmtree(self.run_dir)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock()
+        if dist.is_main() and exists:
+            for entry in self.run_dir.iterdir():  # everything but the lock this process holds
+                if entry.name != LOCK_FILE:
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         dist.barrier()
 
     def identity(self) -> Dict:
@@ -79,8 +96,11 @@ class RunState:
 
     # ------------------------------------------------------------ resume
     def restore(self) -> None:
-        """Pick up a run folder: check it is the same setup, verify finished files, reload them."""
+        """Pick up a run folder: take its lock, check it is the same setup and that the finished steps
+        keep their roles, verify finished files, reload them."""
         manifest = read_manifest(self.run_dir)
+        self.lock()
+        self._report_edited_config(manifest["config"])
         old = {k: manifest.get(k) for k in ("module", "backbone", "checkpoint", "spec")}
         new = json.loads(json.dumps(self.identity()))
         diff = [f"{k}: run has {old[k]}, now {new[k]}" for k in new if old[k] != new[k]]
@@ -92,6 +112,7 @@ class RunState:
             raise RunFolderError(f"--order {self.cfg.order} must start with the run's order {'_'.join(old_order)} "
                                  f"(new domains are added at the end)")
         self.completed = list(manifest["completed"])
+        self._check_roles(manifest)
         self.checksums = dict(manifest.get("files", {}))
         self.weights = self.method.weights = run_weights(manifest)
         if self.weights != WEIGHTS:
@@ -116,6 +137,41 @@ class RunState:
             for d, res in step["evaluation"].items():
                 self.matrix.set(step["step"], self.domains.index(d), res["metrics"])
         log.info("resuming %s: done %s; to do %s", self.run_dir, self.completed or "nothing", self.todo())
+
+    def _check_roles(self, manifest: Dict) -> None:
+        """A finished step keeps its role: a domain trained (or collected as the method trains)
+        cannot become test-only, nor a finished test-only domain trained; ``--unseen`` on a resume
+        may name only domains not finished yet."""
+        was_unseen, modules = set(manifest["unseen"]), set(manifest.get("modules", {}))
+        for d in self.completed:
+            if (d in was_unseen) == (d in self.unseen):
+                continue
+            what = ("was finished as a test-only (unseen) domain" if d in was_unseen else
+                    "was trained (it has a learning module)" if d in modules else "was finished as a trained step")
+            wanted = "a trained one" if d in was_unseen else "test-only (unseen)"
+            todo = [x for x in self.domains if x not in self.completed]
+            raise RunFolderError(f"{self.run_dir}: {d} {what}; this resume would make it {wanted}, but a finished "
+                                 f"step's role is fixed. --unseen on a resume may name only domains not finished "
+                                 f"yet ({', '.join(todo) if todo else 'none: every domain of the order is done'}) "
+                                 f"besides the run's own ({' '.join(manifest['unseen']) or 'none'})")
+
+    def _report_edited_config(self, stored: Dict[str, Any]) -> None:
+        """config.yaml is the run's settings, for reading; the run goes on with run.json's. A hand
+        edit is reported in one line (the file is rewritten with the run's settings)."""
+        path = self.run_dir / CONFIG_FILE
+        if not path.is_file():
+            return
+        try:
+            edited = stored_settings(yaml.safe_load(path.read_text()) or {})
+            if not isinstance(edited, dict):
+                raise ValueError("not a mapping")
+        except (yaml.YAMLError, ValueError, TypeError, UnicodeDecodeError):
+            log.warning("%s is unreadable; the run's settings are used (%s)", path, MANIFEST)
+            return
+        differ = sorted(k for k in set(edited) | set(stored) if edited.get(k) != stored.get(k))
+        if differ:
+            log.warning("%s differs from the run's settings in %s; the run's settings are used (%s), and the file "
+                        "is rewritten with them", path.name, ", ".join(differ), MANIFEST)
 
     def _restore_steps(self) -> List[Dict]:
         """The finished steps of metrics.json, checked against the checksum run.json records. A run

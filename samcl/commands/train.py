@@ -47,9 +47,24 @@ def train_main(family: str, doc: str, argv: Optional[list] = None) -> None:
     with training_processes():
         device = resolve_device(args.cuda, args.device)
         if args.resume:
-            resume(Path(args.resume), explicit_settings(args), device)
+            resume(Path(args.resume), explicit_settings(args), device, family=family)
         else:
             train(cfg, device, overwrite=args.overwrite)
+
+
+# what a surviving rank's collective reports when another process of the job died (Gloo, NCCL)
+PEER_FAILURES = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                 "remote process exited", "NCCL communicator was aborted")
+PEER_DIED = ("another process of this job stopped, which broke this one's connection to it: it died (killed, often "
+             "by the out-of-memory killer, or crashed). torchrun's summary, printed when the job ends, names its "
+             "rank and exit code (-9 or SIGKILL: killed, look for the out-of-memory killer in the kernel log, "
+             "dmesg); its own error, if it printed one, is above. The run folder keeps the last saved epoch: "
+             "--resume continues it")
+
+
+def peer_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a collective's report of another rank gone, not this rank's own failure."""
+    return any(p in str(e) for p in PEER_FAILURES)
 
 
 @contextmanager
@@ -63,6 +78,8 @@ def training_processes() -> Iterator[None]:
             yield
     except BaseException as e:
         if distributed.is_distributed():
+            if peer_failure(e):
+                print(f"{distributed.rank_prefix()}{PEER_DIED}", file=sys.stderr, flush=True)
             print(f"{distributed.rank_prefix()}failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         raise
     finally:
