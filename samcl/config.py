@@ -93,8 +93,8 @@ class CoreSettings:
     method: str = setting("samcl", "continual-learning method, a file of samcl/methods/: {methods}", scope="common",
                           group="what to train")
     learning_module: Optional[str] = setting(
-        None, "what trains inside the frozen model, a file of samcl/learning_modules/: {modules} (default: the one --module "
-              "names: augmodule, or cad for CAD)", scope="common", group="what to train")
+        None, "what trains inside the frozen model, a file of samcl/learning_modules/: {modules} (default: the one "
+              "--module names: augmodule, or cad for CAD)", scope="common", group="what to train")
     backbone: str = setting("sam", "sam: SAM (ViT), as train.py / test.py; sam2: SAM 2.1 (Hiera), as train_SAM2.py / "
                             "test_SAM2.py (those scripts are this flag's aliases)", choices=("sam", "sam2"),
                             scope="common", group="what to train")
@@ -207,7 +207,8 @@ class CoreSettings:
 
     def run_name(self) -> str:
         alias = MODULE_ALIASES[self.module]
-        name = self.module if (self.method, self.learning_module_kind) == alias[:2] else f"{self.method}-{self.learning_module_kind}"
+        kind = self.learning_module_kind
+        name = self.module if (self.method, kind) == alias[:2] else f"{self.method}-{kind}"
         return f"{name}_{self.order}_{self.num_embedding}_{self.seed}_training"
 
     def resolved_run_dir(self) -> Path:
