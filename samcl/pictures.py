@@ -1,52 +1,147 @@
-"""Pictures of results: a mask and its prompt points drawn over the image, with a caption."""
+"""Pictures of results: a mask and its prompts drawn over the image, with a legend and a caption."""
 import textwrap
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-PREDICTION = (255, 64, 32)  # the predicted mask's colour (RGB)
-TRUTH = (40, 220, 90)  # the ground truth's outline
-POSITIVE, NEGATIVE = (255, 230, 0), (0, 160, 255)  # foreground / background points
-ALPHA = 0.45
+RGB = Tuple[int, int, int]
+# hues the mask and the ground truth are drawn in: the ones farthest from the image's colour under them
+PALETTE: Tuple[RGB, ...] = ((0, 235, 255), (255, 40, 220), (60, 255, 60), (255, 150, 0), (50, 110, 255),
+                            (255, 240, 0))
+POSITIVE, NEGATIVE = (255, 255, 255), (0, 0, 0)  # foreground / background points (the other as their rim)
+BOX = (255, 255, 255)  # the box prompt, on a black line
+ALPHA = 0.35  # the mask's tint
 MIN_WIDTH = 320  # pixels; narrower images are enlarged by a whole factor
-CHAR_WIDTH, LINE_HEIGHT = 6, 13  # PIL's default bitmap font
+CHAR_WIDTH, LINE_HEIGHT = 6, 13  # at most, in PIL's default font
+STRIP = (20, 20, 20)  # the legend's and caption's background
+TEXT = (240, 240, 240)
+
+
+def _distance(a, b) -> float:
+    return float(np.linalg.norm(np.asarray(a, np.float32) - np.asarray(b, np.float32)))
+
+
+def overlay_colours(image: np.ndarray, mask: np.ndarray, truth: Optional[np.ndarray] = None) -> Tuple[RGB, RGB]:
+    """(mask colour, ground-truth colour) for ``image`` (H, W, 3 uint8): the mask's is the
+    :data:`PALETTE` hue farthest from the image's mean colour under the mask and the truth (the
+    whole image when both are empty); the truth's the one farthest from both that mean and the
+    mask's colour."""
+    region = np.asarray(mask, dtype=bool)
+    if truth is not None:
+        region = region | np.asarray(truth, dtype=bool)
+    pixels = image[region] if region.any() else image.reshape(-1, image.shape[-1])
+    mean = pixels.reshape(-1, 3).astype(np.float64).mean(0)
+    first = max(PALETTE, key=lambda c: _distance(c, mean))
+    second = max((c for c in PALETTE if c != first), key=lambda c: min(_distance(c, mean), _distance(c, first)))
+    return first, second
+
+
+def contour(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """(H, W) bool: the pixels of ``mask`` within ``width`` pixels of its outside (beyond the image
+    is outside, so a mask touching the border is outlined along it)."""
+    m = np.asarray(mask, dtype=bool)
+    inner = m.copy()
+    for _ in range(max(1, width)):
+        pad = np.pad(inner, 1, constant_values=False)
+        inner = inner & pad[:-2, 1:-1] & pad[2:, 1:-1] & pad[1:-1, :-2] & pad[1:-1, 2:]
+    return m & ~inner
+
+
+def _legend_entries(mask_colour: RGB, truth_colour: Optional[RGB], labels: Sequence[int], box: bool):
+    entries = [("mask", "fill", mask_colour)]
+    if truth_colour is not None:
+        entries.append(("ground truth", "outline", truth_colour))
+    if any(int(v) == 1 for v in labels):
+        entries.append(("foreground point", "point", POSITIVE))
+    if any(int(v) == 0 for v in labels):
+        entries.append(("background point", "point", NEGATIVE))
+    if box:
+        entries.append(("box", "outline", BOX))
+    return entries
+
+
+def _point(draw: ImageDraw.ImageDraw, x: float, y: float, radius: int, colour: RGB) -> None:
+    rim = NEGATIVE if colour == POSITIVE else POSITIVE
+    draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour, outline=rim, width=max(1, radius // 3))
+
+
+def _strip(width: int, entries, caption: str) -> Image.Image:
+    """The legend's swatches (wrapped to ``width``) and the caption, light on dark."""
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    rows: List[List[Tuple[int, tuple]]] = [[]]
+    x, swatch, gap = 6, 10, 14
+    for entry in entries:
+        w = swatch + 4 + int(probe.textlength(entry[0])) + gap
+        if rows[-1] and x + w > width:
+            rows.append([])
+            x = 6
+        rows[-1].append((x, entry))
+        x += w
+    lines = textwrap.wrap(caption, max(10, (width - 12) // CHAR_WIDTH)) if caption else []
+    height = 4 + LINE_HEIGHT * (len(rows) + len(lines)) + 2 * bool(lines) + 4
+    strip = Image.new("RGB", (width, height), STRIP)
+    draw = ImageDraw.Draw(strip)
+    for r, row in enumerate(rows):
+        y = 4 + r * LINE_HEIGHT
+        for x, (name, kind, colour) in row:
+            box = [x, y + 1, x + swatch, y + 1 + swatch]
+            if kind == "fill":
+                draw.rectangle(box, fill=tuple(int(round((1 - ALPHA) * s + ALPHA * c)) for s, c in zip(STRIP, colour)),
+                               outline=colour, width=2)
+            elif kind == "outline":
+                draw.rectangle(box, outline=colour, width=2)
+            else:
+                _point(draw, x + swatch / 2, y + 1 + swatch / 2, swatch // 2, colour)
+            draw.text((x + swatch + 4, y), name, fill=TEXT)
+    if lines:
+        draw.multiline_text((6, 4 + LINE_HEIGHT * len(rows) + 2), "\n".join(lines), fill=TEXT, spacing=2)
+    return strip
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, points: Optional[np.ndarray] = None,
-            labels: Optional[Sequence[int]] = None, caption: str = "", truth: Optional[np.ndarray] = None) -> Image.Image:
-    """The image (H, W, 3 uint8) with ``mask`` (H, W bool) tinted, the ``truth`` mask's outline,
-    the points ((P, 2) x, y in pixels; labels 1 yellow, 0 blue) and the caption, wrapped, in a strip
-    below. An image narrower than 320 pixels is enlarged by a whole factor first."""
+            labels: Optional[Sequence[int]] = None, caption: str = "", truth: Optional[np.ndarray] = None,
+            box: Optional[Sequence[float]] = None) -> Image.Image:
+    """The image (H, W, 3 uint8) with ``mask`` (H, W bool) outlined and tinted in the colour of
+    :func:`overlay_colours` (chosen against the image under it, so a red polyp gets no red mask),
+    the ``truth`` mask's outline, the points ((P, 2) x, y in pixels; labels 1 white, 0 black), the
+    ``box`` (x0, y0, x1, y1 in pixels), and below, a legend and the caption, wrapped. An image
+    narrower than 320 pixels is enlarged (nearest) by a whole factor first."""
     h, w = image.shape[:2]
-    out = image.astype(np.float32).copy()
+    scale = max(1, -(-MIN_WIDTH // w))  # small images are enlarged so the picture stays readable
+
+    def big(a: np.ndarray) -> np.ndarray:
+        return np.repeat(np.repeat(a, scale, 0), scale, 1) if scale > 1 else a
+
     m = np.asarray(mask, dtype=bool)
-    out[m] = (1 - ALPHA) * out[m] + ALPHA * np.array(PREDICTION, np.float32)
-    if truth is not None:
-        t = np.asarray(truth, dtype=bool)
-        edge = t & ~(np.roll(t, 1, 0) & np.roll(t, -1, 0) & np.roll(t, 1, 1) & np.roll(t, -1, 1))
-        out[edge] = TRUTH
-    picture = Image.fromarray(out.clip(0, 255).astype(np.uint8))
-    scale = max(1, -(-MIN_WIDTH // w))  # small images are enlarged (nearest) so the picture stays readable
-    if scale > 1:
-        picture = picture.resize((w * scale, h * scale), Image.Resampling.NEAREST)
+    t = None if truth is None else np.asarray(truth, dtype=bool)
+    mask_colour, truth_colour = overlay_colours(image, m, t)
+    out = big(image[..., :3]).astype(np.float32)
+    m = big(m)
+    line = int(np.clip(round(min(h, w) * scale / 160), 2, 12))  # the outline's width, in picture pixels
+    out[m] = (1 - ALPHA) * out[m] + ALPHA * np.array(mask_colour, np.float32)
+    out[contour(m, line)] = mask_colour
+    if t is not None:
+        out[contour(big(t), (line + 1) // 2)] = truth_colour
+    picture = Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(picture)
-    radius = max(3, round(min(h, w) * scale / 80))
-    for k, (x, y) in enumerate(np.asarray(points if points is not None else np.zeros((0, 2))).reshape(-1, 2)):
-        colour = POSITIVE if labels is None or int(labels[k]) == 1 else NEGATIVE
-        x, y = x * scale, y * scale
-        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour, outline=(0, 0, 0))
-    if not caption:
-        return picture
-    width = picture.width
-    lines = textwrap.wrap(caption, max(10, (width - 12) // CHAR_WIDTH)) or [""]
-    strip = Image.new("RGB", (width, LINE_HEIGHT * len(lines) + 8), (20, 20, 20))
-    ImageDraw.Draw(strip).multiline_text((6, 4), "\n".join(lines), fill=(240, 240, 240), spacing=2)
-    framed = Image.new("RGB", (width, picture.height + strip.height))
+    if box is not None:
+        x0, y0, x1, y1 = (float(v) * scale for v in box)
+        draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0), width=line + 2)
+        draw.rectangle([x0 + 1, y0 + 1, x1 - 1, y1 - 1], outline=BOX, width=max(1, line - 1))
+    radius = max(4, round(min(h, w) * scale / 70))
+    pts = np.asarray(points if points is not None else np.zeros((0, 2)), dtype=np.float64).reshape(-1, 2)
+    point_labels = [1] * len(pts) if labels is None else [int(v) for v in labels]
+    for (x, y), label in zip(pts, point_labels):
+        _point(draw, x * scale, y * scale, radius, POSITIVE if label == 1 else NEGATIVE)
+    entries = _legend_entries(mask_colour, None if t is None else truth_colour, point_labels, box is not None)
+    strip = _strip(picture.width, entries, caption)
+    framed = Image.new("RGB", (picture.width, picture.height + strip.height))
     framed.paste(picture, (0, 0))
     framed.paste(strip, (0, picture.height))
     return framed
+
 
 METRIC_NAMES = {"iou": "IoU", "f1": "F1", "mae": "MAE"}
 
@@ -108,9 +203,32 @@ def draw_report(accuracy_matrix: Dict, path: Path, title: str = "") -> Path:
     return _save(fig, path, title)
 
 
-def draw_comparison(rows: Sequence[Dict], path: Path) -> Path:
-    """The comparison of ``python -m samcl.compare``: AA and FM (IoU) per run as bars, and the
-    storage per domain."""
+def _megabytes(v: float) -> str:
+    """A storage size for a bar's label: 0.0213 MB, 2.51 MB, 358 MB."""
+    if v <= 0:
+        return "0 MB"
+    return f"{v:.3g} MB" if v < 100 else f"{v:.0f} MB"
+
+
+def storage_panel(ax, names: Sequence[str], megabytes: Sequence[Optional[float]]) -> None:
+    """Stored MB per trained domain as bars on a log scale (sizes differ by orders of magnitude:
+    a LoRA module's 0.02 MB beside a full model's hundreds), each bar with its value written on it."""
+    values = [float(v) if v is not None else 0.0 for v in megabytes]
+    x = np.arange(len(values))
+    positive = [v for v in values if v > 0]
+    low, high = (min(positive), max(positive)) if positive else (0.01, 1.0)
+    floor = 10 ** np.floor(np.log10(low) - 0.5)  # the bars rise from here; the axis starts below the smallest
+    bars = ax.bar(x, [v - floor if v > 0 else 0.0 for v in values], 0.5, bottom=floor, color="tab:purple")
+    ax.set_yscale("log")
+    ax.set_ylim(floor, 10 ** (np.log10(high) + 0.6))  # room above the tallest bar for its label
+    ax.bar_label(bars, labels=[_megabytes(v) for v in values], fontsize=8, padding=2)
+    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("MB (log scale)", fontsize=9)
+    ax.set_title("stored per trained domain", fontsize=10)
+
+
+def comparison_figure(rows: Sequence[Dict]):
+    """The figure of :func:`draw_comparison` (left: AA and FM; right: :func:`storage_panel`)."""
     plt = _pyplot()
     names = [r["run"] if len(r["run"]) <= 28 else r["run"][:25] + "..." for r in rows]
     x = np.arange(len(rows))
@@ -121,11 +239,14 @@ def draw_comparison(rows: Sequence[Dict], path: Path) -> Path:
     a.axhline(0, color="grey", lw=0.5)
     a.legend(fontsize=8)
     a.set_title("after the last step", fontsize=10)
-    b.bar(x, [r["stored_mb_per_domain"] for r in rows], 0.5, color="tab:purple")
-    b.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
-    b.set_ylabel("MB", fontsize=9)
-    b.set_title("stored per trained domain", fontsize=10)
-    return _save(fig, path)
+    storage_panel(b, names, [r["stored_mb_per_domain"] for r in rows])
+    return fig
+
+
+def draw_comparison(rows: Sequence[Dict], path: Path) -> Path:
+    """The comparison of ``python -m samcl.compare``: AA and FM (IoU) per run as bars, and the
+    storage per domain on a log scale."""
+    return _save(comparison_figure(rows), path)
 
 
 def draw_sweep(rows: Sequence[Dict], matrices: Dict[str, Tuple[str, Dict]], path: Path, title: str = "") -> Path:

@@ -1,15 +1,32 @@
-"""Segment your own images with a trained run: masks, overlays and predictions.json.
+r"""Segment your own images with a trained run: masks, overlays and predictions.json.
 
     python predict.py --run_dir RUN --input photo.jpg --points "120,80;200,140" --output out/
-    python predict.py --run_dir RUN --input folder/ --points_json prompts.json --output out/ --domain Kvasir
+    python predict.py --run_dir RUN --input photo.jpg --box "40,30,400,300" --output out/
+    python predict.py --run_dir RUN --input data/Kvasir/test/images --output out/ \
+        --points_json data/Kvasir/test/masks/points.json
 
 For every image: ``<stem>_mask.png`` (0/255 at the image's size), ``<stem>_overlay.png``
-(the mask and the points over the image, the routed domain and its probability in a
-caption), and one ``predictions.json`` for all (domain, selector probabilities, IoU
-prediction, mask area, seconds). Point coordinates are in each image's own pixels.
-``--points_json`` maps file names to ``[[x, y], ...]`` or ``[[[x, y], ...], [label, ...]]``.
-A folder is processed in batches, routed as a batch; a file that cannot be read or
-prompted is listed at the end and the rest are processed (exit status 1 then).
+(the mask's outline and tint, the ground truth's outline when given, the points and the box
+over the image, a legend, and the routed domain and its probability in a caption), and one
+``predictions.json`` for all (domain, selector probabilities, IoU prediction, mask area, seconds).
+--points and --box are in each image's own pixels, the same for every image.
+
+--points_json takes either of two files:
+  1. the data's own <split>/masks/points.json, as generate_point.py writes it: keyed by MASK file
+     name, every entry [[[x, y], ...], [label, ...]] in the 1024 x 1024 frame (label 1 foreground,
+     0 background); entries are matched to the images by file stem (as training pairs images and
+     masks) and scaled to each image's own pixels:
+         {"cju0qkwl35piu0993l0dewei2.png": [[[512.0, 388.0], [471.0, 602.0]], [1, 1]]}
+  2. your own prompts in each image's own pixels, keyed by image file name (or its stem), each
+     entry [[x, y], ...] (all foreground) or [[[x, y], ...], [label, ...]]:
+         {"photo.jpg": [[120, 80], [200, 140]], "scan.png": [[[40, 52], [300, 10]], [1, 0]]}
+--points_frame says which: auto (the default) reads a file named points.json whose entries all
+carry labels as the data's (1024), any other file as pixels; the choice is printed.
+
+--box alone (no points) works for learning modules that do not read the point heatmap (lora,
+adapter, decoder, ...) and with --domain vanilla; an AugModule run needs at least one point with it.
+A folder is processed in batches, routed as a batch (one by one with a box); a file that cannot be
+read or prompted is listed at the end and the rest are processed (exit status 1 then).
 """
 import argparse
 import json
@@ -18,7 +35,13 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .data import POINTS_FILE, POINTS_FRAME
+
 log = logging.getLogger("samcl.predict")
+
+PIXELS = "pixels"  # --points_frame: coordinates in each image's own pixels
+FRAMES = ("auto", PIXELS, str(POINTS_FRAME))
+Prompt = Tuple[List[List[float]], Optional[List[int]]]  # points [[x, y], ...] and labels (None: all foreground)
 
 
 def parse_points(text: str, where: str) -> List[List[float]]:
@@ -42,21 +65,78 @@ def parse_box(text: str) -> List[float]:
     return box
 
 
-def prompts_from_json(path: Path) -> Dict[str, Tuple[List[List[float]], Optional[List[int]]]]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--points_json {path} cannot be read as JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"--points_json {path} must map file names to points")
-    out = {}
-    for name, entry in data.items():
-        if isinstance(entry, list) and len(entry) == 2 and entry and isinstance(entry[1], list) \
-                and all(isinstance(v, int) for v in entry[1]):
-            out[name] = (entry[0], entry[1])
-        else:
-            out[name] = (entry, None)
-    return out
+def _labelled(entry) -> bool:
+    """``[[[x, y], ...], [label, ...]]`` (points with labels) rather than ``[[x, y], ...]``."""
+    return (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list) and isinstance(entry[1], list)
+            and (not entry[0] or isinstance(entry[0][0], list)))
+
+
+class PromptFile:
+    """The prompts of ``--points_json``: an entry per image, found by the image's file name or
+    stem, in the image's own pixels (``frame`` None) or in the data's 1024 x 1024 frame of
+    points.json (``frame`` 1024), scaled to the image by :meth:`prompt`."""
+
+    def __init__(self, path: Path, frame: str = "auto") -> None:
+        self.path = Path(path)
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--points_json {path} cannot be read as JSON ({e})") from None
+        if not isinstance(data, dict) or not data:
+            raise ValueError(f"--points_json {path} must map file names to points (see predict.py --help)")
+        self.entries: Dict[str, list] = data
+        if frame == "auto":
+            data_file = self.path.name == POINTS_FILE and all(_labelled(e) for e in data.values())
+            frame = str(POINTS_FRAME) if data_file else PIXELS
+        if frame not in FRAMES[1:]:
+            raise ValueError(f"--points_frame must be one of {', '.join(FRAMES)}, got {frame!r}")
+        self.frame: Optional[int] = None if frame == PIXELS else int(frame)
+        self.by_stem: Dict[str, List[str]] = {}
+        for name in data:
+            self.by_stem.setdefault(Path(name).stem, []).append(name)
+
+    def describe(self) -> str:
+        if self.frame is None:
+            return (f"--points_json {self.path}: {len(self.entries)} entries in each image's own pixels "
+                    f"(--points_frame {POINTS_FRAME} if they are a points.json of the data)")
+        return (f"--points_json {self.path}: {len(self.entries)} entries of the data's points.json format (keyed "
+                f"by mask name, {self.frame} x {self.frame} frame), matched by stem and scaled to each image's "
+                f"pixels (--points_frame {PIXELS} if they are pixels)")
+
+    def key(self, image: Path) -> str:
+        """The entry of ``image``: its file name, else the one entry with its stem (a mask's name)."""
+        if image.name in self.entries:
+            return image.name
+        keys = self.by_stem.get(image.stem, [])
+        if len(keys) == 1:
+            return keys[0]
+        if keys:
+            raise ValueError(f"{image}: --points_json {self.path} has {len(keys)} entries with its stem "
+                             f"({', '.join(keys)}); keep one, or key one by {image.name}")
+        raise ValueError(f"{image}: --points_json {self.path} has no entry for {image.name} (nor for another "
+                         f"file named {image.stem}.*)")
+
+    def prompt(self, image: Path, hw: Tuple[int, int]) -> Prompt:
+        """The points of ``image`` (of size ``hw`` = (H, W)) in its own pixels, and their labels."""
+        key = self.key(image)
+        entry = self.entries[key]
+        where = f"{image}: entry {key!r} of --points_json {self.path}"
+        pts, labels = (entry[0], entry[1]) if _labelled(entry) else (entry, None)
+        try:
+            pts = [[float(x), float(y)] for x, y in pts]
+            labels = None if labels is None else [int(v) for v in labels]
+        except (TypeError, ValueError):
+            raise ValueError(f"{where} is not [[x, y], ...] nor [[[x, y], ...], [label, ...]]: {entry!r}") from None
+        if not pts:
+            raise ValueError(f"{where} has no points")
+        if self.frame is None:
+            return pts, labels
+        outside = [p for p in pts if not (0 <= p[0] <= self.frame and 0 <= p[1] <= self.frame)]
+        if outside:
+            raise ValueError(f"{where}: points {outside[:3]} lie outside its {self.frame}x{self.frame} frame; "
+                             f"if they are in the image's own pixels, give --points_frame {PIXELS}")
+        h, w = hw
+        return [[x * w / self.frame, y * h / self.frame] for x, y in pts], labels
 
 
 def inputs(path: Path) -> List[Path]:
@@ -80,9 +160,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--run_dir", required=True, help="a trained run folder (or the authors' release folder)")
     p.add_argument("--input", required=True, type=Path, help="an image file or a folder of images")
     p.add_argument("--points", help="'x,y;x,y' in each image's pixels, the same for every image")
-    p.add_argument("--labels", help="'1,0,...' one per point (default: all 1, foreground)")
-    p.add_argument("--points_json", type=Path, help="JSON: file name -> [[x, y], ...] or [[[x, y], ...], [labels]]")
-    p.add_argument("--box", help="'x0,y0,x1,y1' box prompt in pixels, with the points")
+    p.add_argument("--labels", help="'1,0,...' one per point of --points (default: all 1, foreground)")
+    p.add_argument("--points_json", type=Path, help="JSON of points per image: the data's masks/points.json as it "
+                   "is, or your own in pixels (both formats above)")
+    p.add_argument("--points_frame", choices=FRAMES, default="auto",
+                   help=f"--points_json's coordinates: {POINTS_FRAME} (the data's points.json frame, scaled to each "
+                        f"image), {PIXELS} (each image's own), or auto (default: a file named {POINTS_FILE} with "
+                        f"labels is the data's)")
+    p.add_argument("--box", help="'x0,y0,x1,y1' box prompt in each image's pixels, with the points or alone "
+                   "(alone: not for a learning module that reads the point heatmap, e.g. augmodule)")
     p.add_argument("--domain", help="force this domain's module ('vanilla': none); default: the selector routes")
     p.add_argument("--output", required=True, type=Path, help="folder for the masks, overlays and predictions.json")
     p.add_argument("--batch_size", type=int, default=8, help="images per batch (default 8)")
@@ -92,8 +178,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     add_setting_flag(p, "random_weights", help="random backbone weights (smoke tests; default: the run's own)")
     add_setting_flag(p, "img_size", help="model input side for a release folder (default: the architecture's, 1024)")
     args = p.parse_args(argv)
-    if (args.points is None) == (args.points_json is None):
-        p.error("give the prompts with exactly one of --points and --points_json")
+    if args.points is not None and args.points_json is not None:
+        p.error("give the points with one of --points and --points_json, not both")
+    if args.points is None and args.points_json is None and args.box is None:
+        p.error("give the prompts: --points, --points_json or --box (with or without points)")
+    if args.labels is not None and args.points is None:
+        p.error("--labels goes with --points (a --points_json entry carries its own labels)")
     if args.batch_size < 1:
         p.error("--batch_size must be at least 1")
     device = resolve_device(None, args.device)
@@ -103,24 +193,36 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit(1)
 
 
+def box_alone_refusal(kind: str) -> str:
+    """Why a box without points is refused for a learning module that reads the point heatmap."""
+    return (f"--box alone: this run's learning module ({kind}) reads the point heatmap, so every prompt needs at "
+            f"least one point: add --points 'x,y' (a point on the object) with the box, or --domain vanilla to "
+            f"segment with the frozen backbone and the box alone")
+
+
 def run(args: argparse.Namespace, device) -> List[str]:
     import numpy as np
     from PIL import Image
     from tqdm import tqdm
 
     from .data import DataError, read_image
+    from .model import VANILLA
     from .pictures import overlay
     from .predictor import Prediction, SAMCLPredictor
 
     files = inputs(args.input)
     shared = parse_points(args.points, "--points") if args.points else None
     labels = [int(v) for v in args.labels.split(",")] if args.labels else None
-    by_name = prompts_from_json(args.points_json) if args.points_json else {}
+    table = PromptFile(args.points_json, args.points_frame) if args.points_json else None
     box = parse_box(args.box) if args.box else None
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     extra = {k: v for k, v in (("img_size", args.img_size),) if v is not None}
     predictor = SAMCLPredictor.from_run(args.run_dir, device=device, amp=args.amp, ckpt=args.ckpt,
                                         random_weights=args.random_weights, **extra)
+    if shared is None and table is None and predictor.model.needs_heatmap and args.domain != VANILLA:
+        raise ValueError(box_alone_refusal(predictor.model.kind))
+    if table is not None:
+        print(table.describe())
     args.output.mkdir(parents=True, exist_ok=True)
     results: Dict[str, Dict] = {}
     failures: List[str] = []
@@ -130,10 +232,15 @@ def run(args: argparse.Namespace, device) -> List[str]:
         for f in files[start: start + args.batch_size]:
             try:
                 image = np.asarray(read_image(f))
-                pts, lab = (shared, labels) if shared is not None else by_name.get(f.name, (None, None))
-                if pts is None:
-                    raise ValueError(f"{f}: --points_json {args.points_json} has no entry for {f.name}")
-                predictor.check_prompts(pts, lab, image.shape[:2])  # refuse bad prompts per file, not the batch
+                pts, lab = table.prompt(f, image.shape[:2]) if table is not None else (shared, labels)
+                try:  # refuse bad prompts per file, not the batch
+                    predictor.check_prompts(pts, lab, image.shape[:2])
+                except ValueError as e:
+                    if table is None or table.frame is not None or "lie outside" not in str(e):
+                        raise
+                    raise ValueError(f"{e}; if --points_json {table.path} is in the data's {POINTS_FRAME} x "
+                                     f"{POINTS_FRAME} frame of {POINTS_FILE}, give --points_frame {POINTS_FRAME}"
+                                     ) from None
                 ready.append((f, image, pts, lab))
             except (DataError, ValueError, OSError) as e:
                 failures.append(f"{f}: {e}" if not str(e).startswith(str(f)) else str(e))
@@ -158,7 +265,8 @@ def run(args: argparse.Namespace, device) -> List[str]:
             prob = out.probabilities.get(out.domain)
             caption = f"{f.name}: {out.domain}" + (f" (selector {prob:.2f})" if prob is not None else "") \
                 + f", IoU prediction {float(out.iou_predictions[0]):.2f}"
-            overlay(image, mask, np.asarray(pts), lab, caption).save(args.output / f"{f.stem}_overlay.png")
+            overlay(image, mask, None if pts is None else np.asarray(pts), lab, caption,
+                    box=box).save(args.output / f"{f.stem}_overlay.png")
             results[f.name] = {"domain": out.domain, "probabilities": out.probabilities,
                                "iou_prediction": float(out.iou_predictions[0]), "area": int(mask.sum()),
                                "height": int(mask.shape[0]), "width": int(mask.shape[1]), "seconds": round(seconds, 4)}
