@@ -148,6 +148,7 @@ class Estimate:
     peak: int
     cache: int  # bytes of the training feature cache counted in ``peak`` (0: none)
     largest_map: str  # the largest attention of one image, in words ("" for none)
+    phase: str = ""  # the phase at the peak, in words ("" for a test)
 
     @property
     def gb(self) -> float:
@@ -264,15 +265,16 @@ def estimate(model: ModuleBank, *, img_size: int, batch: int, amp: str, training
     if not training:
         return Estimate(RUNTIME_INFERENCE + inference_peak(backbone, img_size, batch, amp), 0, largest)
     step = training_peak(model, img_size, batch, amp, first_kept)
-    if eval_batch:
-        step = max(step, inference_peak(backbone, img_size, eval_batch, amp))
+    phase = "the training step"
+    if eval_batch and inference_peak(backbone, img_size, eval_batch, amp) > step:
+        step, phase = inference_peak(backbone, img_size, eval_batch, amp), f"the validation at batch {eval_batch}"
     step += 4 * module_bytes + RUNTIME_TRAINING  # parameters, gradients, Adam's two moments
     held = 0
     if cache is not None and cache[0] != "off":
         mode, budget_gb, items = cache
         budget = int(budget_gb * GB) if budget_gb is not None else int(max(free - step, 0) * HOST_SHARE)
         held = min(items * cache_item_bytes(model, img_size), budget)
-    return Estimate(step + held, held, largest)
+    return Estimate(step + held, held, largest, phase)
 
 
 # ----------------------------------------------------------------------------- the check
@@ -297,6 +299,7 @@ class Plan:
     img_size: int
     batch: int
     amp: str
+    eval_batch: Optional[int] = None  # a training run's validation batch
     cache_budget_gb: Optional[float] = None
     feature_cache: str = "auto"
 
@@ -322,7 +325,7 @@ def check_memory(cfg, model: ModuleBank, device: torch.device, *, training: bool
 
     def need(p: Plan) -> Estimate:
         e = estimate(model, img_size=p.img_size, batch=p.batch, amp=p.amp, training=training,
-                     eval_batch=cfg.eval_batch_size if training else None,
+                     eval_batch=p.eval_batch,
                      cache=(p.feature_cache, p.cache_budget_gb, train_items) if training and on_cpu else None,
                      free=free // ranks, first_kept=first_kept, module_bytes=module_bytes)
         return replace(e, peak=e.peak * ranks)
@@ -331,8 +334,8 @@ def check_memory(cfg, model: ModuleBank, device: torch.device, *, training: bool
         return need(p).peak <= FREE_SHARE * free
 
     batch = cfg.batch_size if training else cfg.eval_batch_size
-    now = Plan(model.backbone.img_size, batch, cfg.amp, getattr(cfg, "cache_budget_gb", None),
-               getattr(cfg, "feature_cache", "auto"))
+    now = Plan(model.backbone.img_size, batch, cfg.amp, cfg.eval_batch_size if training else None,
+               getattr(cfg, "cache_budget_gb", None), getattr(cfg, "feature_cache", "auto"))
     est = need(now)
     verdict = None if fits(now) else refusal(cfg, model, now, est, free, where, need, fits, training, resume,
                                               batch_flag, amp_available(device), ranks)
@@ -362,9 +365,9 @@ def suggestions(model: ModuleBank, now: Plan, fits: Callable[[Plan], bool], trai
             elif fits(replace(now, feature_cache="off")):
                 out.append(("--feature_cache off", replace(now, feature_cache="off")))
         return out
-    batches = [b for b in range(now.batch - 1, 0, -1) if fits(replace(now, batch=b))]
+    batches = smaller_batches(now, fits, batch_flag)
     if batches:
-        out.append((f"{batch_flag} {batches[0]}", replace(now, batch=batches[0])))
+        out.append(batches)
     m = model.backbone.input_multiple
     sides = [s for s in IMG_SIDES if s < now.img_size and s % m == 0]
     fit_sides = [s for s in sides if fits(replace(now, img_size=s))]
@@ -376,11 +379,26 @@ def suggestions(model: ModuleBank, now: Plan, fits: Callable[[Plan], bool], trai
         out.append(("--feature_cache off", replace(now, feature_cache="off")))
     if not batches and not fit_sides:  # neither alone: both together
         for s in sides:
-            p = replace(now, img_size=s, batch=1)
+            p = replace(now, img_size=s, batch=1, eval_batch=None if now.eval_batch is None else 1)
             if fits(p):
-                out.append((f"{batch_flag} 1 --img_size {s}", p))
+                evals = "" if now.eval_batch is None else " --eval_batch_size 1"
+                out.append((f"{batch_flag} 1{evals} --img_size {s}", p))
                 break
     return out
+
+
+def smaller_batches(now: Plan, fits: Callable[[Plan], bool], batch_flag: str) -> Optional[Tuple[str, Plan]]:
+    """The largest batch that fits (with a training run's validation batch lowered where that
+    alone does not fit), as flags."""
+    for b in range(now.batch, 0, -1):
+        evals = [None] if now.eval_batch is None else range(now.eval_batch, 0, -1)
+        for e in evals:
+            p = replace(now, batch=b, eval_batch=e)
+            if p != now and fits(p):
+                flags = [f"{batch_flag} {b}"] if b != now.batch else []
+                flags += [f"--eval_batch_size {e}"] if e != now.eval_batch else []
+                return " ".join(flags), p
+    return None
 
 
 def refusal(cfg, model: ModuleBank, now: Plan, est: Estimate, free: int, where: str, need, fits, training: bool,
@@ -389,7 +407,7 @@ def refusal(cfg, model: ModuleBank, now: Plan, est: Estimate, free: int, where: 
     precision = "bf16" if now.amp == "bf16" else "fp32"
     parts = [f"memory check: {what} {cfg.arch_name} at {now.img_size} px, batch {now.batch}, {precision} needs "
              f"about {_fmt(est.peak)} at its peak" + (f" ({ranks} processes)" if ranks > 1 else "")]
-    detail = [d for d in (est.largest_map, f"feature cache {_fmt(est.cache)}" if est.cache else "") if d]
+    detail = [d for d in (est.phase, est.largest_map, f"feature cache {_fmt(est.cache)}" if est.cache else "") if d]
     if detail:
         parts[0] += f" ({'; '.join(detail)})"
     parts[0] += f", but {_fmt(free)} is {where}"
