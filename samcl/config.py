@@ -163,6 +163,9 @@ class CoreSettings:
     cache_budget_gb: Optional[float] = setting(None, "cap on the feature cache in GB; images beyond it are recomputed "
                                                "every epoch (default: half the available host memory, or what fits "
                                                "on the GPU)", group="speed")
+    memory_check: bool = setting(True, "estimate the peak memory of training or testing before anything is "
+                                 "written and refuse, with flags that fit, a run that would not fit in what is free "
+                                 "(docs/performance.md)", scope="common", group="speed")
     amp: str = setting("off", "off: fp32, exact reproduction; bf16: bfloat16 autocast for the learning module's "
                        "forward in training and for test inference, faster; CUDA GPUs and CPUs with native bfloat16 "
                        "(docs/performance.md)", choices=("off", "bf16"), scope="common", group="speed")

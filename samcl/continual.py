@@ -21,6 +21,7 @@ from . import methods  # noqa: F401  (registers the methods)
 from .data import JointSplit
 from .evaluation import evaluate_split, selector_accuracy, with_module
 from .feature_cache import PrefixCache
+from .memory import check_memory
 from .loading import load_splits, make_loader, progress, set_epoch, to_device
 from .metrics import METRICS
 from .model import ModuleBank
@@ -33,7 +34,7 @@ from .training_step import SegmentStep, buffer_batch, collect_embeddings
 
 # Settings a resume may change; every other setting is the run's own.
 RESUMABLE_SETTINGS = ("order", "unseen", "data_root", "train_json", "test_json", "num_workers", "eval_batch_size",
-                      "ckpt", "run_dir", "output_dir", "feature_cache", "cache_budget_gb")
+                      "ckpt", "run_dir", "output_dir", "feature_cache", "cache_budget_gb", "memory_check")
 
 log = logging.getLogger("samcl.continual")
 
@@ -54,6 +55,10 @@ class ContinualTrainer:
                 self.state.restore()
             self.train_sets, self.test_sets = load_splits(cfg, model.backbone.img_size, self.state.domains,
                                                           self.state.todo(), self.state.unseen)
+            # the estimated peak against what is free, before a new run's folder is made
+            trained = [len(self.train_sets[d]) for d in self.state.todo() if d not in self.state.unseen]
+            check_memory(cfg, model, device, training=bool(trained), resume=resume, train_items=max(trained, default=0),
+                         batch_flag="--batch_size" if trained else "--eval_batch_size")
             if not resume:
                 self.state.prepare(overwrite)
         except BaseException:

@@ -17,6 +17,7 @@ from .data import SegmentationSplit, binarize_mask, read_domain_map, read_image
 from .evaluation import evaluate_split, selector_accuracy
 from .io import add_note
 from .loading import make_loader
+from .memory import check_memory
 from .metrics import METRICS, per_image_metrics
 from .model import ModuleBank
 from .pictures import overlay
@@ -121,6 +122,7 @@ def test(run_dir: Path, cfg: Config, device: torch.device, with_vanilla: bool = 
     check_amp(cfg.amp, device)
     run = open_with(run_dir, cfg, device)
     model, manifest, report_dir = run.model, run.manifest, run.report_dir
+    check_memory(cfg, model, device, training=False)  # before the report folder's log file
     method = METHODS.get(run.config.method)(run.config, model, device)  # the run's method, as it was trained
     setup_logging(report_dir, "test_log.txt")
     test_map = read_domain_map(Path(cfg.test_json), Path(cfg.data_root))

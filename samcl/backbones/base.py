@@ -20,7 +20,7 @@ module needs a block's computation itself, the backbone provides it
 the backbones read their package's code.
 """
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,36 @@ class BlockGeometry:
     width: int
     keeps_shape: bool
     window: int
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Shapes of one encoder block for a given input side (what a memory estimate reads,
+    :mod:`samcl.memory`).
+
+    grid_in, grid_out: side of the token grid the block reads and writes (q-pooling shrinks it);
+    width_in, width_out: token widths; heads: attention heads; window: attention window side
+    (0: global attention over the whole grid); padded: side of the grid after the window padding;
+    q_stride: query pooling stride (1: none); rel_pos: decomposed relative positions are added
+    to the attention map; attention: the attention path, "materialised" (the (B * heads) x N x N
+    map is computed, as ``segment_anything``'s Attention) or "sdpa" (``scaled_dot_product_attention``).
+    """
+
+    grid_in: int
+    grid_out: int
+    width_in: int
+    width_out: int
+    heads: int
+    window: int
+    padded: int
+    q_stride: int = 1
+    rel_pos: bool = False
+    attention: str = "materialised"
+
+
+def padded_side(grid: int, window: int) -> int:
+    """Side of a ``grid`` padded up to whole windows (the grid itself for global attention)."""
+    return -(-grid // window) * window if window > 0 else grid
 
 
 @dataclass(frozen=True)
@@ -127,6 +157,21 @@ class Backbone(nn.Module):
     def block(self, i: int) -> nn.Module:
         """Encoder block i (a ``segment_anything`` Block or a ``sam2`` MultiScaleBlock)."""
         raise NotImplementedError
+
+    def block_plans(self, img_size: int) -> List[BlockPlan]:
+        """Every encoder block's shapes for an ``img_size`` input (any valid side, not only the built one)."""
+        raise NotImplementedError
+
+    @property
+    def input_multiple(self) -> int:
+        """An input side must be a multiple of this (SAM: the patch size)."""
+        raise NotImplementedError
+
+    def prefix_elements(self, img_size: int) -> int:
+        """Numbers per image in :meth:`encode_prefix`'s output for an ``img_size`` input (what the
+        training cache keeps per image)."""
+        plans = self.block_plans(img_size)
+        return plans[self.selector_layer].grid_out ** 2 * plans[self.selector_layer].width_out
 
     def geometry(self, i: int) -> BlockGeometry:
         raise NotImplementedError

@@ -1,7 +1,7 @@
 """SAM (ViT) backbone over the installed ``segment_anything`` package."""
 from functools import partial
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
@@ -9,7 +9,8 @@ from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
 
 from ..config import load_model_table
 from ..registry import register_backbone
-from .base import Backbone, BlockGeometry, DecodeOptions, Features, PrefixedAttention, split_heads
+from .base import (Backbone, BlockGeometry, BlockPlan, DecodeOptions, Features, PrefixedAttention, padded_side,
+                   split_heads)
 
 
 
@@ -166,6 +167,21 @@ class SAMBackbone(Backbone):
 
     def geometry(self, i: int) -> BlockGeometry:
         return BlockGeometry(width=self.selector_dim, keeps_shape=True, window=self.block(i).window_size)
+
+    @property
+    def input_multiple(self) -> int:
+        return int(self.sam.image_encoder.patch_embed.proj.kernel_size[0])
+
+    def block_plans(self, img_size: int) -> List[BlockPlan]:
+        """Every block at an ``img_size`` input: grid S / patch, the stock attention (materialised maps)."""
+        grid = img_size // self.sam.image_encoder.patch_embed.proj.kernel_size[0]
+        plans = []
+        for blk in self.sam.image_encoder.blocks:
+            w = blk.window_size
+            plans.append(BlockPlan(grid_in=grid, grid_out=grid, width_in=self.selector_dim, width_out=self.selector_dim,
+                                   heads=blk.attn.num_heads, window=w, padded=padded_side(grid, w),
+                                   rel_pos=blk.attn.use_rel_pos, attention="materialised"))
+        return plans
 
     def prefixed_attention(self, i: int) -> PrefixedAttention:
         """:func:`prefixed_sam_attention` of block i's attention (in windowed blocks, per window)."""

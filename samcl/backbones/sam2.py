@@ -23,7 +23,8 @@ from sam2.modeling.sam2_base import SAM2Base
 
 from ..config import load_model_table
 from ..registry import register_backbone
-from .base import Backbone, BlockGeometry, DecodeOptions, Features, PrefixedAttention, split_heads
+from .base import (Backbone, BlockGeometry, BlockPlan, DecodeOptions, Features, PrefixedAttention, padded_side,
+                   split_heads)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -222,6 +223,31 @@ class SAM2Backbone(Backbone):
         blk = self.block(i)
         return BlockGeometry(width=blk.dim_out, keeps_shape=blk.dim == blk.dim_out and not blk.q_stride,
                              window=blk.window_size)
+
+    @property
+    def input_multiple(self) -> int:
+        """The patch stride times what the windows and q-pooling need (:func:`_check_input_size`)."""
+        trunk = self.sam2.image_encoder.trunk
+        return trunk.patch_embed.proj.stride[0] * math.lcm(trunk.window_spec[0], 2 ** len(trunk.q_pool_blocks))
+
+    def block_plans(self, img_size: int) -> List[BlockPlan]:
+        """Every trunk block at an ``img_size`` input (its own grid, q-pooling and windows; SDPA attention)."""
+        trunk = self.sam2.image_encoder.trunk
+        grid = _grid_after(trunk, img_size, -1)
+        plans = []
+        for blk in trunk.blocks:
+            stride = blk.q_stride[0] if blk.q_stride else 1
+            w = blk.window_size
+            plans.append(BlockPlan(grid_in=grid, grid_out=grid // stride, width_in=blk.dim, width_out=blk.dim_out,
+                                   heads=blk.attn.num_heads, window=w, padded=padded_side(grid, w), q_stride=stride,
+                                   attention="sdpa"))
+            grid //= stride
+        return plans
+
+    def prefix_elements(self, img_size: int) -> int:
+        """The selector block's tokens and the earlier stage ends the neck needs."""
+        plans = self.block_plans(img_size)
+        return sum(plans[i].grid_out ** 2 * plans[i].width_out for i in self._prefix_outputs + [self.selector_layer])
 
     def prefixed_attention(self, i: int) -> PrefixedAttention:
         """:func:`prefixed_hiera_attention` of block i's attention (in windowed blocks, per window)."""
