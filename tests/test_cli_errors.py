@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from samcl.config import ConfigError, load_config
 from samcl.data import DataError, SegmentationSplit
 from samcl.demo import make_demo_data
 from samcl.loading import make_loader
+from samcl.pipeline import continue_hint
 from tests.conftest import REPO
 
 TRAIN, TEST = "train.py", "test.py"
@@ -207,4 +209,6 @@ def test_a_worker_side_data_error_reads_as_the_in_process_one(demo_data, tmp_pat
                         "--num_workers", "2", "--epoch", "1", "--num_embedding", "2", "--device", "cpu",
                         "--run_dir", str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "DataLoader worker" not in r.stderr, r.stderr
-    assert r.stderr.strip().splitlines() == [f"error: {in_process.replace(str(split), str(data / 'data/Polyp/train'))}"]
+    message = in_process.replace(str(split), str(data / "data/Polyp/train"))
+    hint = continue_hint(SimpleNamespace(backbone="sam"), tmp_path / "run")  # the run folder existed by then
+    assert r.stderr.strip().splitlines() == [f"error: {message}; {hint}"]
