@@ -1,4 +1,4 @@
-"""docs/data.md's "Try it first" block, run exactly as written (in a fresh folder beside the scripts):
+"""docs/data.md's "Try it first" block, run exactly as written (from a fresh folder holding the scripts):
 synthetic domains, points, the check, vit_tiny with random weights at its own 128 px, a test that
 takes the weights from run.json, a resume with a longer order and a test that finds the resumed
 folder by the order in its run.json."""
@@ -27,7 +27,8 @@ def tryout_block() -> str:
 
 @pytest.fixture(scope="module")
 def tried(tmp_path_factory):
-    """The block's output and the folder it ran in (the scripts linked in, `python` this interpreter)."""
+    """The block's output and its tryout folder (the scripts linked in beside it, `python` this interpreter,
+    and the user's own maps in the folder it starts from, which the tryout leaves alone)."""
     here = tmp_path_factory.mktemp("tryout")
     for name in SCRIPTS:
         (here / name).symlink_to(REPO / name)
@@ -35,11 +36,13 @@ def tried(tmp_path_factory):
     bin_dir.mkdir()
     (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # a link would leave the venv
     (bin_dir / "python").chmod(0o755)
+    for split in ("train", "test"):
+        (here / f"datasets_{split}.json").write_text(json.dumps({"Garden": f"data/Garden/{split}"}))
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(REPO)}
     r = subprocess.run(["bash", "-euo", "pipefail", "-c", tryout_block()], cwd=here, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return here, r.stdout + r.stderr
+    return here / "tryout", r.stdout + r.stderr
 
 
 def test_the_block_trains_the_tiny_backbone_at_its_own_size_with_random_weights(tried):
@@ -49,7 +52,7 @@ def test_the_block_trains_the_tiny_backbone_at_its_own_size_with_random_weights(
     assert manifest["backbone"]["arch"] == "vit_tiny" and manifest["backbone"]["img_size"] == 128
     assert manifest["checkpoint"] == {"random_weights": True, "seed": 1234}
     assert manifest["completed"] == ["polyp", "shadow", "lesion"]  # resumed with the longer order
-    assert (here / "data" / "tryout" / "datasets_train.json").is_file()
+    assert json.loads((here / "datasets_train.json").read_text())["polyp"] == "data/Polyp/train"
 
 
 def test_the_tests_find_the_run_with_its_own_weights_before_and_after_the_resume(tried):
@@ -57,7 +60,7 @@ def test_the_tests_find_the_run_with_its_own_weights_before_and_after_the_resume
     run = Path("log_sam1") / "SAMCL_polyp_shadow_300_1234_training"
     assert "has no official checkpoint" not in out
     assert (f"resumed {run}: its run.json has the order polyp_shadow_lesion (the folder keeps its name); test it "
-            f"with:\n    python test.py --run_dir {run} --data_root data/tryout --device cpu") in out
+            f"with:\n    python ../test.py --run_dir {run} --device cpu") in out
     assert (f"no run folder log_sam1/SAMCL_polyp_shadow_lesion_300_1234_training: testing {run}, whose run.json "
             f"has the order polyp_shadow_lesion\n") in out
     report = json.loads((here / run / "test_metrics.json").read_text())

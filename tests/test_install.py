@@ -16,8 +16,8 @@ def test_the_cpu_only_torch_command_installs_the_pinned_pair_from_pytorchs_cpu_i
                                  f"torchvision=={pins['torchvision']} --index-url https://download.pytorch.org/whl/cpu")
 
 
-def test_the_domain_maps_at_the_project_root_are_ignored_and_the_shipped_ones_are_not():
-    names = ["datasets_train.json", "datasets_test.json", "data/tryout/datasets_train.json",
-             "configs/demo_sam.yaml", "sub/datasets_train.json"]
+def test_the_domain_maps_at_the_project_root_and_the_tryout_are_ignored_and_nothing_else():
+    names = ["datasets_train.json", "datasets_test.json", "tryout/datasets_train.json",
+             "configs/demo_sam.yaml", "sub/datasets_train.json", "docs/tryout/x.md"]
     r = subprocess.run(["git", "check-ignore", "--no-index", *names], cwd=REPO, capture_output=True, text=True)
     assert r.stdout.split() == names[:3]
