@@ -106,8 +106,8 @@ class CoreSettings:
                                   "size>, e.g. checkpoint/sam_vit_b_01ec64.pth)", scope="common", group="backbone")
     random_weights: bool = setting(False, "build the backbone with random weights instead of --ckpt (smoke tests "
                                    "only; loud warning)", scope="common", group="backbone")
-    img_size: Optional[int] = setting(None, "model input side (default: the architecture's, 1024)", **POSITIVE,
-                                      scope="common", group="backbone")
+    img_size: Optional[int] = setting(None, "model input side (default: the architecture's: 1024, the tiny "
+                                      "vit_tiny and hiera_toy 128)", **POSITIVE, scope="common", group="backbone")
     rank: int = setting(10, "rank of the learning module's low-rank maps (AugModule, LoRA)", **POSITIVE,
                         group="backbone")
     selector_layer: Optional[int] = setting(None, "block whose output the Module Selector reads (default: derived "

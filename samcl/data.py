@@ -16,6 +16,7 @@ torch is imported where tensors are made, so that reading and checking files
 """
 import io
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
@@ -35,19 +36,46 @@ class DataError(ValueError):
     """A problem with the data on disk; the message names the file and the fix."""
 
 
-def read_domain_map(json_path: Path, data_root: Path) -> Dict[str, Path]:
-    """``{"Kvasir": "data/Kvasir/train", ...}`` -> domain key -> split folder under data_root."""
-    json_path = Path(json_path)
-    if not json_path.is_absolute() and not json_path.is_file():
-        json_path = Path(data_root) / json_path
-    if not json_path.is_file():
-        raise DataError(f"domain map {json_path} not found; it maps domain keys to split folders (see data/README.md)")
+def domain_map_file(json_path: Path, data_root: Path) -> Path:
+    """The absolute path of a domain map: an absolute ``json_path`` as it is, a relative one under ``data_root``."""
+    return Path(os.path.abspath(Path(data_root) / json_path))
+
+
+def _same_map(a: Path, b: Path) -> bool:
+    """Whether two map files say the same (same bytes, or the same JSON object)."""
+    if a.read_bytes() == b.read_bytes():
+        return True
     try:
-        mapping = json.loads(json_path.read_text())
+        return json.loads(a.read_text()) == json.loads(b.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+def read_domain_map(json_path: Path, data_root: Path) -> Dict[str, Path]:
+    """``{"Kvasir": "data/Kvasir/train", ...}`` -> domain key -> split folder under data_root.
+
+    A relative ``json_path`` is read under ``data_root`` (:func:`domain_map_file`); a map of the same
+    name in the current folder that says something else is refused, naming both files, as either
+    could be the one meant. Every message names the absolute path of the map.
+    """
+    path = domain_map_file(json_path, data_root)
+    here = Path(os.path.abspath(json_path))
+    elsewhere = not Path(json_path).is_absolute() and here != path and here.is_file()
+    if not path.is_file():
+        hint = (f"; the current folder has {here}, but a relative map path is read under the data root "
+                f"{os.path.abspath(data_root)}: pass --data_root or the map's absolute path" if elsewhere else
+                "; it maps domain keys to split folders (see docs/data.md)")
+        raise DataError(f"domain map {path} not found{hint}")
+    if elsewhere and not here.samefile(path) and not _same_map(here, path):
+        raise DataError(f"two different domain maps named {json_path}: {path} (under the data root, the one a "
+                        f"relative path names) and {here} (in the current folder); remove or rename the one not "
+                        f"meant, or pass the map's absolute path")
+    try:
+        mapping = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise DataError(f"domain map {json_path} is not valid JSON: {e}") from None
+        raise DataError(f"domain map {path} is not valid JSON: {e}") from None
     if not isinstance(mapping, dict):
-        raise DataError(f"domain map {json_path} must be an object of domain key -> folder")
+        raise DataError(f"domain map {path} must be an object of domain key -> folder")
     return {k: Path(data_root) / v for k, v in mapping.items()}
 
 

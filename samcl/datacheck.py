@@ -26,8 +26,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .data import (IMAGE_EXTS, POINTS_FILE, POINTS_FRAME, DataError, binarize_mask, list_images, lookup_points,
-                   parse_points_entry, read_domain_map, read_image, read_points, resize_mask)
+from .data import (IMAGE_EXTS, POINTS_FILE, POINTS_FRAME, DataError, binarize_mask, domain_map_file, list_images,
+                   lookup_points, parse_points_entry, read_domain_map, read_image, read_points, resize_mask)
 
 SPLITS = ("train", "test")
 
@@ -178,11 +178,13 @@ def check_tree(data_root: Path, train_json: str, test_json: str, domains: Option
                rule: str = "threshold", threshold: int = 128) -> Tuple[List[Finding], List[SplitCheck]]:
     """Check every split that the two JSON maps name (or only ``domains``): (map findings, split checks)."""
     root = Path(data_root)
+    given = (train_json, test_json)
+    train_json, test_json = (str(domain_map_file(js, root)) for js in given)  # named so in every message
     findings: List[Finding] = []
     maps: Dict[str, Dict[str, Path]] = {}
-    for split, js in zip(SPLITS, (train_json, test_json)):
+    for split, js, named_as in zip(SPLITS, (train_json, test_json), given):
         try:
-            maps[split] = read_domain_map(Path(js), root)
+            maps[split] = read_domain_map(Path(named_as), root)
         except DataError as e:
             findings.append(Finding("", split, Path(js), str(e)))
     named = list(dict.fromkeys(d for m in maps.values() for d in m))

@@ -26,6 +26,7 @@ real numbers; those need the official SAM weights and the real datasets.
 import argparse
 import json
 import logging
+import shlex
 import shutil
 import sys
 import time
@@ -187,12 +188,30 @@ def _prepare(out: Path, device, step: str) -> Path:
     return out
 
 
+def _data_settings(out: Path) -> Dict[str, str]:
+    """The demo's data settings: its folder and its two maps by absolute path (a relative map path is read
+    under the data root, and refused if the current folder holds another map of the same name)."""
+    return {"data_root": str(out), **{f"{split}_json": str((out / f"datasets_{split}.json").absolute())
+                                      for split in ("train", "test")}}
+
+
+def next_step(run_dir: Path, out: Path) -> str:
+    """A predict.py command on ``run_dir`` and one of the demo's test images, prompted at its centre."""
+    from PIL import Image
+
+    image = sorted((out / "data" / "Polyp" / "test" / "images").iterdir())[0]
+    with Image.open(image) as im:
+        w, h = im.size
+    return (f"python predict.py --run_dir {shlex.quote(str(run_dir))} --input {shlex.quote(str(image))} "
+            f"--points {w // 2},{h // 2} --output {shlex.quote(str(out / 'predict'))}")
+
+
 def _run(args: argparse.Namespace, device) -> None:
     from .pipeline import test, train
     t0 = time.time()
     out = _prepare(Path(args.output), device, "1/3")
     cfg = load_config(DEMO_CONFIGS[args.backbone],
-                      {"data_root": str(out), "output_dir": str(out / LOG_DIRS[args.backbone]), "epoch": args.epoch})
+                      {**_data_settings(out), "output_dir": str(out / LOG_DIRS[args.backbone]), "epoch": args.epoch})
     name = BACKBONE_NAMES[args.backbone]
     print(f"[demo] 2/3 training SAMCL over {cfg.order} (unseen: {cfg.unseen}) with a tiny random-weight {name}")
     train(cfg, device, overwrite=True)
@@ -207,6 +226,8 @@ def _run(args: argparse.Namespace, device) -> None:
     print(f"[demo] finished in {time.time() - t0:.0f} s; run folder: {cfg.resolved_run_dir()}")
     print(f"[demo] synthetic data and a random tiny backbone: real results need the official {name} weights "
           "and datasets (README).")
+    print(f"[demo] next: segment an image with the run (masks and overlays in {out / 'predict'}):\n"
+          f"    {next_step(run_dir, out)}")
 
 
 def _compare(args: argparse.Namespace, device) -> None:
@@ -219,7 +240,7 @@ def _compare(args: argparse.Namespace, device) -> None:
     runs = []
     for k, method in enumerate(COMPARED, 1):
         cfg = load_config(DEMO_CONFIGS[args.backbone], {
-            "data_root": str(out), "epoch": args.epoch, "method": method, "learning_module": COMPARED_MODULE,
+            **_data_settings(out), "epoch": args.epoch, "method": method, "learning_module": COMPARED_MODULE,
             "run_dir": str(out / f"compare_{args.backbone}" / method)})
         print(f"[demo] 2/2 ({k}/{len(COMPARED)}) training {method} ({cfg.learning_module_kind}) over {cfg.order}")
         train(cfg, device, overwrite=True)

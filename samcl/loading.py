@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from . import distributed as dist
-from .data import DataError, SegmentationSplit, collate, read_domain_map
+from .data import DataError, SegmentationSplit, collate, domain_map_file, read_domain_map
 from .run_folder import RunFolderError
 
 log = logging.getLogger("samcl.loading")
@@ -144,7 +144,8 @@ def load_splits(cfg: Any, img_size: int, domains: Sequence[str], todo: Sequence[
     missing += [f"{d} (in test map)" for d in domains if d not in test_map]
     if missing:
         raise RunFolderError(f"--order names domains the JSON maps lack: {', '.join(missing)}; "
-                             f"train map {cfg.train_json}, test map {cfg.test_json} under {root}")
+                             f"train map {domain_map_file(cfg.train_json, root)}, test map "
+                             f"{domain_map_file(cfg.test_json, root)}")
     kw = dict(img_size=img_size, mask_binarize=cfg.mask_binarize, mask_threshold=cfg.mask_threshold)
     train = {d: SegmentationSplit(train_map[d], domain=d, **kw) for d in todo}
     test = {d: SegmentationSplit(test_map[d], domain=d, **kw) for d in domains}

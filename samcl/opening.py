@@ -104,9 +104,13 @@ def open_run(run_dir: Union[str, Path], device: Union[str, torch.device], *, ckp
 
 def open_with(run_dir: Union[str, Path], cfg: Config, device: Union[str, torch.device]) -> OpenedRun:
     """:func:`open_run` as test.py opens a folder with its configuration ``cfg``: ``cfg``'s backbone
-    weights (ckpt and random_weights) replace the run's, and a release folder is read with
-    ``cfg``'s :data:`RELEASE_READ_SETTINGS`."""
-    return open_run(run_dir, device, ckpt=cfg.ckpt, random_weights=cfg.random_weights,
+    weights replace the run's when it names any (a ``ckpt``, or ``random_weights``); with neither, a run
+    folder is opened with the weights its run.json records (official file or random weights), as
+    --resume, predict.py and the predictor open it. A release folder is read with ``cfg``'s
+    :data:`RELEASE_READ_SETTINGS`."""
+    named = cfg.ckpt is not None or bool(cfg.random_weights)
+    return open_run(run_dir, device, ckpt=cfg.ckpt if named else None,
+                    random_weights=cfg.random_weights if named else None,
                     release_settings={k: getattr(cfg, k) for k in RELEASE_READ_SETTINGS})
 
 

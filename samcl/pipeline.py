@@ -13,7 +13,7 @@ from . import distributed as dist
 from . import methods  # noqa: F401  (registers the methods)
 from .config import FAMILY_NAMES, Config, build_config
 from .continual import RESUMABLE_SETTINGS, ContinualTrainer
-from .data import SegmentationSplit, binarize_mask, read_domain_map, read_image
+from .data import SegmentationSplit, binarize_mask, domain_map_file, read_domain_map, read_image
 from .evaluation import evaluate_split, selector_accuracy
 from .io import add_note
 from .loading import make_loader
@@ -129,7 +129,7 @@ def test(run_dir: Path, cfg: Config, device: torch.device, with_vanilla: bool = 
     order = manifest["order"]
     missing = [d for d in order if d not in test_map]
     if missing:
-        raise RunFolderError(f"{cfg.test_json} has no test split for {missing}")
+        raise RunFolderError(f"{domain_map_file(cfg.test_json, cfg.data_root)} has no test split for {missing}")
     results = {}
     for d in order:
         ds = SegmentationSplit(test_map[d], model.backbone.img_size, cfg.mask_binarize, cfg.mask_threshold, d)

@@ -57,6 +57,7 @@ import yaml
 
 from .cli import CLIError, Parser, explained_errors, resolve_device
 from .commands.train import training_processes
+from .data import domain_map_file
 from .sweep_plan import PLAN_FILE, Plan, Run, check_plan, default_output, make_plan
 
 if TYPE_CHECKING:
@@ -290,8 +291,11 @@ def plan_from_args(args: argparse.Namespace) -> Tuple[Plan, Path]:
     methods = [m.strip() for m in args.methods.split(",")]
     output = args.output or default_output(args.config, methods, args.orders, args.seeds)
     with explained_errors():
-        return make_plan(methods, args.orders, args.seeds, output, args.config, settings, sources,
-                         args.order_seed), output
+        plan = make_plan(methods, args.orders, args.seeds, output, args.config, settings, sources, args.order_seed)
+    for r in plan.runs:  # the maps under each run's data root, named by absolute path (docs/data.md)
+        for key in ("train_json", "test_json"):
+            r.settings[key] = str(domain_map_file(r.settings[key], r.settings["data_root"]))
+    return plan, output
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -103,7 +103,7 @@ def planted_tree(root):
     return root
 
 
-EXPECTED = [  # (a file or folder, what its problem line says)
+EXPECTED = [  # (a file or folder, what its problem line says, {root}: the tree's absolute path)
     ("Bad/train/images/dup.jpg", "2 images share the stem 'dup'"),
     ("Bad/train/masks/twomasks.bmp", "2 masks share the stem 'twomasks'"),
     ("Bad/train/images/lonely.png", "image without a mask"),
@@ -120,8 +120,8 @@ EXPECTED = [  # (a file or folder, what its problem line says)
     ("Bad/train/masks/outside.png", "lie outside the 1024x1024 frame"),
     ("Bad/test/masks/points.json", "not found; generate the static prompt points"),
     ("Ghost/test", "split folder missing"),
-    ("datasets_test.json", "domain 'OnlyTrain' is in datasets_train.json but not in this map"),
-    ("datasets_train.json", "domain 'Ghost' is in datasets_test.json but not in this map"),
+    ("datasets_test.json", "domain 'OnlyTrain' is in {root}/datasets_train.json but not in this map"),
+    ("datasets_train.json", "domain 'Ghost' is in {root}/datasets_test.json but not in this map"),
     ("datasets_train.json: domain key", "'Under_score' contains '_', which --order uses to join keys"),
 ]
 
@@ -133,6 +133,7 @@ def test_every_planted_problem_is_reported_in_one_run_and_nothing_is_written(tmp
     assert rc == 1
     problems = [line for line in out.splitlines() if line.startswith("problem: ")]
     for where, what in EXPECTED:
+        what = what.format(root=root.absolute())
         assert any(where in line and what in line for line in problems), (where, what, out)
     assert len(problems) == len(EXPECTED), out  # each once, nothing else
     assert "[[1500.0, 20.0], [10.0, -3.0]] lie outside the 1024x1024 frame" in out

@@ -1,8 +1,9 @@
 """The test command: test.py (family "sam") and test_SAM2.py ("sam2"): route every test image through the
 Module Selector, evaluate, print and write the report."""
 import argparse
+import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from ..cli import (SCRIPTS, CLIError, Parser, add_common_flags, check_module_family, chosen_family, config_from_args,
                    explained_errors, flag_names, resolve_device)
@@ -21,8 +22,10 @@ TEST_DOC = {
     python test.py --run_dir log_sam1/<run> --device cpu
     python test.py --run_dir checkpoint/SAM1 --cuda 0    # the authors' released modules (release folder)
 
-Without --run_dir: the run folder train.py makes with the same flags or, if there is
-none, the authors' release folder checkpoint/SAM1.
+Without --run_dir: the run folder train.py makes with the same flags, else the one in
+--output_dir whose run.json has --order (a run resumed with a longer --order keeps its first
+name), else the authors' release folder checkpoint/SAM1. The backbone weights are the run's
+own (run.json) unless --ckpt or --random_weights is given.
 """ + RUN_DIR_HELP,
     "sam2": """Test a SAMCL run on SAM 2.1: route every test image through the Module Selector and report per domain.
 
@@ -30,18 +33,47 @@ none, the authors' release folder checkpoint/SAM1.
     python test_SAM2.py --run_dir log_sam2/<run> --device cpu
     python test_SAM2.py --run_dir checkpoint/SAM2 --cuda 0   # the authors' released modules (release folder)
 
-Without --run_dir: the run folder train_SAM2.py makes with the same flags or, if there
-is none, the authors' release folder checkpoint/SAM2.
+Without --run_dir: the run folder train_SAM2.py makes with the same flags, else the one
+in --output_dir whose run.json has --order (a run resumed with a longer --order keeps its
+first name), else the authors' release folder checkpoint/SAM2. The backbone weights are the
+run's own (run.json) unless --ckpt or --random_weights is given.
 """ + RUN_DIR_HELP,
 }
 
 RELEASE_FOLDERS = {"sam": "SAM1", "sam2": "SAM2"}
 
 
+# what a run folder's default name says besides the order: a run with the order and these is the one
+# train.py made with the same flags, resumed since with a longer --order
+NAMED_SETTINGS = ("method", "learning_module_kind", "num_embedding", "seed")
+
+
+def runs_with_order(cfg: Config) -> List[Path]:
+    """The run folders in ``cfg.output_dir`` whose run.json has ``cfg``'s order and the settings its
+    default name holds (NAMED_SETTINGS), whatever the folder's name: a resume with a longer --order
+    keeps the folder's first name."""
+    from ..config import build_config
+    from ..run_folder import MANIFEST
+
+    found = []
+    for manifest in sorted(Path(cfg.output_dir).glob(f"*/{MANIFEST}")):
+        try:
+            run = json.loads(manifest.read_text())
+            if run.get("order") != cfg.domains:
+                continue
+            own = build_config([(str(manifest), run["config"])])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # not a readable run: not this one
+            continue
+        if all(getattr(own, k) == getattr(cfg, k) for k in NAMED_SETTINGS):
+            found.append(manifest.parent)
+    return found
+
+
 def default_test_folder(cfg: Config, family: str) -> Path:
-    """--run_dir if given; else the run folder train.py makes with the same flags; else the
-    authors' release folder checkpoint/SAM1 (SAM2) if it holds their modules. If none of them
-    exists, a CLIError says where it looked."""
+    """--run_dir if given; else the run folder train.py makes with the same flags; else the one run
+    folder in the output folder whose run.json has the order (a resumed run keeps its first name);
+    else the authors' release folder checkpoint/SAM1 (SAM2) if it holds their modules. Several runs
+    of the order, or none of these, are a CLIError that names them or where it looked."""
     from ..config import CHECKPOINT_DIR
 
     run_dir = cfg.resolved_run_dir()
@@ -50,6 +82,14 @@ def default_test_folder(cfg: Config, family: str) -> Path:
                        f"{SCRIPTS[family, 'train']} or a release folder such as checkpoint/{RELEASE_FOLDERS[family]})")
     if run_dir.exists():
         return run_dir
+    same_order = runs_with_order(cfg)
+    if len(same_order) == 1:
+        print(f"no run folder {run_dir}: testing {same_order[0]}, whose run.json has the order {cfg.order}")
+        return same_order[0]
+    if same_order:
+        raise CLIError(f"no run folder {run_dir}, and {len(same_order)} run folders in {cfg.output_dir} have the "
+                       f"order {cfg.order} and these flags' method, module, num_embedding and seed: "
+                       f"{', '.join(map(str, same_order))}; pass the one to test with --run_dir")
     from ..release.folder import is_release_folder
 
     release = CHECKPOINT_DIR / RELEASE_FOLDERS[family]
@@ -59,7 +99,9 @@ def default_test_folder(cfg: Config, family: str) -> Path:
     state = "is not a release folder (Module_Selector.pth and <domain>.pth)" if release.exists() else "does not exist"
     train = SCRIPTS[family, "train"]
     raise CLIError(f"nothing to test: looked for the run folder {run_dir} (where {train} puts a run with these "
-                   f"flags: it does not exist) and for the authors' release modules in {release} (it {state}); "
+                   f"flags: it does not exist), for a run folder in {cfg.output_dir} whose run.json has the order "
+                   f"{cfg.order} and these flags' method, module, num_embedding and seed (none) and for the authors' "
+                   f"release modules in {release} (it {state}); "
                    f"train first (python {train} with the same flags), pass --run_dir, or put the release modules "
                    f"there")
 

@@ -5,9 +5,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..cli import (CLIError, Parser, add_common_flags, add_train_flags, check_module_family, chosen_family,
+from ..cli import (SCRIPTS, CLIError, Parser, add_common_flags, add_train_flags, check_module_family, chosen_family,
                    config_from_args, explained_errors, explicit_settings, flag_names, resolve_device)
-from ..config import default_config
+from ..config import FAMILY_NAMES, default_config
 
 TRAIN_DOC = {
     "sam": """Train SAMCL in the continual manner over --order (SAM ViT backbone).
@@ -48,8 +48,35 @@ def train_main(family: str, doc: str, argv: Optional[list] = None) -> None:
         device = resolve_device(args.cuda, args.device)
         if args.resume:
             resume(Path(args.resume), explicit_settings(args), device, family=family)
+            from .. import distributed
+
+            if distributed.is_main():
+                print(after_resume(Path(args.resume), args.device, args.cuda), flush=True)
         else:
             train(cfg, device, overwrite=args.overwrite)
+
+
+def after_resume(run_dir: Path, device: Optional[str], cuda: Optional[int]) -> str:
+    """What a resume says last: the folder, which keeps its first name whatever the order, and the command
+    that tests it (the run's own family's script, beside the train script called, with the run's data
+    settings and the device flag given)."""
+    import shlex
+
+    from ..config import Config
+    from ..run_folder import read_manifest
+
+    manifest = read_manifest(run_dir)
+    run = manifest["config"]
+    flags = [f"--run_dir {shlex.quote(str(run_dir))}"]
+    flags += [f"--{k} {shlex.quote(str(run[k]))}" for k in ("data_root", "test_json")
+              if k in run and run[k] != getattr(Config, k)]
+    flags += [f"--device {device}"] if device else [f"--cuda {cuda}"] if cuda is not None and cuda >= 0 else []
+    script = SCRIPTS[run["backbone"], "test"]
+    called = Path(sys.argv[0])
+    if called.name in {SCRIPTS[f, "train"] for f in FAMILY_NAMES}:  # python ../train.py: ../test.py
+        script = str(called.with_name(script))
+    return (f"resumed {run_dir}: its run.json has the order {'_'.join(manifest['order'])} (the folder keeps its "
+            f"name); test it with:\n    python {shlex.quote(script)} {' '.join(flags)}")
 
 
 # what a surviving rank's collective reports when another process of the job died (Gloo, NCCL)
