@@ -176,7 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     add_setting_flag(p, "amp", with_default=True)
     add_setting_flag(p, "ckpt", help="backbone weights (default: the run's own)")
     add_setting_flag(p, "random_weights", help="random backbone weights (smoke tests; default: the run's own)")
-    add_setting_flag(p, "img_size", help="model input side for a release folder (default: the architecture's, 1024)")
+    add_setting_flag(p, "img_size", help="model input side for a release folder (default: the architecture's)")
     args = p.parse_args(argv)
     if args.points is not None and args.points_json is not None:
         p.error("give the points with one of --points and --points_json, not both")

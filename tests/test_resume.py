@@ -14,6 +14,7 @@ import torch
 from samcl import pipeline
 from samcl.backbones.sam import build_sam
 from samcl.config import CONFIG_DIR, load_config
+from samcl.lock import LOCK_FILE
 from samcl.demo import make_demo_data
 from samcl.io import read_tagged
 from samcl.run_folder import RunFolderError, load_selector, sha256_file
@@ -112,8 +113,9 @@ def test_truncated_module_file_is_reported_by_name_and_nothing_is_touched(data, 
     pipeline.train(cfg, CPU)
     data_bytes = (run / "polyp.safetensors").read_bytes()
     (run / "polyp.safetensors").write_bytes(data_bytes[: len(data_bytes) // 2])
-    def state():  # every file but the logs, which record the refused attempt
-        return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file() and p.suffix != ".txt"}
+    def state():  # every file but the logs, which record the refused attempt, and the lock the attempt took
+        return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*")
+                if p.is_file() and p.suffix != ".txt" and p.name != LOCK_FILE}
 
     snapshot = state()
     with pytest.raises(RunFolderError, match=r"polyp\.safetensors \(checksum mismatch: truncated or modified\)"):
