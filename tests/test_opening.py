@@ -7,27 +7,19 @@ import pytest
 import torch
 
 from samcl import pipeline
-from samcl.config import CONFIG_DIR, load_config
-from samcl.demo import make_demo_data
 from samcl.methods.base import ContinualMethod
 from samcl.opening import open_run
 from samcl.predictor import SAMCLPredictor
 from samcl.release import RELEASE_ORDER
 from samcl.release.unpickle import ReleaseFormatError
-from tests.conftest import RELEASE, require
+from tests.conftest import RELEASE, require, train_demo_run
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("opening")
-    make_demo_data(root, n_train=4, n_test=2)
-    cfg = load_config(CONFIG_DIR / "demo_sam.yaml", {
-        "data_root": str(root), "run_dir": str(root / "run"), "epoch": 1, "num_embedding": 2, "batch_size": 2,
-        "selector_epochs": 2, "val_every": 0, "order": "polyp_natural", "unseen": ["natural"], "num_workers": 0})
-    pipeline.train(cfg, CPU)
-    return cfg
+    return train_demo_run(tmp_path_factory.mktemp("opening"))
 
 
 def count_reads(monkeypatch, name: str) -> list:

@@ -11,18 +11,13 @@ from PIL import Image
 
 from samcl import pipeline
 from samcl.config import CONFIG_DIR, load_config
-from samcl.demo import make_demo_data
-from tests.conftest import REPO
+from tests.conftest import REPO, train_demo_run
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict_cli")
-    make_demo_data(root, n_train=4, n_test=2)
-    cfg = load_config(CONFIG_DIR / "demo_sam.yaml", {
-        "data_root": str(root), "run_dir": str(root / "run"), "epoch": 1, "num_embedding": 2, "batch_size": 2,
-        "selector_epochs": 2, "val_every": 0, "order": "polyp_natural", "unseen": ["natural"], "num_workers": 0})
-    pipeline.train(cfg, torch.device("cpu"))
+    train_demo_run(root)
     return root
 
 
