@@ -13,6 +13,7 @@ from samcl.data import SegmentationSplit, read_domain_map
 from samcl.demo import make_demo_data
 from samcl.evaluation import evaluate_split, routed
 from samcl.loading import make_loader
+from samcl.lock import LOCK_FILE
 from samcl.selector import EmbeddingBuffer
 from tests.conftest import REPO
 
@@ -50,8 +51,9 @@ def test_torchrun_finishes_with_one_buffer_and_one_copy_of_each_file(ddp_run):
         assert buf.store[d].shape == (5, 32)
         assert torch.unique(buf.store[d], dim=0).shape[0] == 5  # five different images
     files = sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file())
-    assert not [f for f in files if f.endswith(".tmp") or "/." in f or f.startswith(".")]
-    assert files == sorted(["run.json", "config.yaml", "log.txt", "metrics.json", "report.png",
+    assert not [f for f in files if f.endswith(".tmp") or "/." in f or (f.startswith(".") and f != LOCK_FILE)]
+    assert (run / LOCK_FILE).read_text() == ""  # rank 0 held the lock and released it; no other rank took one
+    assert files == sorted([LOCK_FILE, "run.json", "config.yaml", "log.txt", "metrics.json", "report.png",
                             "Module_Selector.safetensors", "polyp.safetensors", "shadow.safetensors",
                             *(f"embedding_buffer/{d}.safetensors" for d in DOMAINS),
                             *(f"selector/after_{d}.safetensors" for d in DOMAINS)])
