@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from dataclasses import MISSING, fields
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, NoReturn, Optional
 
-from .config import (CHOICES, CONFIG_DIR, DEFAULT_CONFIG, FAMILY_NAMES, MODULE_ALIASES, SETTINGS_META, Config,
-                     load_config, read_config_file)
+from .config import (CHOICES, CONFIG_DIR, DEFAULT_CONFIG, FAMILY_NAMES, MODULE_ALIASES, SETTING_TYPES, SETTINGS_META,
+                     Config, load_config, read_config_file)
 from .settings import describe_default, registered_names
 
 if TYPE_CHECKING:
@@ -160,7 +160,7 @@ def _group(p: argparse.ArgumentParser, title: str) -> Any:
 
 def _flag_options(name: str, default: Any) -> Dict[str, Any]:
     """argparse options of setting ``name``, from its declaration: type, choices, list, on/off."""
-    hint, m = typing.get_type_hints(Config)[name], SETTINGS_META[name]
+    hint, m = SETTING_TYPES[name], SETTINGS_META[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     inner = args[0] if typing.get_origin(hint) is typing.Union else hint
     help_text = m.help.format(methods=", ".join(registered_names("register_method")),

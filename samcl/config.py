@@ -322,13 +322,13 @@ def _typed(value: Any, hint: Any) -> Tuple[bool, Any]:
     return True, value
 
 
-_HINTS: Dict[str, Any] = typing.get_type_hints(Config)
+SETTING_TYPES: Dict[str, Any] = typing.get_type_hints(Config)  # each setting's annotation
 
 
 def check_setting(name: str, value: Any, source: str = "default") -> Any:
     """``value`` of setting ``name`` checked against its field type, CHOICES and RANGES (converted:
     an int for a float setting becomes a float). Raises ConfigError naming all four."""
-    hint = _HINTS[name]
+    hint = SETTING_TYPES[name]
     ok, value = _typed(value, hint)
     if not ok:
         example = f", e.g. [{value}]" if isinstance(value, str) and typing.get_origin(hint) is list else ""

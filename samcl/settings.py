@@ -24,6 +24,7 @@ that the two readings agree for every plugin file. This module imports neither t
 """
 import ast
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
@@ -171,6 +172,7 @@ def plugin_settings() -> List[Tuple[str, Any, dataclasses.Field]]:
     return out
 
 
+@functools.lru_cache(maxsize=None)  # every flag's help names them: the files are read once
 def registered_names(decorator: str) -> List[str]:
     """The names the plugin files register with ``decorator`` ("register_method", ...), read
     without importing them (for ``--help``)."""
