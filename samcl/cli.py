@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from dataclasses import MISSING, fields
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, NoReturn, Optional
 
-from .config import (CHOICES, CONFIG_DIR, DEFAULT_CONFIG, FAMILY_NAMES, MODULE_ALIASES, SETTING_TYPES, SETTINGS_META,
-                     Config, load_config, read_config_file)
+from .config import (CHOICES, CONFIG_DIR, DEFAULT_CONFIG, FAMILY_NAMES, MODULE_ALIASES, SCRIPTS, SETTING_TYPES,
+                     SETTINGS_META, Config, load_config, read_config_file)
 from .settings import describe_default, registered_names
 
 if TYPE_CHECKING:
@@ -125,10 +125,6 @@ class Parser(argparse.ArgumentParser):
 def flag_names(p: argparse.ArgumentParser) -> Dict[str, str]:
     """Setting -> the flag that sets it (test.py's --batch_size sets eval_batch_size)."""
     return {a.dest: a.option_strings[0] for a in p._actions if a.option_strings}
-
-
-SCRIPTS = {("sam", "train"): "train.py", ("sam", "test"): "test.py",
-           ("sam2", "train"): "train_SAM2.py", ("sam2", "test"): "test_SAM2.py"}
 
 
 def check_module_family(module: Optional[str], family: str, kind: str) -> None:

@@ -47,6 +47,9 @@ def default_config(family: str, module: Optional[str]) -> str:
 # were made: a run folder whose stored configuration lacks one resumes (and reports) with it.
 LEGACY_SETTINGS = {"focal": "logits", "train_mode": "every_epoch", "module_init": "per_domain"}
 FAMILY_NAMES = {"sam": "SAM (ViT)", "sam2": "SAM 2.1 (Hiera)"}
+# the top-level script of each (family, command): the SAM 2.1 ones are the --backbone sam2 aliases
+SCRIPTS = {("sam", "train"): "train.py", ("sam", "test"): "test.py",
+           ("sam2", "train"): "train_SAM2.py", ("sam2", "test"): "test_SAM2.py"}
 
 
 class Alias(NamedTuple):

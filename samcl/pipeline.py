@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from . import distributed as dist
 from . import methods  # noqa: F401  (registers the methods)
-from .config import FAMILY_NAMES, Config, build_config
+from .config import FAMILY_NAMES, SCRIPTS, Config, build_config
 from .continual import RESUMABLE_SETTINGS, ContinualTrainer
 from .data import SegmentationSplit, binarize_mask, domain_map_file, read_domain_map, read_image
 from .evaluation import evaluate_split, selector_accuracy
@@ -29,9 +29,6 @@ from .run_folder import (MANIFEST, METRICS_FILE, TEST_METRICS_FILE, RunFolderErr
 
 log = logging.getLogger("samcl.pipeline")
 OVERLAY_DIR = "overlays"
-
-
-TRAIN_SCRIPTS = {"sam": "train.py", "sam2": "train_SAM2.py"}
 
 
 def _run_continual(cfg: Config, device: torch.device, run_dir: Path, notices: Tuple[str, ...] = (),
@@ -60,7 +57,7 @@ def _run_continual(cfg: Config, device: torch.device, run_dir: Path, notices: Tu
 def continue_hint(cfg: Config, run_dir: Path) -> str:
     """What to run once the cause of a stop is fixed: the run folder keeps every finished domain and
     the last saved epoch of the one in progress."""
-    script = TRAIN_SCRIPTS[cfg.backbone]
+    script = SCRIPTS[cfg.backbone, "train"]
     return (f"the run folder {run_dir} keeps every finished domain and the last saved epoch; once this is fixed, "
             f"continue it with: python {script} --resume {run_dir} (or start it over: the same command with "
             f"--overwrite)")
@@ -94,9 +91,9 @@ def resume(run_dir: Path, overrides: Dict, device: torch.device, family: Optiona
     cfg = resume_config(run_dir, overrides)
     notices = ()
     if family is not None and family != cfg.backbone:
+        called, own = SCRIPTS[family, "train"], SCRIPTS[cfg.backbone, "train"]
         notices = (f"{run_dir} is a {FAMILY_NAMES[cfg.backbone]} run ({cfg.backbone}/{cfg.arch_name}), resumed with "
-                   f"{TRAIN_SCRIPTS[family]}: it goes on with its own backbone ({TRAIN_SCRIPTS[cfg.backbone]} is its "
-                   f"script)",)
+                   f"{called}: it goes on with its own backbone ({own} is its script)",)
     return _run_continual(cfg, device, Path(run_dir), notices, resume=True)
 
 
