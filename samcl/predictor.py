@@ -40,7 +40,6 @@ from .opening import OpenedRun, open_run
 from .precision import autocast, check_amp
 
 ArrayLike = Union[np.ndarray, Sequence]
-SAM2_LOGIT_LIMIT = 32.0  # SAM2ImagePredictor clamps the low-resolution logits it returns to +-32
 
 
 class Routing(NamedTuple):
@@ -210,8 +209,9 @@ class SAMCLPredictor:
     def _result(self, out, i: int, hw, return_logits: bool) -> Prediction:
         logits = F.interpolate(out["logits"][i: i + 1].float(), size=tuple(hw), mode="bilinear", align_corners=False)[0]
         low = out["low_res_logits"][i].float()
-        if self.model.backbone.family == "sam2":
-            low = low.clamp(-SAM2_LOGIT_LIMIT, SAM2_LOGIT_LIMIT)
+        limit = self.model.backbone.predictor_logit_limit  # as the family's own predictor returns them
+        if limit is not None:
+            low = low.clamp(-limit, limit)
         k = int(out["choice"][i])
         probs = out["probabilities"][i].float().cpu().tolist()
         return Prediction(

@@ -137,6 +137,8 @@ class Backbone(nn.Module):
     selector_layer: int
     selector_dim: int
     embedding_channels: int
+    # the bound the family's own image predictor clamps the low-resolution logits it returns to (None: none)
+    predictor_logit_limit: Optional[float] = None
 
     def __init__(self, arch: str, heat_orientation: str = "reference", upsample: str = "nearest") -> None:
         super().__init__()

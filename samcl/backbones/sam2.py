@@ -177,6 +177,7 @@ class SAM2Backbone(Backbone):
 
     family = "sam2"
     default_upsample = "bilinear"  # as SAM 2's image predictor
+    predictor_logit_limit = 32.0  # SAM2ImagePredictor returns its low-resolution logits clamped to +-32
     architectures = staticmethod(sam2_architectures)
     build_model = staticmethod(build_sam2_model)
     load_weights = staticmethod(load_sam2_weights)
