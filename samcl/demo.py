@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 
 from .config import CONFIG_DIR, load_config
+from .data import domain_map_file
 
 DEMO_CONFIG = CONFIG_DIR / "demo_sam.yaml"
 DEMO_CONFIGS = {"sam": DEMO_CONFIG, "sam2": CONFIG_DIR / "demo_sam2.yaml"}
@@ -191,7 +192,7 @@ def _prepare(out: Path, device, step: str) -> Path:
 def _data_settings(out: Path) -> Dict[str, str]:
     """The demo's data settings: its folder and its two maps by absolute path (a relative map path is read
     under the data root, and refused if the current folder holds another map of the same name)."""
-    return {"data_root": str(out), **{f"{split}_json": str((out / f"datasets_{split}.json").absolute())
+    return {"data_root": str(out), **{f"{split}_json": str(domain_map_file(f"datasets_{split}.json", out))
                                       for split in ("train", "test")}}
 
 
