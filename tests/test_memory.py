@@ -97,7 +97,9 @@ print(json.dumps({"measured": status("VmHWM:") - base, "estimated": est}))
 """
 
 
-@pytest.mark.parametrize("side,batch,phase,family", [(384, 2, "train", "sam"), (256, 2, "test", "sam"),
+# sides where the step itself outweighs the first step's one-time allocations (about 50 MB, which vary
+# with the libraries the step happens to load first: at 256 px a test step measured 75 to 91 MB)
+@pytest.mark.parametrize("side,batch,phase,family", [(384, 2, "train", "sam"), (384, 2, "test", "sam"),
                                                      (512, 2, "train", "sam2")])
 def test_the_estimate_is_within_30_percent_of_the_measured_peak(side, batch, phase, family):
     try:
