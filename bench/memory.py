@@ -48,6 +48,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from samcl.backbones.sam import SAMBackbone, build_sam  # noqa: E402
+from samcl.backbones.sam2 import SAM2Backbone, build_sam2_model  # noqa: E402
 from samcl.heatmap import points_to_heatmap  # noqa: E402
 from samcl.losses import cad_loss, samcl_loss  # noqa: E402
 from samcl.learning_modules.base import LearningModule  # noqa: E402
@@ -233,12 +234,19 @@ def make_batch(backbone: SAMBackbone, n: int, device: torch.device, seed: int = 
 
 
 def run(vit_name: str = "vit_b", img_size: Optional[int] = None, batch: int = 1, device: str = "cpu",
-        modules=LEARNING_MODULES, steps: int = 1, seed: int = 0) -> Dict:
+        modules=LEARNING_MODULES, steps: int = 1, seed: int = 0, hiera_name: Optional[str] = None) -> Dict:
+    """``hiera_name``: a SAM 2.1 backbone of that size instead of SAM's ``vit_name``."""
     dev = torch.device(device)
     results: List[Dict] = []
     torch.manual_seed(seed)
-    sam, arch = build_sam(vit_name, img_size)
-    backbone = SAMBackbone(sam, vit_name).to(dev).train()  # shared: the modules' hooks leave it unchanged
+    if hiera_name:
+        model, arch = build_sam2_model(hiera_name, img_size)
+        backbone = SAM2Backbone(model, hiera_name)
+        arch = {"img_size": backbone.img_size}
+    else:
+        sam, arch = build_sam(vit_name, img_size)
+        backbone = SAMBackbone(sam, vit_name)
+    backbone = backbone.to(dev).train()  # shared: the modules' hooks leave it unchanged
     data = make_batch(backbone, batch, dev, seed)
     for name in modules:
         torch.manual_seed(seed)
@@ -249,7 +257,7 @@ def run(vit_name: str = "vit_b", img_size: Optional[int] = None, batch: int = 1,
             torch.cuda.empty_cache()
     return {
         "format": "samcl-memory-bench", "version": 1,
-        "settings": {"vit_name": vit_name, "img_size": img_size or arch["img_size"], "batch": batch,
+        "settings": {"vit_name": hiera_name or vit_name, "img_size": img_size or arch["img_size"], "batch": batch,
                      "device": str(dev), "steps": steps, "weights": "random"},
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "results": results,
@@ -274,6 +282,8 @@ def main(argv=None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
     p.add_argument("--vit_name", default="vit_b", help="SAM size: vit_b (default), vit_l, vit_h, vit_tiny")
+    p.add_argument("--hiera_name", help="a SAM 2.1 size instead (hiera_t, hiera_s, hiera_b+, hiera_l, hiera_toy); "
+                                        "the modules that support SAM 2: augmodule, lora, decoder")
     p.add_argument("--img_size", type=int, help="input side (default: 256 on the CPU, the architecture's on CUDA)")
     p.add_argument("--batch", type=int, default=None, help="images per step (default 1 on the CPU, 4 on CUDA)")
     p.add_argument("--modules", nargs="*", choices=LEARNING_MODULES, default=list(LEARNING_MODULES))
@@ -288,7 +298,7 @@ def main(argv=None) -> Dict:
         torch.set_num_threads(args.threads)
     img = args.img_size or (None if cuda else 256)
     report = run(args.vit_name, img, args.batch or (4 if cuda else 1), args.device, args.modules,
-                 args.steps if args.steps is not None else (5 if cuda else 1))
+                 args.steps if args.steps is not None else (5 if cuda else 1), hiera_name=args.hiera_name)
     print(format_table(report))
     s = report["settings"]
     out = Path(args.json) if args.json else (

@@ -117,6 +117,11 @@ class CoreSettings:
                                             "from the backbone)", group="backbone")
     aug_layers: Optional[List[int]] = setting(None, "blocks the AugModule acts on (default: derived from the "
                                               "backbone)", group="backbone")
+    attention: str = setting("chunked", "SAM's image-encoder attention: chunked: a block of queries at a time, no "
+                             "N x N map kept (the default); sdpa: scaled_dot_product_attention with the relative "
+                             "positions folded into the keys; stock: segment_anything's own, maps materialised (the "
+                             "release's numbers bit for bit). SAM 2's Hiera always uses its own SDPA",
+                             choices=("chunked", "sdpa", "stock"), scope="common", group="backbone")
     # ------------------------------------------------------------ the release's behaviour
     heat_orientation: str = setting("reference", "point heatmap at the SAM neck: reference: added without the "
                                     "transpose used inside the blocks, as the release (quirk Q1); corrected: "

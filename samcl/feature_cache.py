@@ -106,6 +106,8 @@ class PrefixCache:
         # what is frozen and worth keeping: the prefix, or more (CAD adds the whole frozen embedding)
         self.encode = encode or (lambda backbone, images: backbone.encode_prefix(images))
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" names the current GPU: say which,
+            self.device = torch.device("cuda", torch.cuda.current_device())  # so that slab.device == self.device
         self.n_items = int(n_items)
         self.budget_gb = budget_gb
         self.cuda = self.device.type == "cuda"

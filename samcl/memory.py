@@ -39,6 +39,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import distributed as dist
+from .backbones.attention import CHUNK_ELEMENTS
 from .backbones.base import Backbone, BlockPlan
 from .feature_cache import HOST_SHARE, available_host_bytes
 from .learning_modules.base import LearningModule
@@ -72,12 +73,19 @@ class AttentionCost:
     """Bytes of one image's attention in one block (beyond its token tensors).
 
     forward: alive at once while it runs; kept: kept for the backward (with autograd); backward:
-    alive at once in its backward besides what it kept.
+    alive at once in its backward besides what it kept. A path that computes its scores a block at
+    a time adds ``scores``: the bytes of one image's whole score map, of which ``scores_forward``
+    (``scores_backward``) copies are in flight at once, together at most ``scores_cap`` bytes per
+    copy for the whole batch.
     """
 
     forward: int
     kept: int
     backward: int
+    scores: int = 0
+    scores_cap: int = 0
+    scores_forward: int = 0
+    scores_backward: int = 0
 
 
 def attention_sizes(plan: BlockPlan) -> Tuple[int, int]:
@@ -111,20 +119,55 @@ def sdpa_attention(plan: BlockPlan, amp: str) -> AttentionCost:
     return AttentionCost(forward=out + stats, kept=out + stats, backward=3 * out)
 
 
+def chunked_attention(plan: BlockPlan, amp: str) -> AttentionCost:
+    """:class:`~samcl.backbones.attention.ChunkedRelPosAttention`: its output, the row statistics
+    and the two relative-position terms kept; in flight, one block of scores of the whole batch (at
+    most :data:`~samcl.backbones.attention.CHUNK_ELEMENTS` of the CPU) in fp32, its exponent and a
+    cast copy; in the backward the same with the score gradient, and fp32 key and value gradients."""
+    queries, maps = attention_sizes(plan)
+    out = queries * plan.width_out * FLOAT[amp]
+    side = plan.window or plan.grid_in
+    rel = queries * plan.heads * 2 * side * FLOAT[amp] if plan.rel_pos else 0
+    kept = out + rel + queries * plan.heads * 4
+    return AttentionCost(forward=kept, kept=kept, backward=3 * queries * plan.width_out * 4,
+                         scores=4 * maps * plan.heads, scores_cap=4 * CHUNK_ELEMENTS["cpu"],
+                         scores_forward=3, scores_backward=4)
+
+
+def sdpa_rel_pos_attention(plan: BlockPlan, amp: str) -> AttentionCost:
+    """The SDPA path with the relative positions folded into wider queries and keys
+    (:func:`~samcl.backbones.attention.sdpa_rel_pos_attention`): as :func:`sdpa_attention`, plus the
+    wide query and key (c + Kh + Kw per head) kept."""
+    base = sdpa_attention(plan, amp)
+    queries, _ = attention_sizes(plan)
+    side = plan.window or plan.grid_in
+    wide = 2 * queries * (plan.width_out + plan.heads * 2 * side) * FLOAT[amp] if plan.rel_pos else 0
+    return AttentionCost(forward=base.forward + wide, kept=base.kept + wide, backward=base.backward + wide)
+
+
 # attention path of a block plan -> its cost; a memory-efficient path is one function more
 ATTENTION_PATHS: Dict[str, Callable[[BlockPlan, str], AttentionCost]] = {
-    "materialised": materialised_attention, "sdpa": sdpa_attention}
+    "materialised": materialised_attention, "sdpa": sdpa_attention, "chunked": chunked_attention,
+    "sdpa_rel_pos": sdpa_rel_pos_attention}
 
 
 @dataclass(frozen=True)
 class BlockCost:
     """Bytes of one image in one block: ``no_grad`` peak without autograd; with autograd, ``forward``
-    transient, ``kept`` for the backward and ``backward`` transient."""
+    transient, ``kept`` for the backward and ``backward`` transient; ``attention``: its attention's
+    cost, for the score blocks a batch shares (:meth:`scores`)."""
 
     no_grad: int
     forward: int
     kept: int
     backward: int
+    attention: AttentionCost
+
+    def scores(self, batch: int, backward: bool = False) -> int:
+        """Bytes of the score blocks in flight for a ``batch`` (0 for a path that has none)."""
+        a = self.attention
+        one = min(batch * a.scores, a.scores_cap) if a.scores_cap else batch * a.scores
+        return one * (a.scores_backward if backward else a.scores_forward)
 
 
 def block_cost(plan: BlockPlan, amp: str) -> BlockCost:
@@ -138,7 +181,7 @@ def block_cost(plan: BlockPlan, amp: str) -> BlockCost:
     return BlockCost(no_grad=max(TOKENS_FORWARD * padded + att.forward, TOKENS_NO_GRAD * tokens),
                      forward=TOKENS_FORWARD * padded + att.forward,
                      kept=TOKENS_KEPT * tokens + att.kept,
-                     backward=TOKENS_BACKWARD * padded + att.backward)
+                     backward=TOKENS_BACKWARD * padded + att.backward, attention=att)
 
 
 @dataclass(frozen=True)
@@ -223,8 +266,8 @@ def inference_peak(backbone: Backbone, img_size: int, batch: int, amp: str) -> i
     plans = backbone.block_plans(img_size)
     prefix_amp = amp  # test inference runs the prefix under autocast too
     prefix_out = backbone.prefix_elements(img_size) * FLOAT[prefix_amp]
-    worst = max(block_cost(p, prefix_amp).no_grad for p in plans)
-    return batch * (_batch_bytes(img_size) + prefix_out + max(worst, _head_bytes(backbone, img_size)))
+    worst = max(batch * c.no_grad + c.scores(batch) for c in (block_cost(p, prefix_amp) for p in plans))
+    return batch * (_batch_bytes(img_size) + prefix_out) + max(worst, batch * _head_bytes(backbone, img_size))
 
 
 def training_peak(model: ModuleBank, img_size: int, batch: int, amp: str, first_kept: Optional[int]) -> int:
@@ -234,21 +277,21 @@ def training_peak(model: ModuleBank, img_size: int, batch: int, amp: str, first_
     plans = backbone.block_plans(img_size)
     s = backbone.selector_layer
     live = batch * _batch_bytes(img_size)
-    peak = live + batch * max(block_cost(p, "off").no_grad for p in plans[: s + 1])
+    peak = live + max(batch * c.no_grad + c.scores(batch) for c in (block_cost(p, "off") for p in plans[: s + 1]))
     live += batch * backbone.prefix_elements(img_size) * 4
     kept: List[BlockCost] = []
     for i in range(s + 1, len(plans)):
         c = block_cost(plans[i], amp)
         if first_kept is not None and i >= first_kept:
-            peak = max(peak, live + batch * c.forward)
+            peak = max(peak, live + batch * c.forward + c.scores(batch))
             live += batch * c.kept
             kept.append(c)
         else:
-            peak = max(peak, live + batch * c.no_grad)
+            peak = max(peak, live + batch * c.no_grad + c.scores(batch))
     head = _head_bytes(backbone, img_size)
     peak = max(peak, live + batch * head)
     for c in reversed(kept):
-        peak = max(peak, live + batch * c.backward)
+        peak = max(peak, live + batch * c.backward + c.scores(batch, backward=True))
         live -= batch * c.kept
     return peak
 

@@ -50,5 +50,6 @@ def build_backbone(cfg: Config) -> Backbone:
         selector_layer=cfg.selector_layer,
         heat_orientation=cfg.heat_orientation,
         upsample=cfg.upsample or family.default_upsample,
+        attention=cfg.attention,
     )
     return backbone.eval()

@@ -5,12 +5,11 @@ from typing import List, Optional, Tuple
 
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
 
 from ..config import load_model_table
 from ..registry import register_backbone
-from .base import (Backbone, BlockGeometry, BlockPlan, DecodeOptions, Features, PrefixedAttention, padded_side,
-                   split_heads)
+from .attention import prefixed_sam_attention, use_attention
+from .base import Backbone, BlockGeometry, BlockPlan, DecodeOptions, Features, PrefixedAttention, padded_side
 
 
 
@@ -107,29 +106,8 @@ def load_sam_weights(sam: Sam, path: Path, arch: str) -> None:
         ) from None
 
 
-def prefixed_sam_attention(attn: torch.nn.Module, x: torch.Tensor, key: torch.Tensor,
-                           value: torch.Tensor) -> torch.Tensor:
-    """``segment_anything``'s Attention.forward on ``x`` (B, H, W, C) with P extra key/value tokens
-    ``key``, ``value`` (B, P, C) before the image tokens' own; relative positions (when the block
-    uses them) are added to the image columns of the attention map only (prompt columns get none).
-    With P = 0 the same operations as the stock forward (the same result bit for bit). Returns
-    (B, H, W, C)."""
-    b, h, w, _ = x.shape
-    heads = attn.num_heads
-    qkv = attn.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.reshape(3, b * heads, h * w, -1).unbind(0)  # (B * heads, HW, c)
-    p = key.shape[1]
-    if p:
-        k = torch.cat([split_heads(key, heads).reshape(b * heads, p, -1), k], dim=1)
-        v = torch.cat([split_heads(value, heads).reshape(b * heads, p, -1), v], dim=1)
-    scores = (q * attn.scale) @ k.transpose(-2, -1)  # (B * heads, HW, P + HW)
-    if attn.use_rel_pos:
-        image = add_decomposed_rel_pos(scores[..., p:].contiguous(), q, attn.rel_pos_h, attn.rel_pos_w,
-                                       (h, w), (h, w))
-        scores = torch.cat([scores[..., :p], image], dim=-1) if p else image
-    scores = scores.softmax(dim=-1)
-    out = (scores @ v).view(b, heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
-    return attn.proj(out)
+# the attention setting -> the block plans' name of its path (the memory estimate's, samcl.memory)
+PLAN_ATTENTION = {"stock": "materialised", "chunked": "chunked", "sdpa": "sdpa_rel_pos"}
 
 
 @register_backbone("sam")
@@ -149,10 +127,13 @@ class SAMBackbone(Backbone):
         selector_layer: Optional[int] = None,
         heat_orientation: str = "reference",
         upsample: str = "nearest",
+        attention: str = "chunked",
     ) -> None:
         super().__init__(arch, heat_orientation, upsample)
         self.sam = sam
         enc = sam.image_encoder
+        use_attention(enc, attention)
+        self.attention_path = attention
         self.img_size = enc.img_size
         self.grid_size = enc.img_size // enc.patch_embed.proj.kernel_size[0]
         self.depth = len(enc.blocks)
@@ -173,14 +154,16 @@ class SAMBackbone(Backbone):
         return int(self.sam.image_encoder.patch_embed.proj.kernel_size[0])
 
     def block_plans(self, img_size: int) -> List[BlockPlan]:
-        """Every block at an ``img_size`` input: grid S / patch, the stock attention (materialised maps)."""
+        """Every block at an ``img_size`` input: grid S / patch; the attention path of :attr:`attention_path`
+        (the stock one: materialised maps)."""
         grid = img_size // self.sam.image_encoder.patch_embed.proj.kernel_size[0]
         plans = []
         for blk in self.sam.image_encoder.blocks:
             w = blk.window_size
             plans.append(BlockPlan(grid_in=grid, grid_out=grid, width_in=self.selector_dim, width_out=self.selector_dim,
                                    heads=blk.attn.num_heads, window=w, padded=padded_side(grid, w),
-                                   rel_pos=blk.attn.use_rel_pos, attention="materialised"))
+                                   rel_pos=blk.attn.use_rel_pos,
+                                   attention=PLAN_ATTENTION[self.attention_path]))
         return plans
 
     def prefixed_attention(self, i: int) -> PrefixedAttention:

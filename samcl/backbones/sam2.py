@@ -189,8 +189,10 @@ class SAM2Backbone(Backbone):
         selector_layer: Optional[int] = None,
         heat_orientation: str = "reference",
         upsample: str = "bilinear",
+        attention: str = "chunked",
     ) -> None:
         super().__init__(arch, heat_orientation, upsample)
+        self.attention_path = "sdpa"  # Hiera's own scaled_dot_product_attention whatever ``attention`` asks
         self.sam2 = model
         trunk = model.image_encoder.trunk
         self.depth = len(trunk.blocks)
