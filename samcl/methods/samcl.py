@@ -58,6 +58,11 @@ class SAMCL(ContinualMethod):
     def run_files(self) -> List[str]:
         return [selector_file(self.weights)]
 
+    def kept_files(self, done: List[str]) -> List[str]:
+        """One selector (the run's latest); every step's snapshot is a record for reproducing the
+        accuracy matrix, not memory the method needs."""
+        return [selector_file(self.weights)] if done else []
+
     def _fit_selector(self, t: int) -> List[float]:
         """Grow the selector to the domains so far (the new outputs drawn from seed + 1000 + t) and
         retrain it on the whole buffer; write it as the step's snapshot and as the run's selector."""
