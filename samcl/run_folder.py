@@ -156,13 +156,15 @@ def load_module(path: Path, backbone: Backbone, kind: str = "augmodule") -> Lear
 
 def save_selector(selector: ModuleSelector, domains: List[str], path: Path) -> None:
     save_tagged({"format": "samcl-selector", "version": 1, "domains": list(domains),
-                 "dim": selector.layer1.in_features, "state_dict": selector.state_dict()}, path)
+                 "dim": selector.layer1.in_features, "outputs": selector.num_domains,
+                 "state_dict": selector.state_dict()}, path)
 
 
 def load_selector(path: Path) -> tuple:
-    """-> (ModuleSelector in eval mode, its domain order)."""
+    """-> (ModuleSelector in eval mode, the domains trained so far). Its outputs: one per domain
+    (selector_head grow), or one per domain of the run's whole order (full), as the file says."""
     data = load_tagged(path, ("samcl-selector",), "selector file", RunFolderError)
-    sel = ModuleSelector(data["dim"], len(data["domains"]))
+    sel = ModuleSelector(data["dim"], int(data.get("outputs", len(data["domains"]))))
     sel.load_state_dict(data["state_dict"])
     return sel.eval(), list(data["domains"])
 
