@@ -485,3 +485,40 @@ def test_a_full_head_routes_untrained_domains_to_the_frozen_model_and_counts_the
     assert selector_accuracy(res["selector_counts"], "Kvasir", res["selector_untrained"]) == 0.0
     vanilla = bank.segment_vanilla(prefix, points, labels)[0]
     assert torch.equal(bank.segment_routed(prefix, torch.full((4,), -1), points, labels)[0], vanilla)
+
+
+@pytest.mark.parametrize("config", ["demo_sam.yaml", "demo_sam2.yaml"])
+def test_a_run_with_a_full_head_counts_untrained_choices_stores_one_selector_and_grows_on_resume(demo, tmp_path,
+                                                                                                  config, one_thread):
+    import json
+
+    from samcl.run_folder import load_selector
+
+    run = tmp_path / "run"
+    cfg = run_cfg(demo, config, epoch=1, val_every=0, selector_epochs=2, selector_head="full",
+                  order="polyp_natural_shadow", unseen=["natural"], run_dir=str(run))
+    metrics = pipeline.train(cfg, torch.device("cpu"))
+    steps = metrics["steps"]
+    assert load_selector(run / "selector" / "after_polyp.safetensors")[0].num_domains == 3
+    for step, evaluated in zip(steps, (["polyp", "natural"], ["polyp", "natural", "shadow"], ["polyp", "natural",
+                                                                                               "shadow"])):
+        assert list(step["evaluation"]) == evaluated
+        for res in step["evaluation"].values():  # every test image counted once: a domain so far or an untrained one
+            assert sum(res["selector_counts"].values()) + res.get("selector_untrained", 0) == 2
+        # the key is there while the head has outputs for domains not trained yet
+        assert all(("selector_untrained" in r) == (step["domain"] != "shadow") for r in step["evaluation"].values())
+    # storage: the two modules, the three domains' embeddings, one selector; the snapshots are a record
+    size = {p.relative_to(run).as_posix(): p.stat().st_size for p in run.rglob("*.safetensors")}
+    kept = ["polyp.safetensors", "shadow.safetensors", "Module_Selector.safetensors",
+            *(f"embedding_buffer/{d}.safetensors" for d in ("polyp", "natural", "shadow"))]
+    assert steps[-1]["storage"]["kept_bytes"] == sum(size[f] for f in kept)
+    assert steps[-1]["storage"]["extra_bytes"] == sum(size[f"selector/after_{d}.safetensors"]
+                                                      for d in ("polyp", "natural", "shadow"))
+    # a resume that appends a domain grows the head; the finished outputs keep their weights
+    before = load_selector(run / "Module_Selector.safetensors")[0]
+    pipeline.resume(run, {"order": "polyp_natural_shadow_lesion"}, torch.device("cpu"))
+    after, domains = load_selector(run / "Module_Selector.safetensors")
+    assert domains == ["polyp", "natural", "shadow", "lesion"] and after.num_domains == 4
+    last = json.loads((run / "metrics.json").read_text())["steps"][-1]
+    assert "selector_untrained" not in last["evaluation"]["lesion"]
+    assert before.num_domains == 3

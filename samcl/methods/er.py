@@ -6,10 +6,11 @@ Each training batch of N images is joined by min(N, buffer size) replayed sample
 the buffer is empty: the first batch of the first domain); the loss (the configured one, summed
 over images) covers all of them. The replayed images' frozen prefix is computed afresh (the
 training cache knows only the current domain's images). The current batch is offered to the
-reservoir after its loss is computed (mammoth's order). The buffer is the method's whole memory:
-written after every step as ``replay/after_<domain>`` (the buffer as of that step: the latest is
-what storage counts beside the module; each image and mask kept as a lossless PNG), reloaded from the last finished step on resume, and
-carried across a partial epoch by :meth:`state_dict`.
+reservoir after its loss is computed (mammoth's order). The buffer is the method's whole memory
+(each image and mask kept as a lossless PNG): written after every step as ``replay/after_<domain>``
+(the buffer as of that step: the latest is what storage counts beside the module), reloaded from
+the last finished step on resume, and carried across a partial epoch by :meth:`state_dict`.
+``--replay_mb`` gives it a byte budget instead of a sample count (:mod:`samcl.replay`).
 """
 import logging
 from typing import Any, Dict, List, Optional, Tuple
