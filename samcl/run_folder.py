@@ -156,15 +156,15 @@ def load_module(path: Path, backbone: Backbone, kind: str = "augmodule") -> Lear
 
 def save_selector(selector: ModuleSelector, domains: List[str], path: Path) -> None:
     save_tagged({"format": "samcl-selector", "version": 1, "domains": list(domains),
-                 "dim": selector.layer1.in_features, "outputs": selector.num_domains,
-                 "state_dict": selector.state_dict()}, path)
+                 "dim": selector.layer1.in_features, "state_dict": selector.state_dict()}, path)
 
 
 def load_selector(path: Path) -> tuple:
-    """-> (ModuleSelector in eval mode, the domains trained so far). Its outputs: one per domain
-    (selector_head grow), or one per domain of the run's whole order (full), as the file says."""
+    """-> (ModuleSelector in eval mode, the domains trained so far). Its outputs, the rows of its
+    last layer: one per domain (selector_head grow), or one per domain of the run's order (full)."""
     data = load_tagged(path, ("samcl-selector",), "selector file", RunFolderError)
-    sel = ModuleSelector(data["dim"], int(data.get("outputs", len(data["domains"]))))
+    head = data["state_dict"].get("layer4.weight")
+    sel = ModuleSelector(data["dim"], len(data["domains"]) if head is None else int(head.shape[0]))
     sel.load_state_dict(data["state_dict"])
     return sel.eval(), list(data["domains"])
 
