@@ -37,14 +37,13 @@ even out the shards is offered twice, as a sample met in a later epoch is offere
 (mammoth's buffer sees every batch of every epoch).
 """
 import hashlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import cv2
 import numpy as np
 import torch
-from PIL import Image
 
 from . import distributed as dist
 from .data import PAD_LABEL
@@ -57,17 +56,18 @@ REPLAY_DIR = "replay"  # run folder: replay/after_<domain>.<suffix>, the buffer 
 
 
 def encode_png(t: torch.Tensor) -> bytes:
-    """(C, H, W) uint8, C = 1 or 3 -> the lossless PNG of its values."""
+    """(C, H, W) uint8, C = 1 or 3 -> the lossless PNG of its values (OpenCV's encoder: the channels
+    go in as they are and :func:`decode_png` gives them back in that order)."""
     a = t.detach().cpu().to(torch.uint8).permute(1, 2, 0).numpy()
-    out = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(a[..., 0] if a.shape[2] == 1 else a)).save(out, format="PNG")
-    return out.getvalue()
+    ok, data = cv2.imencode(".png", np.ascontiguousarray(a[..., 0] if a.shape[2] == 1 else a))
+    if not ok:
+        raise RuntimeError(f"a replay sample of shape {tuple(t.shape)} could not be encoded as PNG")
+    return data.tobytes()
 
 
 def decode_png(data: bytes) -> torch.Tensor:
     """The PNG of :func:`encode_png` -> its (C, H, W) uint8 tensor."""
-    with Image.open(io.BytesIO(data)) as im:
-        a = np.array(im)
+    a = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     a = a[..., None] if a.ndim == 2 else a
     return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
