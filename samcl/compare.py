@@ -4,10 +4,11 @@
 
 Prints a markdown table (one row per run folder, the summary after its last step),
 writes the same as CSV and draws it beside (``compare.png``: AA and FM per run, storage). Storage is
-what a run keeps after its last step, per trained domain: its module files (all of them for a
-module bank, the latest for one shared module), its embedding buffer and the method's own
-files (a selector, a replay buffer, a Fisher), from ``metrics.json`` or, for runs written before it
-recorded storage, from the files.
+what a run needs after its last step, per trained domain: its module files (all of them for a
+module bank, the latest for one shared module), its embedding buffer (every domain's) and the
+method's own files (one selector, the latest replay buffer or Fisher), from ``metrics.json`` or,
+for runs written before it recorded storage, from the files. ``record_mb``: the files kept only to
+reproduce the run (each step's selector snapshot, earlier snapshots of a shared module).
 """
 import argparse
 import csv
@@ -67,6 +68,8 @@ def summarise(run_dir: Path) -> Dict[str, Any]:
     if kept is None:
         kept = sum(step_storage(run_dir, s, weights) for s in trained)
     row["stored_mb_per_domain"] = kept / len(trained) / MB if trained else 0.0
+    # files kept only to reproduce the run (each step's selector snapshot, earlier module snapshots)
+    row["record_mb"] = steps[-1].get("storage", {}).get("extra_bytes", 0) / MB
     row["training_seconds"] = sum(s.get("training_seconds", s.get("seconds", 0.0)) for s in steps)
     return row
 

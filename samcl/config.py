@@ -183,6 +183,11 @@ class CoreSettings:
     selector_lr: float = setting(0.01, "SGD learning rate of the selector", open_low=True, group="Module Selector")
     selector_epochs: int = setting(25, "selector epochs after each domain", **POSITIVE, group="Module Selector")
     selector_batch_size: int = setting(24, "selector batch size", **POSITIVE, group="Module Selector")
+    selector_head: str = setting("grow", "grow: the selector has one output per domain so far, grown after each "
+                                 "domain, consulted from two domains on; full: one output for every domain of the "
+                                 "order from the first step and consulted from it, as the release (an image sent "
+                                 "to a domain not trained yet uses the frozen model and is counted)",
+                                 choices=("grow", "full"), group="Module Selector")
     # ------------------------------------------------------------ data (data/README.md)
     order: str = setting("Kvasir_camo_ISTD_ISIC_cod_COCO", "domain keys in training order joined by '_'",
                          scope="common", group="data")

@@ -188,7 +188,8 @@ class ContinualTrainer:
         loader = make_loader(self.test_sets[d], self.cfg.eval_batch_size, False, 0, self.cfg.num_workers, self.device)
         res = evaluate_split(self.model, loader, self.device, self.method.segment, routed=self.method.routes,
                              desc=f"test {d}", amp=self.cfg.amp)
-        res["selector_accuracy"] = selector_accuracy(res.get("selector_counts", {}), d)
+        res["selector_accuracy"] = selector_accuracy(res.get("selector_counts", {}), d,
+                                                     res.get("selector_untrained", 0))
         self.state.matrix.set(t, j, res["metrics"])
         return res
 

@@ -54,8 +54,12 @@ def evaluate_split(model: ModuleBank, loader: DataLoader, device: torch.device, 
     table = table[torch.from_numpy(first)]
     out: Dict = {"metrics": _mean_metrics(table[:, 2:5])}
     if routed:
-        counts = torch.bincount(table[:, 1].long(), minlength=len(model.domains))
+        choice = table[:, 1].long()
+        counts = torch.bincount(choice[choice >= 0], minlength=len(model.domains))
         out["selector_counts"] = {d: int(counts[k]) for k, d in enumerate(model.domains)}
+        if model.selector is not None and model.selector.num_domains > len(model.domains):
+            # selector_head full: images sent to a domain not trained yet (segmented by the frozen model)
+            out["selector_untrained"] = int((choice < 0).sum())
     if with_vanilla:
         out["vanilla"] = _mean_metrics(table[:, 5:8])
     return out
@@ -67,9 +71,10 @@ def _mean_metrics(cols: torch.Tensor) -> Dict[str, float]:
     return acc.result()
 
 
-def selector_accuracy(counts: Dict[str, int], true_domain: str) -> Optional[float]:
-    """Share of a domain's test images routed to it; None if the selector does not know it yet."""
-    total = sum(counts.values())
+def selector_accuracy(counts: Dict[str, int], true_domain: str, untrained: int = 0) -> Optional[float]:
+    """Share of a domain's test images routed to it (``untrained``: those sent to a domain not
+    trained yet, counted wrong); None if the selector does not know it yet."""
+    total = sum(counts.values()) + untrained
     if true_domain not in counts or total == 0:
         return None
     return counts[true_domain] / total

@@ -96,16 +96,19 @@ class ModuleBank(nn.Module):
         return full_image_boxes(n, self.backbone.img_size, self.device) if self.prompt == "box" else None
 
     def route_probabilities(self, prefix: Features) -> torch.Tensor:
-        """(N, K) the selector's softmax over ``domains``; with a single domain (or no selector
-        yet) there is nothing to choose and the one domain has probability 1."""
-        if self.selector is None or len(self.domains) <= 1:
+        """(N, K) the selector's softmax over its outputs: ``domains``, then (selector_head full)
+        the order's domains not trained yet. With a one-output selector (or none yet) there is
+        nothing to choose and the one domain has probability 1."""
+        if self.selector is None or self.selector.num_domains <= 1:
             n = next(iter(prefix.values())).shape[0]
             return torch.ones(n, max(len(self.domains), 1), device=self.device)
         return self.selector.probabilities(self.backbone.selector_embedding(prefix))
 
     def route(self, prefix: Features) -> torch.Tensor:
-        """(N,) selector choice per image: the argmax of :meth:`route_probabilities`."""
-        return self.route_probabilities(prefix).argmax(dim=1)
+        """(N,) selector choice per image: the argmax of :meth:`route_probabilities`; -1 (the frozen
+        model) where it names a domain of the order not trained yet (a full head only)."""
+        choice = self.route_probabilities(prefix).argmax(dim=1)
+        return torch.where(choice < len(self.domains), choice, torch.full_like(choice, -1))
 
     def latest_trained(self) -> int:
         """Index of the latest domain that has a module (-1: none, the frozen model)."""

@@ -133,7 +133,8 @@ def test(run_dir: Path, cfg: Config, device: torch.device, with_vanilla: bool = 
         loader = make_loader(ds, cfg.eval_batch_size, False, 0, cfg.num_workers, device)
         res = evaluate_split(model, loader, device, method.segment, routed=method.routes, with_vanilla=with_vanilla,
                              desc=f"test {d}", amp=cfg.amp)
-        res["selector_accuracy"] = selector_accuracy(res.get("selector_counts", {}), d)
+        res["selector_accuracy"] = selector_accuracy(res.get("selector_counts", {}), d,
+                                                     res.get("selector_untrained", 0))
         res["trained"] = d in model.modules_by_domain
         results[d] = res
         if save_overlays > 0:

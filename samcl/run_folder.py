@@ -160,9 +160,11 @@ def save_selector(selector: ModuleSelector, domains: List[str], path: Path) -> N
 
 
 def load_selector(path: Path) -> tuple:
-    """-> (ModuleSelector in eval mode, its domain order)."""
+    """-> (ModuleSelector in eval mode, the domains trained so far). Its outputs, the rows of its
+    last layer: one per domain (selector_head grow), or one per domain of the run's order (full)."""
     data = load_tagged(path, ("samcl-selector",), "selector file", RunFolderError)
-    sel = ModuleSelector(data["dim"], len(data["domains"]))
+    head = data["state_dict"].get("layer4.weight")
+    sel = ModuleSelector(data["dim"], len(data["domains"]) if head is None else int(head.shape[0]))
     sel.load_state_dict(data["state_dict"])
     return sel.eval(), list(data["domains"])
 

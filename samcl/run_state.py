@@ -219,18 +219,39 @@ class RunState:
             self.buffer.save_part(self.run_dir / buffer_part(domain, self.weights), domain)
 
     def storage(self, domain: str) -> Dict[str, Any]:
-        """What the step wrote: bytes of each of its files (the module, the buffer part, the method's
-        own files) and their sum; and ``kept_bytes``, what the method keeps after this step: the
-        files of every step that trained for a method that keeps a module bank, those of the
-        latest one for a method that trains one shared module (its earlier snapshots stay in the
-        run folder as a record, uncounted)."""
+        """What the step wrote and what the method keeps, in bytes of the files on disk.
+
+        ``files``: each file the step wrote (module, buffer part, the method's own files) and
+        ``bytes`` their sum. ``kept_bytes``: what the method needs to go on after this step: the
+        module of every step that trained for a method that keeps a module bank (the latest one for
+        a method that trains one shared module), the embedding buffer of every domain so far
+        (test-only ones included: their embeddings train the selector too) and the method's
+        :meth:`~samcl.methods.base.ContinualMethod.kept_files` (one selector, the latest replay
+        buffer or Fisher). ``extra_bytes``: every other file the steps wrote (each step's selector
+        snapshot, earlier module snapshots, earlier replay buffers), a record for reproducing the
+        run, not memory the method needs."""
         if not dist.is_main():
-            return {"files": {}, "bytes": 0, "kept_bytes": 0}
-        files = {rel: (self.run_dir / rel).stat().st_size for rel in self.step_files(domain)}
-        trained = [d for d in self.completed + [domain] if d in self.with_module]
-        steps = trained if self.method.keeps_every_module else trained[-1:]
-        kept = sum((self.run_dir / rel).stat().st_size for d in steps for rel in self.step_files(d))
-        return {"files": files, "bytes": sum(files.values()), "kept_bytes": kept}
+            return {"files": {}, "bytes": 0, "kept_bytes": 0, "extra_bytes": 0}
+        size = {}
+
+        def nbytes(rels) -> int:
+            return sum(size.setdefault(rel, (self.run_dir / rel).stat().st_size) for rel in rels)
+
+        files = {rel: nbytes([rel]) for rel in self.step_files(domain)}
+        done = self.completed + [domain]
+        kept = set(self.kept_files(done))
+        written = {rel for d in done for rel in self.step_files(d)} | set(self.method.run_files())
+        return {"files": files, "bytes": sum(files.values()), "kept_bytes": nbytes(sorted(kept)),
+                "extra_bytes": nbytes(sorted(written - kept))}
+
+    def kept_files(self, done: List[str]) -> List[str]:
+        """The files (relative to the run folder) the method needs after the steps ``done``."""
+        trained = [d for d in done if d in self.with_module]
+        modules = trained if self.method.keeps_every_module else trained[-1:]
+        kept = [module_path(self.run_dir, d, self.weights).name for d in modules]
+        if self.method.keeps_embeddings:
+            kept += [buffer_part(d, self.weights) for d in done]
+        return kept + self.method.kept_files(done)
 
     def commit(self, domain: str) -> None:
         """Record the step: metrics.json, then run.json with the checksums (the commit point)."""

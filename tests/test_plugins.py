@@ -94,9 +94,13 @@ def test_compare_tables_runs_with_their_storage(data, tmp_path, capsys):
     assert Image.open(out_csv.with_suffix(".png")).format == "PNG"
     assert [r["module"] for r in rows] == ["augmodule", "lora"] and all(r["method"] == "samcl" for r in rows)
     for r, run in zip(rows, runs):
+        # the module, the embedding buffer of both domains (the unseen one trains the selector too), ONE selector
         stored = sum((run / f).stat().st_size for f in ("polyp.safetensors", "embedding_buffer/polyp.safetensors",
-                                                        "selector/after_polyp.safetensors"))
+                                                        "embedding_buffer/natural.safetensors",
+                                                        "Module_Selector.safetensors"))
         assert float(r["stored_mb_per_domain"]) == pytest.approx(stored / 1024**2)
+        snapshots = sum((run / f"selector/after_{d}.safetensors").stat().st_size for d in ("polyp", "natural"))
+        assert float(r["record_mb"]) == pytest.approx(snapshots / 1024**2)
         steps = json.loads((run / "metrics.json").read_text())["steps"]
         assert float(r["iou_AA"]) == pytest.approx(steps[-1]["summary"]["iou"]["AA"])
     assert compare.main([str(tmp_path / "nothing")]) == 2

@@ -148,11 +148,15 @@ def test_ewc_state_file_round_trips(data, tmp_path, weights):
     a.theta = {"x.weight": torch.randn(3, 4, generator=g), "y": torch.randn(5, generator=g)}
     a.end_domain(0, "polyp", None, None)  # a step that trains nothing writes the state unchanged
     assert a.step_files("polyp") == [f"ewc/after_polyp.{weights}"] and (tmp_path / a.step_files("polyp")[0]).is_file()
+    assert "theta" not in read_tagged(tmp_path / a.step_files("polyp")[0], "EWC state")  # the module file has it
     b = EWC(cfg, pipeline.build_model(cfg, CPU), CPU, None, tmp_path)
     b.weights = weights
+    module = b.model.new_module()
+    b.model.add_domain("polyp", module)  # as a resume loads the latest trained module before the method's state
     b.restore(["polyp"])
-    for mine, theirs in ((a.fisher, b.fisher), (a.theta, b.theta)):
-        assert mine.keys() == theirs.keys() and all(torch.equal(mine[n], theirs[n]) for n in mine)
+    assert a.fisher.keys() == b.fisher.keys() and all(torch.equal(a.fisher[n], b.fisher[n]) for n in a.fisher)
+    assert b.theta.keys() == trainable(module).keys()
+    assert all(torch.equal(b.theta[n], p) and b.theta[n] is not p for n, p in trainable(module).items())
     empty = EWC(cfg, model, CPU, None, tmp_path / "empty")  # before any domain: no Fisher, no penalty
     empty.end_domain(0, "natural", None, None)
     empty.restore(["natural"])
@@ -192,11 +196,15 @@ def test_ewc_trains_end_to_end_and_keeps_fisher_and_theta_star_per_step(data, tr
     model = pipeline.load_run(run, cfg, CPU)
     assert model.domains == ["polyp", "shadow"]
     after = {d: read_tagged(run / f"ewc/after_{d}.safetensors", "EWC state") for d in ("polyp", "shadow")}
-    # theta*: the module file of the step; F: gamma * F_before + the step's own Fisher
+    # theta* is the module file of the step (not written twice); F: gamma * F_before + the step's own Fisher
     for d in ("polyp", "shadow"):
         module = read_tagged(run / f"{d}.safetensors", "module")["state_dict"]
-        assert after[d]["theta"].keys() == after[d]["fisher"].keys() and after[d]["theta"]
-        assert all(torch.equal(after[d]["theta"][n], module[n]) for n in after[d]["theta"])
+        assert "theta" not in after[d] and after[d]["fisher"] and set(after[d]["fisher"]) <= set(module)
+    resumed = EWC(cfg, model, CPU, None, run)
+    resumed.restore(["polyp", "shadow"])
+    shadow_module = read_tagged(run / "shadow.safetensors", "module")["state_dict"]
+    assert resumed.theta.keys() == after["shadow"]["fisher"].keys()
+    assert all(torch.equal(resumed.theta[n], shadow_module[n]) for n in resumed.theta)
     # load_run reads each domain's module from its own file: module_for("polyp") is the module after polyp
     assert_close(after["polyp"]["fisher"], literal_fisher(model, model.module_for("polyp"),
                                                           train_split(data, cfg, "polyp", model), cfg), "F after polyp")
@@ -220,10 +228,11 @@ def test_ewc_with_lambda_zero_is_finetune_and_a_large_lambda_stays_near_theta_st
     assert zero["accuracy_matrix"] == finetune["accuracy_matrix"]
     big_run, _, _ = trained("ewc", ewc_lambda=1e6)
     state = read_tagged(zero_run / "ewc/after_polyp.safetensors", "EWC state")
+    theta = read_tagged(zero_run / "polyp.safetensors", "module")["state_dict"]  # theta* after polyp
 
     def drift(run):  # sum F (theta - theta*_polyp)^2 of the module after shadow
         module = shadow_module(run)
-        return float(sum((state["fisher"][n] * (module[n] - state["theta"][n]) ** 2).sum() for n in state["fisher"]))
+        return float(sum((state["fisher"][n] * (module[n] - theta[n]) ** 2).sum() for n in state["fisher"]))
 
     assert drift(big_run) < 0.5 * drift(zero_run)
 
@@ -355,8 +364,7 @@ def test_ewc_under_torchrun_sums_the_fisher_of_both_shares(data, tmp_path):
     steps = json.loads((run / "metrics.json").read_text())["steps"]
     assert [s.get("fisher_images") for s in steps] == [N_TRAIN, N_TRAIN, None]
     shadow, natural = (read_tagged(run / f"ewc/after_{d}.safetensors", "EWC state") for d in ("shadow", "natural"))
-    for part in ("fisher", "theta"):
-        assert shadow[part].keys() == natural[part].keys()
-        assert all(torch.equal(shadow[part][n], natural[part][n]) for n in shadow[part])
+    assert shadow["fisher"].keys() == natural["fisher"].keys() and "theta" not in natural
+    assert all(torch.equal(shadow["fisher"][n], natural["fisher"][n]) for n in shadow["fisher"])
     assert "ewc/after_natural.safetensors" in json.loads((run / "run.json").read_text())["files"]
     assert steps[2]["storage"]["kept_bytes"] == steps[1]["storage"]["kept_bytes"]  # the latest trained step's files

@@ -315,3 +315,210 @@ def test_every_domain_starts_from_the_same_module(demo, tmp_path, monkeypatch, i
     equal = [torch.equal(starts[0][k], starts[1][k]) for k in starts[0]]
     assert all(equal) if same else not all(equal)
     assert torch.equal(starts[0]["B.0.weight"], torch.zeros_like(starts[0]["B.0.weight"]))  # zero-init either way
+
+
+# ---------------------------------------------------------------- the selector across domains
+
+
+class ReleaseMLP(torch.nn.Module):
+    """utils.MLP: the release's selector, built once with ``class_num`` outputs."""
+
+    def __init__(self, embedding_dim, class_num=1):
+        super().__init__()
+        self.layer1 = torch.nn.Linear(embedding_dim, embedding_dim)
+        self.norm1 = torch.nn.BatchNorm1d(embedding_dim)
+        self.layer2 = torch.nn.Linear(embedding_dim, embedding_dim // 4)
+        self.norm2 = torch.nn.BatchNorm1d(embedding_dim // 4)
+        self.layer3 = torch.nn.Linear(embedding_dim // 4, embedding_dim // 4)
+        self.norm3 = torch.nn.BatchNorm1d(embedding_dim // 4)
+        self.layer4 = torch.nn.Linear(embedding_dim // 4, class_num)
+
+    def forward(self, x):
+        out = self.norm1(self.layer1(x))
+        out = F.relu(self.norm2(self.layer2(out)))
+        out = F.relu(self.norm3(self.layer3(out)))
+        return self.layer4(out)
+
+
+class ReleaseEmbeddings(torch.utils.data.Dataset):
+    """utils.CustomDataset: (embedding, domain key) pairs -> (float32 tensor, int64 label)."""
+
+    def __init__(self, data, map_dict):
+        self.data, self.map_dict = data, map_dict.copy()
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, idx):
+        return (torch.tensor(self.data[idx][0], dtype=torch.float32),
+                torch.tensor(self.map_dict[self.data[idx][1]], dtype=torch.int64))
+
+
+class Shuffle(torch.utils.data.Sampler):
+    """The one input fed to the transcription: the shuffle order. The release's ``shuffle=True``
+    draws it from the global generator; here one permutation per epoch from ``generator``, the
+    draw this project makes, so that both see the same batches."""
+
+    def __init__(self, n, generator):
+        self.n, self.generator = n, generator
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=self.generator).tolist())
+
+    def __len__(self):
+        return self.n
+
+
+def release_selector_run(embeddings, order, seed):
+    """train.py's selector over the order: MLP(dim, class_num=len(order)) built before the first
+    domain; after each domain the domain's embeddings are appended to ``Embedding`` and the same
+    MLP is trained 25 epochs with a fresh SGD(lr 0.01) on all of them, batches of min(len, 24),
+    the last partial one dropped (utils.train_embed). Returns the state after each domain."""
+    key_to_index = {key: index for index, key in enumerate(order)}
+    torch.manual_seed(seed + 1000)  # the parameters both start from: this project's draw for the head
+    model = ReleaseMLP(embeddings[order[0]].shape[1], class_num=len(key_to_index))
+    Embedding, states = [], []
+    for id, key in enumerate(order):
+        for index in range(len(embeddings[key])):
+            Embedding.append((embeddings[key][index], key))
+        dataset = ReleaseEmbeddings(Embedding, key_to_index)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=min(len(dataset), 24), drop_last=True,
+                                             sampler=Shuffle(len(dataset), torch.Generator().manual_seed(seed + id)))
+        optimizer = torch.optim.SGD(params=model.parameters(), lr=0.01)
+        model.train()
+        for epoch in range(25):
+            model.train()
+            for input, target in loader:
+                optimizer.zero_grad()
+                loss = F.cross_entropy(model(input), target)
+                loss.backward()
+                optimizer.step()
+        states.append(copy.deepcopy(model.state_dict()))
+    return states
+
+
+def samcl_selector_run(embeddings, order, seed, head, run_dir):
+    """This project's SAMCL method fitting its selector after each domain of ``order``."""
+    from types import SimpleNamespace
+
+    from samcl.methods.samcl import SAMCL
+    from samcl.selector import EmbeddingBuffer
+
+    dim = embeddings[order[0]].shape[1]
+    cfg = SimpleNamespace(seed=seed, selector_lr=0.01, selector_epochs=25, selector_batch_size=24,
+                          selector_head=head, domains=list(order))
+    model = SimpleNamespace(selector=None, backbone=SimpleNamespace(selector_dim=dim), domains=[])
+    buffer = EmbeddingBuffer(10_000)
+    method = SAMCL(cfg, model, torch.device("cpu"), buffer, run_dir)
+    states = []
+    for t, key in enumerate(order):
+        buffer.add(key, embeddings[key])
+        model.domains.append(key)
+        method._fit_selector(t)
+        states.append(copy.deepcopy(model.selector.state_dict()))
+    return states
+
+
+@pytest.fixture
+def one_thread():
+    """Small CPU work runs fastest (and rounds the same) on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.filterwarnings("ignore:To copy construct from a tensor")  # utils.CustomDataset's torch.tensor(tensor)
+def test_a_full_selector_head_trains_as_the_releases_bit_for_bit_over_three_domains(tmp_path, one_thread):
+    g = torch.Generator().manual_seed(0)
+    order = ["Kvasir", "camo", "COCO"]
+    # 30, 20 and 25 embeddings of 32 dims around three centres: batches of 24 with partial ones dropped
+    embeddings = {k: torch.randn(1, 32, generator=g) * 3 + torch.randn(n, 32, generator=g)
+                  for k, n in zip(order, (30, 20, 25))}
+    release = release_selector_run(embeddings, order, seed=7)
+    ours = samcl_selector_run(embeddings, order, 7, "full", tmp_path / "full")
+    for step, (a, b) in enumerate(zip(release, ours)):
+        assert a.keys() == b.keys()
+        assert b["layer4.weight"].shape == (3, 8)  # one output per domain of the order from the first step
+        different = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not different, f"after {order[step]}: {different}"
+    grown = samcl_selector_run(embeddings, order, 7, "grow", tmp_path / "grow")
+    assert [s["layer4.weight"].shape[0] for s in grown] == [1, 2, 3]
+    assert not torch.equal(grown[-1]["layer1.weight"], ours[-1]["layer1.weight"])  # the two heads diverge
+    from samcl.run_folder import load_selector
+
+    selector, domains = load_selector(tmp_path / "full" / "selector" / "after_Kvasir.safetensors")
+    assert domains == ["Kvasir"] and selector.num_domains == 3  # the head's size is the file's
+
+
+def test_a_full_head_routes_untrained_domains_to_the_frozen_model_and_counts_them(tiny_sam, one_thread):
+    """Consulted with one trained domain: an argmax naming a domain not trained yet gives choice -1
+    (the frozen model), which the evaluation counts and the selector's accuracy counts as wrong."""
+    from samcl.evaluation import evaluate_split, routed, selector_accuracy
+    from samcl.learning_modules.augmodule import AugModuleSpec
+    from samcl.model import ModuleBank
+
+    bank = ModuleBank(tiny_sam, AugModuleSpec.for_backbone(tiny_sam))
+    torch.manual_seed(1)
+    bank.add_domain("Kvasir", bank.new_module())
+    bank.selector = ModuleSelector(tiny_sam.selector_dim, 3).eval()
+    with torch.no_grad():  # the head's bias alone decides: images 0, 1 -> Kvasir, 2 -> camo (untrained), 3 -> COCO
+        bank.selector.layer4.weight.zero_()
+    images = torch.rand(4, 3, tiny_sam.img_size, tiny_sam.img_size) * 255
+    prefix = tiny_sam.encode_prefix(images)
+    biases = {0: [5.0, 0, 0], 1: [5.0, 0, 0], 2: [0, 5.0, 0], 3: [0, 0, 5.0]}
+    choices = []
+    for i in range(4):
+        bank.selector.layer4.bias.data = torch.tensor(biases[i])
+        choices.append(int(bank.route({k: v[i: i + 1] for k, v in prefix.items()})))
+    assert choices == [0, 0, -1, -1]
+    bank.selector.layer4.bias.data = torch.tensor([0.0, 5.0, 0.0])
+    points = torch.full((4, 1, 2), tiny_sam.img_size / 2)
+    labels = torch.ones(4, 1, dtype=torch.long)
+    from samcl.data import collate
+
+    items = [{"image": images[i], "mask": torch.zeros(1, tiny_sam.img_size, tiny_sam.img_size), "points": points[i],
+              "labels": labels[i], "name": str(i), "index": i} for i in range(4)]
+    loader = torch.utils.data.DataLoader(items, batch_size=4, collate_fn=collate)
+    res = evaluate_split(bank, loader, torch.device("cpu"), routed(bank))
+    assert res["selector_counts"] == {"Kvasir": 0} and res["selector_untrained"] == 4
+    assert selector_accuracy(res["selector_counts"], "Kvasir", res["selector_untrained"]) == 0.0
+    vanilla = bank.segment_vanilla(prefix, points, labels)[0]
+    assert torch.equal(bank.segment_routed(prefix, torch.full((4,), -1), points, labels)[0], vanilla)
+
+
+@pytest.mark.parametrize("config", ["demo_sam.yaml", "demo_sam2.yaml"])
+def test_a_run_with_a_full_head_counts_untrained_choices_stores_one_selector_and_grows_on_resume(demo, tmp_path,
+                                                                                                  config, one_thread):
+    import json
+
+    from samcl.run_folder import load_selector
+
+    run = tmp_path / "run"
+    cfg = run_cfg(demo, config, epoch=1, val_every=0, selector_epochs=2, selector_head="full",
+                  order="polyp_natural_shadow", unseen=["natural"], run_dir=str(run))
+    metrics = pipeline.train(cfg, torch.device("cpu"))
+    steps = metrics["steps"]
+    assert load_selector(run / "selector" / "after_polyp.safetensors")[0].num_domains == 3
+    for step, evaluated in zip(steps, (["polyp", "natural"], ["polyp", "natural", "shadow"], ["polyp", "natural",
+                                                                                               "shadow"])):
+        assert list(step["evaluation"]) == evaluated
+        for res in step["evaluation"].values():  # every test image counted once: a domain so far or an untrained one
+            assert sum(res["selector_counts"].values()) + res.get("selector_untrained", 0) == 2
+        # the key is there while the head has outputs for domains not trained yet
+        assert all(("selector_untrained" in r) == (step["domain"] != "shadow") for r in step["evaluation"].values())
+    # storage: the two modules, the three domains' embeddings, one selector; the snapshots are a record
+    size = {p.relative_to(run).as_posix(): p.stat().st_size for p in run.rglob("*.safetensors")}
+    kept = ["polyp.safetensors", "shadow.safetensors", "Module_Selector.safetensors",
+            *(f"embedding_buffer/{d}.safetensors" for d in ("polyp", "natural", "shadow"))]
+    assert steps[-1]["storage"]["kept_bytes"] == sum(size[f] for f in kept)
+    assert steps[-1]["storage"]["extra_bytes"] == sum(size[f"selector/after_{d}.safetensors"]
+                                                      for d in ("polyp", "natural", "shadow"))
+    # a resume that appends a domain grows the head; the finished outputs keep their weights
+    before = load_selector(run / "Module_Selector.safetensors")[0]
+    pipeline.resume(run, {"order": "polyp_natural_shadow_lesion"}, torch.device("cpu"))
+    after, domains = load_selector(run / "Module_Selector.safetensors")
+    assert domains == ["polyp", "natural", "shadow", "lesion"] and after.num_domains == 4
+    last = json.loads((run / "metrics.json").read_text())["steps"][-1]
+    assert "selector_untrained" not in last["evaluation"]["lesion"]
+    assert before.num_domains == 3

@@ -18,7 +18,7 @@ from samcl.loading import Batch, to_device
 from samcl.losses import training_loss
 from samcl.precision import amp_available, amp_forward
 from samcl.registry import METHODS
-from samcl.replay import ReservoirBuffer
+from samcl.replay import ReservoirBuffer, encode_png
 from samcl.run_folder import RunFolderError
 from samcl.training_step import SegmentStep
 from tests.conftest import REPO
@@ -137,8 +137,61 @@ def test_buffer_file_round_trips(tmp_path, suffix):
 def test_buffer_size_in_bytes():
     buf = ReservoirBuffer(8, 0)
     buf.add(toy_batch(0, 3, points=2, side=4), "a", logits=torch.zeros(3, 1, 2, 2))
-    # per sample: image 3*4*4 uint8, mask 16 uint8, points 2*2 float32, labels 2 int64, logits 4 float32
-    assert buf.size_bytes() == 3 * (48 + 16 + 16 + 16 + 16)
+    # per sample: the image's and the mask's PNG, points 2*2 float32, labels 2 int64, logits 4 float32
+    pngs = sum(len(encode_png(t)) for b in [toy_batch(0, 3, side=4)] for t in [*b.images, *b.masks])
+    assert buf.size_bytes() == pngs + 3 * (16 + 16 + 16)
+
+
+def demo_batch(data, domain="polyp", size=128):
+    split = SegmentationSplit(read_domain_map(data / "datasets_train.json", data)[domain], size)
+    return to_device(collate([split[i] for i in range(len(split))]), CPU)
+
+
+def test_replayed_samples_equal_the_batch_rows_bit_for_bit_and_cost_their_png_bytes(data, tmp_path):
+    """The buffer keeps PNGs, the draw decodes them: equal to the raw uint8 rows the buffer kept
+    before (the batch's own values), images float 0..255 and masks float {0, 1}, also after the file."""
+    batch = demo_batch(data)
+    buf = ReservoirBuffer(len(batch.names), 3)
+    buf.add(batch, "polyp")
+    raw = sum(t.numel() for t in (*batch.images, *batch.masks))  # what raw uint8 took
+    assert buf.size_bytes() < raw
+    buf.save(tmp_path / "b.safetensors")
+    for b in (buf, ReservoirBuffer.load(tmp_path / "b.safetensors")):
+        draw = b.sample(len(batch.names), CPU)
+        rows = [batch.names.index(n) for n in draw.batch.names]
+        assert draw.batch.images.dtype == torch.float32 and torch.equal(draw.batch.images, batch.images[rows])
+        assert draw.batch.masks.dtype == torch.float32 and torch.equal(draw.batch.masks, batch.masks[rows])
+
+
+def test_a_buffer_file_of_raw_samples_loads_into_the_same_draws(data, tmp_path):
+    """A file written before PNGs (stacked uint8 images and masks, version 1) replays the same tensors."""
+    batch = demo_batch(data)
+    buf = ReservoirBuffer(3, 5)
+    buf.add(batch, "polyp")
+    state = buf.state_dict()
+    for k in ("images", "masks", "image_ends", "mask_ends", "budget"):
+        state.pop(k)
+    state.update(images=torch.stack([s.image for s in buf.samples]), masks=torch.stack([s.mask for s in buf.samples]))
+    old = ReservoirBuffer(3, 5)
+    old.load_state_dict(state)
+    assert old.fingerprint() == buf.fingerprint()
+
+
+def test_a_byte_budget_fixes_the_capacity_when_first_reached_then_algorithm_r():
+    one = ReservoirBuffer(100, 0)
+    one.add(toy_batch(0, 1, side=4), "a")
+    per = one.size_bytes()  # equal-size samples: toy images of one value
+    budget = ReservoirBuffer(None, 9, budget=3 * per + per // 2)
+    counted = ReservoirBuffer(3, 9)
+    for first in range(0, 40, 4):
+        assert budget.add(toy_batch(first, 4, side=4), "a") == counted.add(toy_batch(first, 4, side=4), "a")
+    assert budget.capacity == 3 and budget.seen == 40 and budget.size_bytes() <= 3 * per + per // 2
+    assert [s.name for s in budget.samples] == [s.name for s in counted.samples]
+    assert torch.equal(budget.generator.get_state(), counted.generator.get_state())
+    tiny = ReservoirBuffer(None, 0, budget=1)  # one sample outweighs it: nothing is kept
+    assert tiny.add(toy_batch(0, 3, side=4), "a") == 0 and len(tiny) == 0 and tiny.capacity == 0
+    with pytest.raises(ValueError, match="budget must be positive"):
+        ReservoirBuffer(None, 0, budget=0)
 
 
 # ---------------------------------------------------------------------------------- the methods

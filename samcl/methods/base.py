@@ -118,6 +118,12 @@ class ContinualMethod:
         """Files the method rewrites at every step, checksummed at each commit."""
         return []
 
+    def kept_files(self, done: List[str]) -> List[str]:
+        """The method's own files it needs to go on after the steps ``done`` (in order): what storage
+        counts beside the modules and the embedding buffer. By default the latest step's files (a
+        method whose files are snapshots of its whole state); the rest stay as a record."""
+        return self.step_files(done[-1]) if done else []
+
     # ------------------------------------------------------------------ optimisation, from the configuration
     def make_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
         """Adam (SAMCL's recipe) or AdamW (CAD's) over the module's trainable parameters."""

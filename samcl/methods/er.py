@@ -6,10 +6,11 @@ Each training batch of N images is joined by min(N, buffer size) replayed sample
 the buffer is empty: the first batch of the first domain); the loss (the configured one, summed
 over images) covers all of them. The replayed images' frozen prefix is computed afresh (the
 training cache knows only the current domain's images). The current batch is offered to the
-reservoir after its loss is computed (mammoth's order). The buffer is the method's whole memory:
-written after every step as ``replay/after_<domain>`` (the buffer as of that step: the latest is
-what storage counts beside the module), reloaded from the last finished step on resume, and
-carried across a partial epoch by :meth:`state_dict`.
+reservoir after its loss is computed (mammoth's order). The buffer is the method's whole memory
+(each image and mask kept as a lossless PNG): written after every step as ``replay/after_<domain>``
+(the buffer as of that step: the latest is what storage counts beside the module), reloaded from
+the last finished step on resume, and carried across a partial epoch by :meth:`state_dict`.
+``--replay_mb`` gives it a byte budget instead of a sample count (:mod:`samcl.replay`).
 """
 import logging
 from typing import Any, Dict, List, Optional, Tuple
@@ -57,6 +58,10 @@ class ERSettings(Settings):
     """Experience replay (and DER++, which extends it)."""
 
     replay_size: int = setting(200, "er, der: training samples the reservoir keeps, all domains together", low=1)
+    replay_mb: Optional[float] = setting(None, "er, der: a byte budget (MB) for the reservoir instead of "
+                                         "--replay_size: samples (their PNGs, points, logits) are appended while "
+                                         "they fit, then the count held is its capacity (algorithm R goes on)",
+                                         low=0, open_low=True)
 
 
 @register_method("er")
@@ -67,8 +72,15 @@ class ExperienceReplay(FineTune):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.replay = ReservoirBuffer(self.cfg.replay_size, self.cfg.seed)
+        self.replay = ReservoirBuffer(*self.reservoir_settings())
         self.domain: Optional[str] = None  # the domain in training: what the buffer records for its samples
+
+    def reservoir_settings(self) -> Tuple[Optional[int], int, Optional[int]]:
+        """(capacity, seed, budget in bytes) of the reservoir: --replay_mb replaces --replay_size."""
+        mb = getattr(self.cfg, "replay_mb", None)
+        if mb is None:
+            return self.cfg.replay_size, self.cfg.seed, None
+        return None, self.cfg.seed, int(mb * 1024**2)
 
     def begin_domain(self, t: int, domain: str, trains: bool) -> Optional[LearningModule]:
         self.domain = domain
@@ -107,8 +119,9 @@ class ExperienceReplay(FineTune):
         if dist.is_main():
             self.replay.save(self.run_dir / self.buffer_file(domain))
         r = self.replay
-        log.info("replay buffer after %s: %d of %d samples (%s), %d offered, %.2f MB", domain, len(r), r.capacity,
-                 r.domain_counts(), r.seen, r.size_bytes() / 1024**2)
+        log.info("replay buffer after %s: %d of %s samples (%s), %d offered, %.2f MB", domain, len(r),
+                 r.capacity if r.capacity is not None else "(budget not reached)", r.domain_counts(), r.seen,
+                 r.size_bytes() / 1024**2)
         return {**out, "replay": {"samples": len(self.replay), "seen": self.replay.seen,
                                   "bytes": self.replay.size_bytes(), "domains": self.replay.domain_counts()}}
 
@@ -123,9 +136,11 @@ class ExperienceReplay(FineTune):
         """The buffer as after the last finished step."""
         if completed:
             self.replay = ReservoirBuffer.load(self.run_dir / self.buffer_file(completed[-1]))
-            if (self.replay.capacity, self.replay.seed) != (self.cfg.replay_size, self.cfg.seed):
-                raise RunFolderError(f"{self.run_dir} was trained with replay_size {self.replay.capacity} and seed "
-                                     f"{self.replay.seed}; resume it with those")
+            capacity, seed, budget = self.reservoir_settings()
+            r = self.replay
+            if (r.budget, r.seed) != (budget, seed) or (budget is None and r.capacity != capacity):
+                held = f"replay_mb {r.budget / 1024**2:g}" if r.budget is not None else f"replay_size {r.capacity}"
+                raise RunFolderError(f"{self.run_dir} was trained with {held} and seed {r.seed}; resume it with those")
 
     def state_dict(self) -> Dict[str, Any]:
         return {"replay": self.replay.state_dict()}

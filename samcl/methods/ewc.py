@@ -19,10 +19,12 @@ before the first domain ends). Under torchrun each rank computes the squared gra
 share of the data (DistributedSampler's share, whose last images may repeat a few), the sums and
 the image counts are added across ranks, so every rank holds the same Fisher.
 
-Files: ``ewc/after_<domain>`` holds F and theta* as of that step (the whole state, so storage
-counts the latest one with the module; a step that trains nothing writes the state unchanged);
-a resume reloads the latest finished step's. F and theta* change only at the end of a domain, so
-the partial-epoch state is empty.
+Files: ``ewc/after_<domain>`` holds F as of that step (storage counts the latest one with the
+module; a step that trains nothing writes it unchanged). theta* is the module at the end of the
+latest trained domain, which its module file already holds, so it is not written twice: a resume
+takes theta* from that module (files written with theta* inside are read as before) and F from
+the latest finished step's file. F and theta* change only at the end of a domain, so the
+partial-epoch state is empty.
 """
 import logging
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -129,8 +131,8 @@ class EWC(FineTune):
             log.info("%s: Fisher over %d images, mean %.3g (running: %.3g)", domain, images,
                      _mean(fisher), _mean(self.fisher))
         if dist.is_main():
-            save_tagged({"format": FORMAT, "version": 1, "domain": domain, "gamma": self.cfg.ewc_gamma,
-                         "fisher": self.fisher, "theta": self.theta}, self.run_dir / self.snapshot(domain))
+            save_tagged({"format": FORMAT, "version": 2, "domain": domain, "gamma": self.cfg.ewc_gamma,
+                         "fisher": self.fisher}, self.run_dir / self.snapshot(domain))
         return {**super().end_domain(t, domain, module, data), **record}
 
     def domain_fisher(self, module: LearningModule, data: DataLoader, domain: str = "") -> Tuple[Tensors, int]:
@@ -175,7 +177,10 @@ class EWC(FineTune):
         if completed:
             state = load_tagged(self.run_dir / self.snapshot(completed[-1]), (FORMAT,), "EWC state", RunFolderError)
             self.fisher = {n: f.to(self.device) for n, f in state["fisher"].items()}
-            self.theta = {n: p.to(self.device) for n, p in state["theta"].items()}
+            if "theta" in state:  # written before theta* was read from the module file
+                self.theta = {n: p.to(self.device) for n, p in state["theta"].items()}
+            elif self.fisher and self.current() is not None:
+                self.theta = {n: p.detach().clone() for n, p in trainable(self.current()).items()}
 
 
 def _mean(tensors: Tensors) -> float:

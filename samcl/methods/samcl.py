@@ -1,10 +1,13 @@
 """SAMCL: a learning module per domain, routed by the Module Selector (the paper's method).
 
 Every trained domain gets its own module (they never overwrite each other); after each
-domain the selector, an MLP on the frozen selector-layer embedding, is grown to the
-domains seen so far and retrained on the embedding buffer. At test time every image is
-routed to the module of the domain the selector picks (task-agnostic); an unseen,
-test-only domain has no module, so its images run through the frozen backbone.
+domain the selector, an MLP on the frozen selector-layer embedding, is retrained on the
+embedding buffer. Its head (``selector_head``): "grow" has one output per domain so far, grown
+after each domain; "full" (the release's) has one output for every domain of the order from the
+first step on, grown only when a resume appends domains to the order. At test time every image
+is routed to the module of the domain the selector picks (task-agnostic); an unseen, test-only
+domain has no module, so its images run through the frozen backbone, as do images a full head
+sends to a domain not trained yet (the release would stop there; they are counted).
 """
 import logging
 from typing import Any, Dict, List, Optional, Tuple
@@ -58,16 +61,28 @@ class SAMCL(ContinualMethod):
     def run_files(self) -> List[str]:
         return [selector_file(self.weights)]
 
+    def kept_files(self, done: List[str]) -> List[str]:
+        """One selector (the run's latest); every step's snapshot is a record for reproducing the
+        accuracy matrix, not memory the method needs."""
+        return [selector_file(self.weights)] if done else []
+
+    def head_size(self) -> int:
+        """The selector's outputs after this step: the domains so far (grow) or the whole order (full)."""
+        if getattr(self.cfg, "selector_head", "grow") == "full":
+            return max(len(self.cfg.domains), len(self.model.domains))
+        return len(self.model.domains)
+
     def _fit_selector(self, t: int) -> List[float]:
-        """Grow the selector to the domains so far (the new outputs drawn from seed + 1000 + t) and
-        retrain it on the whole buffer; write it as the step's snapshot and as the run's selector."""
+        """Build the selector (first step) or grow it to :meth:`head_size` (the new outputs drawn
+        from seed + 1000 + t) and retrain it on the whole buffer; write it as the step's snapshot
+        and as the run's selector."""
         model, cfg = self.model, self.cfg
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 1000 + t)
             if model.selector is None:
-                model.selector = ModuleSelector(model.backbone.selector_dim, len(model.domains)).to(self.device)
+                model.selector = ModuleSelector(model.backbone.selector_dim, self.head_size()).to(self.device)
             else:
-                model.selector.grow(len(model.domains))
+                model.selector.grow(self.head_size())
         x, y = self.buffer.dataset(model.domains)
         history = train_selector(model.selector, x, y, lr=cfg.selector_lr, epochs=cfg.selector_epochs,
                                  batch_size=cfg.selector_batch_size,
