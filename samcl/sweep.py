@@ -278,7 +278,8 @@ def build_parser() -> Parser:
     g.add_argument("--grid", action="append", default=[], metavar="KEY=v1,v2,...",
                    help="tune a setting first (repeat it for a product): every point trains on the first order and "
                         "seed on each training split less a held-out part and is scored there; each method's best "
-                        "(AA of IoU, ties FM) is written to <output>/grid/ and used for every run (samcl/sweep_grid.py)")
+                        "(AA of IoU, ties FM) is written to <output>/grid/ and used for every run "
+                        "(docs/validation.md)")
     return p
 
 

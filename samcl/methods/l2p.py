@@ -56,16 +56,18 @@ class L2P(FineTune):
         """The segmentation loss plus ``l2p_pull_weight`` times the pull loss of the batch's chosen keys."""
         loss = super().observe(batch, prefix, forward)
         pool = self.current()
-        self.histogram += torch.bincount(pool.last_chosen.flatten(), minlength=pool.spec.pool_size)
+        # every rank counts every rank's choices: one histogram, saved whole with the partial epoch
+        chosen = dist.all_gather_tensor(pool.last_chosen)
+        self.histogram += torch.bincount(chosen.flatten(), minlength=pool.spec.pool_size)
         return loss + self.term("l2p_pull", self.cfg.l2p_pull_weight * pull_loss(pool.last_similarity))
 
     def end_domain(self, t: int, domain: str, module: Optional[LearningModule],
                    data: Optional[DataLoader]) -> Dict[str, Any]:
         """The step's record: how often each prompt of the pool was chosen while the domain trained
-        (every rank's images)."""
+        (every rank's images, with the repeats that pad the last share under torchrun)."""
         out = super().end_domain(t, domain, module, data)
         if module is not None and self.histogram is not None:
-            out["prompt_histogram"] = [sum(c) for c in zip(*dist.all_gather_objects(self.histogram.tolist()))]
+            out["prompt_histogram"] = self.histogram.tolist()
         return out
 
     def state_dict(self) -> Dict[str, Any]:
