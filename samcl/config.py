@@ -161,8 +161,24 @@ class CoreSettings:
     batch_size: int = setting(8, "images per training batch (per process under torchrun)", **POSITIVE,
                               group="training")
     seed: int = setting(1234, "random seed", high=2**32 - 1, scope="common", group="training")  # numpy's range
-    val_every: int = setting(5, "validate on the domain's test split every N epochs (0: never)", group="training")
+    val_every: int = setting(5, "validate every N epochs (0: never), on the split --validation names",
+                             group="training")
+    grad_clip: float = setting(0.0, "clip the learning module's gradient norm to this before every optimiser step "
+                               "(0: no clipping, as the release; L2P's recipe: 1.0, as its reference code)",
+                               group="training")
     deterministic: bool = setting(True, "deterministic algorithms", group="training")
+    # ------------------------------------------------------------ validation (docs/validation.md)
+    val_fraction: float = setting(0.0, "fraction of each domain's training split held out for validation, drawn "
+                                  "per domain from --seed and disjoint from what trains; run.json names the held-out "
+                                  "files (0: none, the whole split trains)", high=0.9, group="validation")
+    validation: str = setting("test", "what the validation every --val_every epochs reads: test: the domain's test "
+                              "split, as the release (it only logs, and switches the train/eval mode); "
+                              "train_fraction: the held-out --val_fraction of its training split",
+                              choices=("test", "train_fraction"), group="validation")
+    evaluate_on: str = setting("test", "what the accuracy matrix after every step measures: test: the test splits; "
+                               "train_fraction: the held-out --val_fraction of each domain's training split (how "
+                               "the sweep's --grid scores its points)", choices=("test", "train_fraction"),
+                               group="validation")
     # ------------------------------------------------------------ speed: the cache never changes results; bf16 does
     feature_cache: str = setting("auto", "keep each training image's frozen encoder prefix from epoch 1 for the "
                                  "later epochs (same results, less compute): auto (on the GPU if it fits beside the "
@@ -250,6 +266,11 @@ class CoreSettings:
         if dup:
             raise ValueError(f"--order names {dup} more than once")
         self._check_unseen(sources)
+        for name in ("validation", "evaluate_on"):
+            if getattr(self, name) == "train_fraction" and self.val_fraction <= 0:
+                raise ConfigError(f"{name} train_fraction reads the held-out part of the training splits, but "
+                                  f"val_fraction is 0 ({sources.get('val_fraction', 'default')}): pass --val_fraction, "
+                                  f"e.g. 0.2")
         return self
 
     def _check_unseen(self, sources: Dict[str, str]) -> None:

@@ -9,7 +9,7 @@ folder. The loop owns data, epochs, resume, DDP, bf16 and the feature cache, gen
 import logging
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -22,7 +22,7 @@ from .data import JointSplit
 from .evaluation import evaluate_split, selector_accuracy, with_module
 from .feature_cache import PrefixCache
 from .memory import check_memory
-from .loading import load_splits, make_loader, progress, set_epoch, to_device
+from .loading import held_out_parts, load_splits, make_loader, progress, set_epoch, to_device
 from .metrics import METRICS
 from .model import ModuleBank
 from .learning_modules.base import LearningModule
@@ -55,6 +55,9 @@ class ContinualTrainer:
                 self.state.restore()
             self.train_sets, self.test_sets = load_splits(cfg, model.backbone.img_size, self.state.domains,
                                                           self.state.todo(), self.state.unseen)
+            # --val_fraction: what trains, and the held-out parts that validate (named in run.json)
+            self.train_sets, self.val_sets = held_out_parts(cfg, self.train_sets)
+            self.state.validation_files = {d: part.names for d, part in self.val_sets.items()}
             # the estimated peak against what is free, before a new run's folder is made
             trained = [len(self.train_sets[d]) for d in self.state.todo() if d not in self.state.unseen]
             check_memory(cfg, model, device, training=bool(trained), resume=resume, train_items=max(trained, default=0),
@@ -98,6 +101,7 @@ class ContinualTrainer:
                                      JointSplit([self.train_sets[d] for d in sources]),
                                      cfg.batch_size, True, cfg.seed + t, cfg.num_workers, self.device)
                 step["training"] = self._train_module(domain, module, loader)
+                step["loss_terms"] = step["training"].pop("loss_terms")
             elif self.method.keeps_embeddings:
                 collect_embeddings(self.model.backbone, st.buffer, domain,
                                    make_loader(self.train_sets[domain], cfg.batch_size, True, cfg.seed + t,
@@ -122,11 +126,15 @@ class ContinualTrainer:
         cfg, model, st = self.cfg, self.model, self.state
         opt = self.method.make_optimizer(module)
         sched = self.method.make_scheduler(opt, len(loader))
-        history: Dict[str, list] = {"epoch_loss": [], "lr_end": [], "validation": []}
+        history: Dict[str, Any] = {"epoch_loss": [], "lr_end": [], "validation": []}
         partial = st.load_partial(domain, module, opt, sched, loader)
         first = 0
         if partial is not None:
             history, first = partial["history"], partial["epoch"] + 1
+        # each named term of the method's loss (they sum to it): its mean per image, per epoch
+        names = self.method.loss_terms
+        history.setdefault("loss_terms", {k: [] for k in names})
+        trainable = [p for p in module.parameters() if p.requires_grad]
         val_loader = None
         forward = SegmentStep(model.backbone, module)
         if dist.is_distributed():
@@ -147,26 +155,35 @@ class ContinualTrainer:
             model.backbone.train(backbone_training)
             module.train()
             total, count = torch.zeros((), device=self.device), 0  # summed on the device: no sync per step
+            terms = {k: torch.zeros((), device=self.device) for k in names}
             for raw in progress(loader, f"{domain} epoch {epoch + 1}/{cfg.epoch}", unit="batch"):
                 b = to_device(raw, self.device)
                 prefix = cache.prefix(model.backbone, b.images, raw["index"])
                 if keep_embeddings and st.buffer.missing(domain) > 0:
                     buffer_batch(model.backbone, st.buffer, domain, prefix, raw["index"])
                 loss = self.method.observe(b, prefix, forward)
+                for k, v in self.method.take_terms().items():
+                    terms[k] += v
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
                 opt.step()
                 sched.step()  # per iteration, as the reference does (quirk Q4)
                 total += loss.detach()
                 count += len(b.names)
             total, count = (sum(v) for v in zip(*dist.all_gather_objects((total.item(), count))))
+            term_sums = [sum(v) for v in zip(*dist.all_gather_objects([terms[k].item() for k in names]))]
+            for k, v in zip(names, term_sums):
+                history["loss_terms"].setdefault(k, []).append(v / max(count, 1))
             history["epoch_loss"].append(total / max(count, 1))
             history["lr_end"].append(opt.param_groups[0]["lr"])
             log.info("%s epoch %d/%d  loss/image %.4f  lr %.3g", domain, epoch + 1, cfg.epoch,
                      history["epoch_loss"][-1], history["lr_end"][-1])
             if cfg.val_every > 0 and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epoch):
-                val_loader = val_loader or make_loader(self.test_sets[domain], cfg.eval_batch_size, False, 0,
-                                                       cfg.num_workers, self.device)
+                val_set = self.val_sets[domain] if cfg.validation == "train_fraction" else self.test_sets[domain]
+                val_loader = val_loader or make_loader(val_set, cfg.eval_batch_size, False, 0, cfg.num_workers,
+                                                       self.device)
                 res = evaluate_split(model, val_loader, self.device, with_module(model, module), routed=False,
                                      modules=(module,), desc=f"{domain} validation", amp=cfg.amp)["metrics"]
                 history["validation"].append({"epoch": epoch + 1, **res})
@@ -183,9 +200,11 @@ class ContinualTrainer:
         return history
 
     def _evaluate_domain(self, t: int, j: int) -> Dict:
-        """Domain j's test split after step t, each image with the module the method chooses."""
+        """Domain j's test split (its held-out validation part with evaluate_on train_fraction) after
+        step t, each image with the module the method chooses."""
         d = self.state.domains[j]
-        loader = make_loader(self.test_sets[d], self.cfg.eval_batch_size, False, 0, self.cfg.num_workers, self.device)
+        split = self.val_sets[d] if self.cfg.evaluate_on == "train_fraction" else self.test_sets[d]
+        loader = make_loader(split, self.cfg.eval_batch_size, False, 0, self.cfg.num_workers, self.device)
         res = evaluate_split(self.model, loader, self.device, self.method.segment, routed=self.method.routes,
                              desc=f"test {d}", amp=self.cfg.amp)
         res["selector_accuracy"] = selector_accuracy(res.get("selector_counts", {}), d,

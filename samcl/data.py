@@ -17,6 +17,7 @@ torch is imported where tensors are made, so that reading and checking files
 import io
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
@@ -261,6 +262,48 @@ class JointSplit:
             raise IndexError(f"index {i} out of range for {len(self)} samples")
         k = int(np.searchsorted(self.starts, i, side="right")) - 1
         item = self.splits[k][i - int(self.starts[k])]
+        item["index"] = i
+        return item
+
+
+def hold_out(n: int, fraction: float, seed: int, domain: str) -> Tuple[List[int], List[int]]:
+    """(kept, held out) item indices of a split of ``n`` items, each list sorted and together all of them.
+
+    ``round(fraction * n)`` items are held out (at least one, and one at least is kept), drawn
+    without replacement by ``numpy.random.default_rng([seed, crc32(domain)])``: the same for a
+    seed and a domain whatever the order or the other domains.
+    """
+    if n < 2:
+        raise DataError(f"{domain} has {n} training image(s): holding out a validation fraction needs two at least")
+    count = min(max(int(round(fraction * n)), 1), n - 1)
+    rng = np.random.default_rng([int(seed), zlib.crc32(domain.encode("utf-8"))])
+    held = sorted(int(i) for i in rng.permutation(n)[:count])
+    chosen = set(held)
+    return [i for i in range(n) if i not in chosen], held
+
+
+class SplitPart:
+    """The items ``indices`` of a split read as a dataset of their own, in that order; ``index``
+    runs 0..len-1 through the part (unique within it, as the feature cache and the buffer need)."""
+
+    def __init__(self, split: SegmentationSplit, indices: Sequence[int]) -> None:
+        self.split = split
+        self.indices = [int(i) for i in indices]
+        self.domain = split.domain
+        self.pairs = [split.pairs[i] for i in self.indices]
+
+    @property
+    def names(self) -> List[str]:
+        """The part's image file names, in order."""
+        return [image.name for image, _mask in self.pairs]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} samples")
+        item = self.split[self.indices[i]]
         item["index"] = i
         return item
 

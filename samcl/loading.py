@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from . import distributed as dist
-from .data import DataError, SegmentationSplit, collate, domain_map_file, read_domain_map
+from .data import DataError, SegmentationSplit, SplitPart, collate, domain_map_file, hold_out, read_domain_map
 from .run_folder import RunFolderError
 
 log = logging.getLogger("samcl.loading")
@@ -138,19 +138,35 @@ def load_splits(cfg: Any, img_size: int, domains: Sequence[str], todo: Sequence[
     """Test splits of every domain of the order; train splits only of the domains still to learn
     (``todo``). Data errors come here, before any file is made."""
     root = Path(cfg.data_root)
-    train_map = read_domain_map(Path(cfg.train_json), root) if todo else {}
+    train_map = read_domain_map(Path(cfg.train_json), root) if todo or cfg.val_fraction > 0 else {}
     test_map = read_domain_map(Path(cfg.test_json), root)
-    missing = [f"{d} (in train map)" for d in todo if d not in train_map]
+    missing = [f"{d} (in train map)" for d in (domains if cfg.val_fraction > 0 else todo) if d not in train_map]
     missing += [f"{d} (in test map)" for d in domains if d not in test_map]
     if missing:
         raise RunFolderError(f"--order names domains the JSON maps lack: {', '.join(missing)}; "
                              f"train map {domain_map_file(cfg.train_json, root)}, test map "
                              f"{domain_map_file(cfg.test_json, root)}")
     kw = dict(img_size=img_size, mask_binarize=cfg.mask_binarize, mask_threshold=cfg.mask_threshold)
-    train = {d: SegmentationSplit(train_map[d], domain=d, **kw) for d in todo}
+    # a held-out validation part is drawn from every domain's training split, finished ones too
+    train = {d: SegmentationSplit(train_map[d], domain=d, **kw) for d in (domains if cfg.val_fraction > 0 else todo)}
     test = {d: SegmentationSplit(test_map[d], domain=d, **kw) for d in domains}
     for d in domains:
         log.info("domain %-10s train %s  test %5d images (%s)%s", d,
                  f"{len(train[d]):5d} images ({train_map[d]})" if d in train else "(done: buffer only)",
                  len(test[d]), test_map[d], "  [unseen: no module]" if d in unseen else "")
     return train, test
+
+
+def held_out_parts(cfg: Any, train: Dict[str, SegmentationSplit]) -> Tuple[Dict[str, Any], Dict[str, SplitPart]]:
+    """(what trains, what validates) of each domain's training split: with ``cfg.val_fraction`` > 0 the
+    kept and the held-out parts (:func:`samcl.data.hold_out`, drawn from ``cfg.seed``); else the
+    splits as they are and no validation part."""
+    if cfg.val_fraction <= 0:
+        return train, {}
+    kept, held = {}, {}
+    for d, split in train.items():
+        keep, val = hold_out(len(split), cfg.val_fraction, cfg.seed, d)
+        kept[d], held[d] = SplitPart(split, keep), SplitPart(split, val)
+        log.info("domain %-10s validation: %d of its %d training images held out (val_fraction %g, seed %d)", d,
+                 len(val), len(split), cfg.val_fraction, cfg.seed)
+    return kept, held

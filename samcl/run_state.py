@@ -52,6 +52,7 @@ class RunState:
         self.checksums: Dict[str, str] = {}
         self.completed: List[str] = []
         self.with_module: set = set()  # the steps that saved a module file
+        self.validation_files: Dict[str, List[str]] = {}  # --val_fraction: each domain's held-out image names
         self.weights = WEIGHTS  # a resumed run keeps its own (restore)
         method.weights = self.weights
         self._lock: Optional[RunLock] = None
@@ -361,6 +362,7 @@ class RunState:
                         if d in self.with_module},
             "selector": self.method.run_files()[0] if self.method.run_files() else None,
             "files": self.checksums,
+            **({"validation_files": self.validation_files} if self.validation_files else {}),
             "config": self.cfg.to_dict(),
             "versions": package_versions(),
         })

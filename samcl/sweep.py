@@ -275,6 +275,11 @@ def build_parser() -> Parser:
     g.add_argument("--epoch", type=int, help="epochs per domain")
     g.add_argument("--batch_size", type=int, help="images per training batch")
     g.add_argument("--num_workers", type=int, help="data-loading worker processes")
+    g.add_argument("--grid", action="append", default=[], metavar="KEY=v1,v2,...",
+                   help="tune a setting first (repeat it for a product): every point trains on the first order and "
+                        "seed on each training split less a held-out part and is scored there; each method's best "
+                        "(AA of IoU, ties FM) is written to <output>/grid/ and used for every run "
+                        "(docs/validation.md)")
     return p
 
 
@@ -301,11 +306,17 @@ def plan_from_args(args: argparse.Namespace) -> Tuple[Plan, Path]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     plan, output = plan_from_args(args)
+    from .sweep_grid import parse_grid, run_grid
+
+    with explained_errors():
+        grid = parse_grid(args.grid)
     # torch and the backbones only now, once the flags and the plan passed
     from . import distributed
 
     with training_processes():
         device = resolve_device(args.cuda, args.device)
+        if grid:
+            plan = run_grid(plan, grid, output, device)
         rows = run_sweep(plan, output, device)
         main_rank = distributed.is_main()
     if main_rank:

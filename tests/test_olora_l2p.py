@@ -268,6 +268,10 @@ def test_l2p_adds_the_key_pull_loss_and_only_it_moves_the_keys(data, tmp_path):
         b = a_batch(model.backbone)
         loss = method.observe(b, model.backbone.encode_prefix(b.images), SegmentStep(model.backbone, module))
         losses[w] = (loss, pull_loss(module.last_similarity))
+        terms = method.take_terms()
+        assert list(terms) == ["task", "l2p_pull"]
+        assert terms["l2p_pull"].item() == pytest.approx(w * losses[w][1].item())
+        assert (terms["task"] + terms["l2p_pull"]).item() == pytest.approx(loss.item(), rel=1e-6)
         loss.backward()
         assert all(p.grad.any() for p in module.prompts)
         assert module.keys.grad.any() == (w > 0)  # the segmentation loss gives the keys no gradient

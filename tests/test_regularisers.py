@@ -288,7 +288,9 @@ def test_lwf_observe_adds_exactly_nothing_until_the_module_moves_then_the_weight
     with torch.no_grad():
         for p in module.parameters():
             p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    method.take_terms()
     loss = method.observe(b, prefix, forward)
+    terms = method.take_terms()
     plain = ContinualMethod.observe(method, b, prefix, forward)
     heat = model.heatmap(b.points, b.labels) if model.needs_heatmap else None
     with torch.no_grad():
@@ -296,6 +298,8 @@ def test_lwf_observe_adds_exactly_nothing_until_the_module_moves_then_the_weight
         old_logits = SegmentStep(model.backbone, old)(prefix, heat, b.points, b.labels, b.images)[0].double()
     kl = distillation(old_logits, new_logits, 1.5).item()
     assert kl > 1e-5 and (loss - plain).item() == pytest.approx(700 * 1.5 ** 2 * kl, rel=1e-4)
+    assert list(terms) == ["task", "lwf_distillation"] and torch.equal(terms["task"], plain.detach())
+    assert terms["lwf_distillation"].item() == pytest.approx(700 * 1.5 ** 2 * kl, rel=1e-4)
     loss.backward()
     assert all(p.grad is None for p in old.parameters()) and all(p.grad is not None for p in module.parameters())
 

@@ -329,9 +329,14 @@ def test_der_stores_the_logits_of_the_step_that_stored_the_sample_and_its_loss_i
         mse = sum(F.mse_loss(past[i], first.logits[i]) for i in range(2))
         logits2, iou2 = run(der, step, backbone.encode_prefix(second.batch.images), second.batch)
         replayed = training_loss(cfg.loss, logits2, iou2, second.batch.masks, cfg.iou_target, cfg.focal)
+        der.take_terms()
         loss = der.observe(current, prefix, step)
     assert mse > 0 and replayed > 0
     assert loss.item() == pytest.approx((hand + alpha * mse + beta * replayed).item(), rel=1e-6)
+    terms = der.take_terms()  # each term by its name, weighted as it enters the loss
+    assert list(terms) == ["task", "der_logits", "der_labels"]
+    for name, value in (("task", hand), ("der_logits", alpha * mse), ("der_labels", beta * replayed)):
+        assert terms[name].item() == pytest.approx(value.item(), rel=1e-6), name
     assert der.replay.draws == 4 and der.replay.seen == 6
 
 

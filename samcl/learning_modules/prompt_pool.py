@@ -1,5 +1,11 @@
 """L2P's prompt pool (Wang et al. 2022) as prefix tuning of the blocks after the selector layer.
 
+What is built: prompts as prefixes of the late blocks' keys and values, chosen per image by L2P's
+query-key matching. That is closer to DualPrompt's E-prompts (prefix tuning of some blocks'
+keys/values; Wang et al. 2022b) than to L2P's own prompts, which are tokens prepended to the
+input sequence of the first block: SAM's image encoder sees a dense token grid (windowed
+attention, no class token), so tokens added to its input would change the grid's shape.
+
 The pool holds M keys (M, D_sel), D_sel = ``backbone.selector_dim``, and for every late block
 (the blocks after the selector layer) M prompts (M, 2, L, C): a key prompt ``[:, 0]`` and a
 value prompt ``[:, 1]`` of L tokens each, learnt separately, in the block attention's key/value
@@ -19,8 +25,13 @@ prompts; SAM's relative positions are added to the image-token columns of the at
 only (prompt columns get none); SAM 2's q-pooling blocks pool the queries as the stock
 attention does, the prompts join the (unpooled) keys and values.
 
-Initialisation: keys and prompts uniform in [-1, 1] (L2P's), so a fresh module already changes
-the frozen model's output (it is not zero-initialised).
+Initialisation: keys and prompts uniform in [-1, 1] (L2P's). Prefixes change a fresh module's
+output even with zero values (the prompt columns take part of every softmax), so by default a fresh
+pool already changes the frozen model's output, as L2P's and DualPrompt's do. With ``l2p_gate`` every
+late block mixes ``plain + g_j * (prompted - plain)`` with a learnt scalar g_j that starts at 0
+(zero-init gating, as LLaMA-Adapter's): an untrained pool leaves the frozen model's output bit for
+bit unchanged, and the prompts start learning once the gates move from 0 (they get no gradient
+at the first step). It computes each late block's attention twice (with and without prompts).
 """
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -41,6 +52,9 @@ class PromptPoolSettings(Settings):
     l2p_pool_size: int = setting(10, "l2p: key/prompt pairs in the pool", low=1)
     l2p_top_k: int = setting(5, "l2p: prompts chosen per image", low=1)
     l2p_prompt_length: int = setting(5, "l2p: prefix tokens per prompt and block", low=1)
+    l2p_gate: bool = setting(False, "l2p: a zero-initialised gate per late block on the prompts' effect, so that an "
+                             "untrained pool leaves the frozen model's output unchanged (off: L2P's initialisation, "
+                             "which changes it)")
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,7 @@ class PromptPoolSpec(ModuleSpec):
     pool_size: int = 10
     top_k: int = 5
     length: int = 5
+    gated: bool = False
 
     @classmethod
     def for_backbone(cls, backbone: Backbone, cfg: Any = None) -> "PromptPoolSpec":
@@ -66,7 +81,8 @@ class PromptPoolSpec(ModuleSpec):
         spec = cls(layers=layers, widths=tuple(_width(backbone, i) for i in layers), key_dim=backbone.selector_dim,
                    pool_size=int(getattr(cfg, "l2p_pool_size", None) or 10),
                    top_k=int(getattr(cfg, "l2p_top_k", None) or 5),
-                   length=int(getattr(cfg, "l2p_prompt_length", None) or 5))
+                   length=int(getattr(cfg, "l2p_prompt_length", None) or 5),
+                   gated=bool(getattr(cfg, "l2p_gate", False)))
         if spec.top_k > spec.pool_size:
             raise ValueError(f"l2p_top_k {spec.top_k} chooses more prompts than the pool holds "
                              f"(l2p_pool_size {spec.pool_size})")
@@ -137,7 +153,10 @@ class PromptPoolModule(LearningModule):
         self.keys = nn.Parameter(torch.empty(spec.pool_size, spec.key_dim).uniform_(-1, 1))
         self.prompts = nn.ParameterList(nn.Parameter(torch.empty(spec.pool_size, 2, spec.length, c).uniform_(-1, 1))
                                         for c in spec.widths)
+        # l2p_gate: one scalar per late block, 0 at the start (no parameter without it: the files stay as they were)
+        self.gates = nn.Parameter(torch.zeros(len(spec.layers))) if spec.gated else None
         self.last_similarity: Optional[torch.Tensor] = None
+        self.last_chosen: Optional[torch.Tensor] = None  # (N, k) pool indices of the last call
 
     def select(self, query: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(N, D_sel) queries -> chosen pool indices (N, k) and their similarities (N, k) (:func:`choose`)."""
@@ -158,7 +177,11 @@ class PromptPoolModule(LearningModule):
                 # (N, 2, kL, C): the chosen prompts' tokens in rank order
                 p = p.transpose(1, 2).reshape(n, 2, k * self.spec.length, p.shape[-1])
                 p = p.repeat_interleave(x.shape[0] // n, dim=0)  # every window of an image: its prompts
-                return attention(x, p[:, 0], p[:, 1])
+                prompted = attention(x, p[:, 0], p[:, 1])
+                if self.gates is None:
+                    return prompted
+                plain = attention(x, p[:, 0, :0], p[:, 1, :0])  # no prompt: the stock attention
+                return plain + self.gates[j] * (prompted - plain)
             return forward
 
         return [(backbone.attention(i), "replace", make(j, backbone.prefixed_attention(i)))
@@ -171,6 +194,7 @@ class PromptPoolModule(LearningModule):
         """Choose the prompts from the prefix's selector embedding, then the suffix and the decoder
         with them; records ``last_similarity``."""
         chosen, self.last_similarity = self.select(backbone.selector_embedding(prefix))
+        self.last_chosen = chosen
         with self.attached(backbone, chosen=chosen):
             return backbone.segment(prefix, points, labels, boxes=boxes, low_res=low_res, options=options)
 
@@ -178,4 +202,5 @@ class PromptPoolModule(LearningModule):
         s = self.spec
         return (f"PromptPoolModule (prompt_pool): {self.counted_parameters():,} parameters = "
                 f"{self.counted_size_mb():.4f} MB (pool of {s.pool_size} keys and key/value prompts of "
-                f"{s.length} tokens on blocks {list(s.layers)}; top {s.top_k} per image)")
+                f"{s.length} tokens on blocks {list(s.layers)}; top {s.top_k} per image"
+                f"{'; zero-initialised gates' if s.gated else ''})")

@@ -54,6 +54,9 @@ class ContinualMethod:
     # the weight format of the run folder's files, which names the method's own files too
     # (run_folder.selector_snapshot, ...); the run state sets the run's own ("pth": written before safetensors)
     weights: str = WEIGHTS
+    # the named terms of the training loss that observe() records with term(); the protocol writes each one's
+    # mean per image and epoch (metrics.json, a step's "loss_terms"); together they sum to the loss
+    loss_terms: ClassVar[Tuple[str, ...]] = ("task",)
 
     def __init__(self, cfg: Any, model: ModuleBank, device: torch.device, buffer: Optional[EmbeddingBuffer] = None,
                  run_dir: Optional[Path] = None) -> None:
@@ -62,6 +65,7 @@ class ContinualMethod:
         self.device = device
         self.buffer = buffer
         self.run_dir = run_dir
+        self.terms: Dict[str, torch.Tensor] = {}  # the terms of the batch in hand (term, take_terms)
 
     # ------------------------------------------------------------------ lifecycle
     def begin_domain(self, t: int, domain: str, trains: bool) -> Optional[LearningModule]:
@@ -74,7 +78,21 @@ class ContinualMethod:
 
     def observe(self, batch: Batch, prefix: Features, forward: Forward) -> torch.Tensor:
         """The loss of one training batch: the module's forward through ``forward`` and the configured loss."""
-        return self.loss(*self.run_forward(batch, prefix, forward), batch)
+        return self.term("task", self.loss(*self.run_forward(batch, prefix, forward), batch))
+
+    def term(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """``value`` (a scalar), recorded as the batch's term ``name`` (one of :attr:`loss_terms`) as it
+        enters the loss, its weight included; returned unchanged."""
+        if name not in self.loss_terms:
+            raise ValueError(f"{type(self).__name__} records a loss term {name!r} it does not declare in "
+                             f"loss_terms {self.loss_terms}")
+        self.terms[name] = value.detach().float() + self.terms[name] if name in self.terms else value.detach().float()
+        return value
+
+    def take_terms(self) -> Dict[str, torch.Tensor]:
+        """The terms :meth:`term` recorded since the last call (then forgotten)."""
+        out, self.terms = self.terms, {}
+        return out
 
     def run_forward(self, batch: Batch, prefix: Features, forward: Forward,
                     low_res: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -40,22 +40,24 @@ class DERSettings(Settings):
 
 @register_method("der")
 class DERPlusPlus(ExperienceReplay):
+    loss_terms = ("task", "der_logits", "der_labels")
 
     def observe(self, batch: Batch, prefix: Features, forward: Forward) -> torch.Tensor:
         cfg = self.cfg
         low, iou = self.run_forward(batch, prefix, forward, low_res=True)
-        loss = self.segmentation_loss(low, iou, batch)
+        loss = self.term("task", self.segmentation_loss(low, iou, batch))
         n = len(batch.names)
         if cfg.der_alpha != 0:
             first = self.replay.sample(n, batch.images.device)
             if first is not None:
                 past, _ = self.run_forward(first.batch, self.replay_prefix(first.batch), forward, low_res=True)
-                loss = loss + cfg.der_alpha * logit_mse(past, first.logits)
+                loss = loss + self.term("der_logits", cfg.der_alpha * logit_mse(past, first.logits))
         if cfg.der_beta != 0:
             second = self.replay.sample(n, batch.images.device)
             if second is not None:
                 past, past_iou = self.run_forward(second.batch, self.replay_prefix(second.batch), forward, low_res=True)
-                loss = loss + cfg.der_beta * self.segmentation_loss(past, past_iou, second.batch)
+                loss = loss + self.term("der_labels", cfg.der_beta * self.segmentation_loss(past, past_iou,
+                                                                                          second.batch))
         self.replay.add(batch, self.domain, logits=low.detach().float())
         return loss
 

@@ -109,6 +109,8 @@ class EWCSettings(Settings):
 
 @register_method("ewc")
 class EWC(FineTune):
+    loss_terms = ("task", "ewc_penalty")
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fisher: Tensors = {}  # the running Fisher F
@@ -118,7 +120,8 @@ class EWC(FineTune):
         loss = super().observe(batch, prefix, forward)
         if not self.fisher:
             return loss
-        return loss + ewc_penalty(trainable(self.current()), self.fisher, self.theta, self.cfg.ewc_lambda)
+        return loss + self.term("ewc_penalty", ewc_penalty(trainable(self.current()), self.fisher, self.theta,
+                                                           self.cfg.ewc_lambda))
 
     def end_domain(self, t: int, domain: str, module: Optional[LearningModule],
                    data: Optional[DataLoader]) -> Dict[str, Any]:

@@ -71,6 +71,7 @@ class LwFSettings(Settings):
 @register_method("lwf")
 class LwF(FineTune):
     old: Optional[LearningModule] = None  # the module after the previous trained domain
+    loss_terms = ("task", "lwf_distillation")
 
     def begin_domain(self, t: int, domain: str, trains: bool) -> Optional[LearningModule]:
         """The shared module; from the second trained domain on, a frozen copy of it as it is now."""
@@ -81,7 +82,7 @@ class LwF(FineTune):
 
     def observe(self, batch: Batch, prefix: Features, forward: Forward) -> torch.Tensor:
         logits, iou = self.run_forward(batch, prefix, forward)
-        loss = self.loss(logits, iou, batch)
+        loss = self.term("task", self.loss(logits, iou, batch))
         if self.old is None:
             return loss
         self.old.train(self.current().training)
@@ -89,4 +90,5 @@ class LwF(FineTune):
         with torch.no_grad():
             old_logits, _ = self.run_forward(batch, prefix, old_forward)
         t = self.cfg.lwf_temperature
-        return loss + self.cfg.lwf_lambda * t ** 2 * distillation(old_logits, logits, t)
+        kd = self.cfg.lwf_lambda * t ** 2 * distillation(old_logits, logits, t)
+        return loss + self.term("lwf_distillation", kd)

@@ -32,6 +32,7 @@ class OLoRASettings(Settings):
 @register_method("olora")
 class OLoRA(FineTune):
     learning_modules = ("olora",)
+    loss_terms = ("task", "olora_orthogonality")
 
     def begin_domain(self, t: int, domain: str, trains: bool) -> Optional[LearningModule]:
         """The previous module (resumed or tested: the latest trained domain's file) with one more
@@ -55,5 +56,5 @@ class OLoRA(FineTune):
         loss = super().observe(batch, prefix, forward)
         module = self.current()
         if module.spec.tasks > 1:
-            loss = loss + self.cfg.olora_lambda * module.orthogonality_loss()
+            loss = loss + self.term("olora_orthogonality", self.cfg.olora_lambda * module.orthogonality_loss())
         return loss
