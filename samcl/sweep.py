@@ -58,6 +58,7 @@ import yaml
 from .cli import CLIError, Parser, explained_errors, resolve_device
 from .commands.train import training_processes
 from .data import domain_map_file
+from .sweep_launch import SweepOps, add_launch_flags
 from .sweep_plan import PLAN_FILE, Plan, Run, check_plan, default_output, make_plan
 
 if TYPE_CHECKING:
@@ -99,12 +100,11 @@ def _sweep_log(folder: Path, main: bool) -> None:
         log.addHandler(fh)
 
 
-def run_sweep(plan: Plan, output: Path, device: "torch.device") -> List[Dict[str, Any]]:
-    """Train, resume or skip every run of ``plan`` in ``output``; returns the summary's rows."""
+def open_sweep(plan: Plan, output: Path) -> None:
+    """Check the plan against ``output`` (and every method's plugins), write sweep.json, open the sweep's log."""
     from . import distributed as dist
-    from . import pipeline
     from .plugins import check_plugins
-    from .run_folder import RunFolderError, setup_logging, write_json
+    from .run_folder import setup_logging, write_json
 
     output = Path(output)
     setup_logging(None, main=dist.is_main())
@@ -118,26 +118,54 @@ def run_sweep(plan: Plan, output: Path, device: "torch.device") -> List[Dict[str
         log.info("sweep %s: %d run(s): methods %s, %d order(s), seeds %s", output, len(plan.runs), plan.methods,
                  len(plan.orders), plan.seeds)
     dist.barrier()
+
+
+def check_run(output: Path, r: Run, order: Sequence[str]) -> str:
+    """:func:`run_status` of a planned run, whose folder (if any) must hold the planned settings."""
+    from . import pipeline
+    from .run_folder import RunFolderError
+
+    try:
+        status = run_status(Path(output) / r.folder, order)
+        if status != "missing":
+            pipeline.resume_config(Path(output) / r.folder, r.settings)  # refuses other settings than planned
+    except RunFolderError as e:
+        raise RunFolderError(f"the sweep's run {r.folder}: {e}") from None
+    return status
+
+
+def advance_run(output: Path, r: Run, order: Sequence[str], device: "torch.device", what: str) -> bool:
+    """Train, resume or skip (finished) one planned run; whether it trained. ``what`` names it in the log."""
+    from . import distributed as dist
+    from . import pipeline
+    from .run_folder import setup_logging
+
+    run_dir = Path(output) / r.folder
+    status = check_run(output, r, order)
+    if status == "done":
+        log.info("%s: skipped, %s is finished", what, run_dir)
+        return False
+    log.info("%s: %s %s", what, "training" if status == "missing" else "resuming", run_dir)
+    if status == "missing":
+        pipeline.train(r.config(), device)
+    else:
+        pipeline.resume(run_dir, r.settings, device)
+    setup_logging(None, main=dist.is_main())  # the run's log file closes with the run
+    return True
+
+
+def run_sweep(plan: Plan, output: Path, device: "torch.device") -> List[Dict[str, Any]]:
+    """Train, resume or skip every run of ``plan`` in ``output``; returns the summary's rows."""
+    from . import distributed as dist
+
+    output = Path(output)
+    open_sweep(plan, output)
     rows: List[Dict[str, Any]] = []
     for i, r in enumerate(plan.runs, 1):
-        run_dir = output / r.folder
         order = plan.orders[r.order]
         what = f"[{i}/{len(plan.runs)}] {r.method} order{r.order} {'_'.join(order)} seed {r.seed}"
-        try:
-            status = run_status(run_dir, order)
-            if status != "missing":
-                pipeline.resume_config(run_dir, r.settings)  # refuses a run with other settings than planned
-        except RunFolderError as e:
-            raise RunFolderError(f"the sweep's run {r.folder}: {e}") from None
-        if status == "done":
-            log.info("%s: skipped, %s is finished", what, run_dir)
+        if not advance_run(output, r, order, device, what):
             continue
-        log.info("%s: %s %s", what, "training" if status == "missing" else "resuming", run_dir)
-        if status == "missing":
-            pipeline.train(r.config(), device)
-        else:
-            pipeline.resume(run_dir, r.settings, device)
-        setup_logging(None, main=dist.is_main())  # the run's log file closes with the run
         if dist.is_main():
             rows = write_summary(plan, output)
         dist.barrier()
@@ -224,6 +252,11 @@ def write_summary(plan: Plan, output: Path) -> List[Dict[str, Any]]:
     return rows
 
 
+# the launchers' jobs call these by name (samcl.sweep, also when this file runs as __main__)
+SWEEP_OPS = SweepOps(check="samcl.sweep:check_run", advance="samcl.sweep:advance_run",
+                     summarise="samcl.sweep:write_summary")
+
+
 # ----------------------------------------------------------------------------- command line
 def parse_set(items: Sequence[str]) -> Dict[str, Any]:
     """``--set KEY=VALUE`` items as settings, each VALUE read as YAML (2, 0.1, true, [a, b], text)."""
@@ -241,7 +274,7 @@ def parse_set(items: Sequence[str]) -> Dict[str, Any]:
 
 def build_parser() -> Parser:
     p = Parser(prog="python -m samcl.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", required=True, metavar="M1,M2,...",
+    p.add_argument("--methods", metavar="M1,M2,...",
                    help="continual methods joined by ',' (names registered in samcl/methods, e.g. "
                         "samcl,finetune,joint,zeroshot)")
     p.add_argument("--orders", type=int, default=1, metavar="K",
@@ -275,6 +308,7 @@ def build_parser() -> Parser:
     g.add_argument("--epoch", type=int, help="epochs per domain")
     g.add_argument("--batch_size", type=int, help="images per training batch")
     g.add_argument("--num_workers", type=int, help="data-loading worker processes")
+    add_launch_flags(p)
     return p
 
 
@@ -300,7 +334,17 @@ def plan_from_args(args: argparse.Namespace) -> Tuple[Plan, Path]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.job or args.status or args.summarise:
+        from . import sweep_launch
+
+        return sweep_launch.inspect_or_job(args, SWEEP_OPS)
+    if not args.methods:
+        raise CLIError("--methods is required (or --status / --summarise FOLDER)")
     plan, output = plan_from_args(args)
+    if args.dry_run or args.launcher != "serial":
+        from . import sweep_launch
+
+        return sweep_launch.launch(plan, output, args, SWEEP_OPS)
     # torch and the backbones only now, once the flags and the plan passed
     from . import distributed
 
