@@ -169,7 +169,8 @@ def _report(output: Path, r: Run, ok: bool, log_path: Path, error: Optional[str]
         log.info("%s: done (log %s)", r.folder, log_path)
     else:
         error = read_state(output, r.folder).get("error") or error or "no error recorded"
-        log.error("%s: FAILED: %s; log %s; calling the sweep again resumes it", r.folder, error, log_path)
+        log.error("%s: FAILED (log %s; once the cause is fixed, calling the sweep again resumes it): %s", r.folder,
+                  log_path, error)
 
 
 def visible_gpus() -> List[str]:
@@ -297,12 +298,12 @@ def launch_submitit(plan: Plan, output: Path, args: argparse.Namespace, ops: Swe
     failed: List[str] = []
     if not wait:
         return failed
-    pending = dict(zip(todo, jobs))
+    pending = list(zip(todo, jobs))
     while pending:
-        for r, j in list(pending.items()):
+        for r, j in list(pending):
             if not j.done():
                 continue
-            del pending[r]
+            pending.remove((r, j))
             try:
                 j.result()
                 _report(output, r, True, j.paths.stderr)
