@@ -350,7 +350,7 @@ def status_rows(output: Path, ops: SweepOps) -> List[Dict[str, Any]]:
             state = "running"
         elif recorded in ("failed", "queued"):
             state = recorded
-        elif recorded == "running" or run_dir.is_dir():
+        elif recorded == "running" or (run_dir / "run.json").is_file() or (run_dir / "partial").is_dir():
             state = "interrupted"  # started, not finished, nobody trains it: calling the sweep again resumes it
         else:
             state = "not started"
