@@ -57,11 +57,10 @@ class SweepOps:
     advance: str
     summarise: str
 
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        if name.endswith("_fn"):
-            module, _, function = object.__getattribute__(self, name[:-3]).partition(":")
-            return getattr(importlib.import_module(module), function)
-        raise AttributeError(name)
+    def function(self, which: str) -> Callable[..., Any]:
+        """The function named by field ``which``, imported."""
+        module, _, name = getattr(self, which).partition(":")
+        return getattr(importlib.import_module(module), name)
 
 
 # ----------------------------------------------------------------------------- the folder's records
@@ -104,7 +103,7 @@ def write_state(output: Path, folder: str, state: str, suffix: str = ".json", **
 def write_summary_locked(plan: Plan, output: Path, ops: SweepOps) -> List[Dict[str, Any]]:
     """The summary rewritten by one writer at a time (the others wait for the sweep folder's lock)."""
     with RunLock(output, SUMMARY_LOCK, wait=True):
-        return ops.summarise_fn(plan, Path(output))
+        return ops.function("summarise")(plan, Path(output))
 
 
 # ----------------------------------------------------------------------------- one job
@@ -123,7 +122,7 @@ def run_job(output: Path, folder: str, device: Optional[str], threads: Optional[
         raise CLIError(f"{output / PLAN_FILE} plans no run {folder}")
     write_state(output, folder, "running", pid=os.getpid(), host=socket.gethostname(), error=None)
     try:
-        ops.advance_fn(output, r, plan.orders[r.order], dev, f"job {folder}")
+        ops.function("advance")(output, r, plan.orders[r.order], dev, f"job {folder}")
     except BaseException as e:
         write_state(output, folder, "failed", error=f"{type(e).__name__}: {e}")
         raise
@@ -157,7 +156,7 @@ def _todo(plan: Plan, output: Path, ops: SweepOps) -> List[Run]:
     the finished ones are logged as skipped."""
     todo = []
     for r in plan.runs:
-        if ops.check_fn(output, r, plan.orders[r.order]) == "done":
+        if ops.function("check")(output, r, plan.orders[r.order]) == "done":
             log.info("%s: skipped, %s is finished", r.folder, Path(output) / r.folder)
         else:
             todo.append(r)
@@ -183,14 +182,18 @@ def visible_gpus() -> List[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def launch_local(plan: Plan, output: Path, parallel: int, device: "torch.device", ops: SweepOps) -> List[str]:
+def launch_local(plan: Plan, output: Path, parallel: int, device: "torch.device", ops: SweepOps,
+                 one_gpu: bool = False) -> List[str]:
     """``parallel`` runs at once, each ``python -m samcl.sweep --job`` in its own process: on a GPU
-    device pinned to one GPU (CUDA_VISIBLE_DEVICES), cycling over the visible ones; on the CPU with
-    an even share of the cores as threads. Returns the folders of the runs that failed."""
+    device pinned to one GPU (CUDA_VISIBLE_DEVICES), cycling over the visible ones (``one_gpu``:
+    all on ``device``'s); on the CPU with an even share of the cores as threads. Returns the
+    folders of the runs that failed."""
     if parallel < 1:
         raise CLIError(f"--parallel must be at least 1, got {parallel}")
     output = Path(output)
     gpus = visible_gpus() if device.type == "cuda" else []
+    if gpus and one_gpu:
+        gpus = [gpus[device.index or 0]]
     threads = max(1, (os.cpu_count() or 1) // parallel)
     todo = _todo(plan, output, ops)
     for r in todo:
@@ -257,14 +260,19 @@ def parse_extra(items: Sequence[str]) -> Dict[str, str]:
     return out
 
 
-def submitit_executor(output: Path, args: argparse.Namespace) -> Any:
-    """submitit's executor for the flags: SLURM's (or, with --slurm_cluster local, its local one,
-    which runs the jobs as subprocesses of this machine), its logs in the sweep's jobs/."""
+def import_submitit() -> Any:
     try:
         import submitit
     except ImportError:
         raise CLIError(f"--launcher slurm submits through submitit, which is not installed: {INSTALL_SUBMITIT}") \
             from None
+    return submitit
+
+
+def submitit_executor(output: Path, args: argparse.Namespace) -> Any:
+    """submitit's executor for the flags: SLURM's (or, with --slurm_cluster local, its local one,
+    which runs the jobs as subprocesses of this machine), its logs in the sweep's jobs/."""
+    submitit = import_submitit()
     ex = submitit.AutoExecutor(folder=Path(output) / JOBS_DIR / "%j", cluster=args.slurm_cluster)
     params: Dict[str, Any] = {"name": f"samcl-{Path(output).name}", "nodes": 1, "tasks_per_node": 1,
                               "timeout_min": slurm_minutes(args.slurm_time), "gpus_per_node": args.slurm_gpus_per_run,
@@ -341,7 +349,7 @@ def status_rows(output: Path, ops: SweepOps) -> List[Dict[str, Any]]:
     for r in plan.runs:
         run_dir, order = output / r.folder, plan.orders[r.order]
         rec, job = read_state(output, r.folder), read_state(output, r.folder, ".job.json")
-        done = ops.check_fn(output, r, order) == "done"
+        done = ops.function("check")(output, r, order) == "done"
         holder = None if done else lock_holder(run_dir)
         recorded = rec.get("state")
         if done:
@@ -579,13 +587,16 @@ def launch(plan: Plan, output: Path, args: argparse.Namespace, ops: SweepOps) ->
     if args.cuda == -1:
         raise CLIError(f"--launcher {args.launcher} runs each run on one device: --cuda -1 (torchrun) is for the "
                        f"serial launcher")
-    if args.launcher == "slurm":
-        submitit_executor(output, args)  # submitit installed and the flags readable before anything is written
+    if args.launcher == "slurm":  # submitit installed and the flags readable before anything is written
+        import_submitit()
+        slurm_minutes(args.slurm_time)
+        parse_extra(args.slurm_extra)
     with training_processes():
         sweep = importlib.import_module(ops.summarise.partition(":")[0])  # samcl.sweep (which imports this module)
         sweep.open_sweep(plan, output)
         if args.launcher == "local":
-            failed = launch_local(plan, output, args.parallel, resolve_device(args.cuda, args.device), ops)
+            named = args.cuda is not None or (args.device or "").startswith("cuda:")  # one GPU named: all on it
+            failed = launch_local(plan, output, args.parallel, resolve_device(args.cuda, args.device), ops, named)
         else:
             failed = launch_submitit(plan, output, args, ops)
         rows = write_summary_locked(plan, output, ops)

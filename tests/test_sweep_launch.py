@@ -122,7 +122,7 @@ def test_measure_times_a_training_step_of_each_method_here(data, tmp_path, capsy
 # ----------------------------------------------------------------------------- status and summary
 def test_status_and_summarise_in_every_state(data, tmp_path, capsys):
     out = tmp_path / "sweep"
-    argv = argv_for(data, out, "zeroshot,finetune", 1, 3)
+    argv = argv_for(data, out, "zeroshot,finetune", 1, 3, 1, "--order", "polyp_natural")  # a short order: fast
     plan, _ = plan_of(argv)
     sweep.open_sweep(plan, out)  # sweep.json, as a launcher writes it
     ops = sweep.SWEEP_OPS
@@ -140,9 +140,9 @@ def test_status_and_summarise_in_every_state(data, tmp_path, capsys):
     with RunLock(out / runs[4]):  # running: the run folder's lock is held
         rows = sweep_launch.status_rows(out, ops)
     assert [(r["run"], r["state"], r["reached"]) for r in rows] == [
-        (runs[0], "done", "3/3 domains"), (runs[1], "queued", "0/3 domains"), (runs[2], "failed", "0/3 domains"),
-        (runs[3], "interrupted", "0/3 domains, polyp epoch 1/1"), (runs[4], "running", "0/3 domains"),
-        (runs[5], "not started", "0/3 domains")]
+        (runs[0], "done", "2/2 domains"), (runs[1], "queued", "0/2 domains"), (runs[2], "failed", "0/2 domains"),
+        (runs[3], "interrupted", "0/2 domains, polyp epoch 1/1"), (runs[4], "running", "0/2 domains"),
+        (runs[5], "not started", "0/2 domains")]
     assert rows[2]["error"] == "DataError: x.jpg is corrupt" and rows[2]["log"] == "f.log"
     assert rows[4]["where"] == f"pid {os.getpid()} on {os.uname().nodename}"
     assert sweep.main(["--status", str(out)]) == 0
