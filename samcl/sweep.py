@@ -38,6 +38,10 @@ places must hold the planned settings (checked as train.py --resume checks them)
 Under torchrun (--cuda -1) the process group is joined once and every run uses all its processes;
 only rank 0 writes sweep.json, the sweep's log and the summary.
 
+With --launcher local --parallel K (K runs at once here, one GPU each) or --launcher slurm (one
+SLURM job per run, through submitit) the runs are independent jobs (samcl/sweep_launch.py);
+--status FOLDER, --summarise FOLDER and --dry_run (the cost in device-hours): docs/sweep.md.
+
 The summary is rewritten after every run that trained, so an interrupted sweep has one of what
 finished (a run counts once every domain of its order is done). Each run contributes the summary
 after its last step (metrics.json, read by samcl.compare.summarise, which also gives the stored MB
