@@ -477,7 +477,8 @@ def dry_run_text(plan: Plan, output: Path, counts: Dict[str, Dict[str, Optional[
     s = plan.runs[0].settings
     lines = [f"sweep {output}: {len(plan.runs)} run(s) = {len(plan.methods)} method(s) x {len(plan.orders)} "
              f"order(s) x {len(plan.seeds)} seed(s); {s['epoch']} epoch(s) per domain, {s['vit_name']} at "
-             f"{s.get('img_size') or 'its default'} px, batch {s['batch_size']}",
+             f"{str(s['img_size']) + ' px' if s.get('img_size') else 'its default input size'}, batch "
+             f"{s['batch_size']}",
              f"methods: {', '.join(plan.methods)}", f"seeds: {', '.join(map(str, plan.seeds))}"]
     lines += [f"order{k}: {' '.join(o)}" for k, o in enumerate(plan.orders)]
     lines.append("images (train/test): " + ", ".join(f"{d} {n(c['train'])}/{n(c['test'])}" for d, c in counts.items()))
