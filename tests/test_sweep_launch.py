@@ -97,7 +97,8 @@ def test_the_dry_run_prints_the_plan_and_its_cost_without_training(data, tmp_pat
     assert "images (train/test): polyp 4/2, shadow 4/2, natural 4/2" in text
     # per run: 3 epochs x (4 + 4) trained images; evaluated after step t: domains 0..t+1, 2 test images each
     # (2 + 3 + 3 domains) -> 16; samcl: 4 runs x (24 / 2 + 16 / 2) s; zeroshot trains nothing: 4 x 16 / 2 s
-    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.split()[:1] in (["samcl"], ["zeroshot"])}
+    rows = {line.split()[0]: line.split() for line in text.splitlines()
+            if line.split()[:1] in (["samcl"], ["zeroshot"])}
     assert rows["samcl"][1:4] == ["4", "96", "64"] and rows["zeroshot"][1:4] == ["4", "0", "64"]
     assert float(rows["samcl"][-1]) == pytest.approx(round(4 * (24 / 2 + 16 / 2) / 3600, 5), rel=1e-2)
     assert float(rows["zeroshot"][-1]) == pytest.approx(4 * 16 / 2 / 3600, rel=1e-2)
