@@ -244,3 +244,34 @@ def test_a_killed_job_is_resumed_not_restarted(data, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert comparable(run) == comparable(reference / folder)
+
+
+@SLOW
+@SUBMITIT
+def test_a_preempted_job_is_requeued_and_resumes_from_its_last_saved_epoch(data, tmp_path):
+    import submitit
+
+    out = tmp_path / "sweep"
+    argv = argv_for(data, out, "finetune", 1, 1, 2, "--launcher", "slurm", "--slurm_cluster", "local",
+                    "--slurm_cpus_per_run", "1")
+    args = sweep.build_parser().parse_args(argv)
+    plan, _ = sweep.plan_from_args(args)
+    sweep.open_sweep(plan, out)
+    folder = plan.runs[0].folder
+    run = out / folder
+    job = sweep_launch.submitit_executor(out, args).submit(sweep_launch.RunJob(out, folder, "cpu", 1, sweep.SWEEP_OPS))
+    deadline = time.time() + 300
+    while not (run / "partial" / "shadow.pt").exists():  # shadow has finished an epoch
+        assert not job.done() and time.time() < deadline, "the job ended before it could be stopped"
+        time.sleep(0.05)
+    polyp = (run / "polyp.safetensors").read_bytes()
+    # the signal SLURM sends a job before pre-empting it (or at its time limit), to the job's process
+    os.kill(json.loads((out / "launch" / "finetune__order0_seed1234.json").read_text())["pid"], signal.SIGUSR2)
+    assert job.result() == "done"
+    assert (run / "polyp.safetensors").read_bytes() == polyp
+    run_log = (run / "log.txt").read_text()
+    assert "shadow: resuming after epoch 1" in run_log and run_log.count("polyp epoch 1/2") == 1
+    assert "this job is preempted" in Path(job.paths.stderr).read_text() + Path(job.paths.stdout).read_text()
+    assert isinstance(sweep_launch.RunJob(out, folder, "cpu", 1, sweep.SWEEP_OPS).checkpoint(),
+                      submitit.helpers.DelayedSubmission)
+    assert json.loads((run / "run.json").read_text())["completed"] == ["polyp", "shadow", "natural"]
