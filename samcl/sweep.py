@@ -62,6 +62,7 @@ import yaml
 from .cli import CLIError, Parser, explained_errors, resolve_device
 from .commands.train import training_processes
 from .data import domain_map_file
+from . import sweep_launch
 from .sweep_launch import SweepOps, add_launch_flags
 from .sweep_plan import PLAN_FILE, Plan, Run, check_plan, default_output, make_plan
 
@@ -339,15 +340,11 @@ def plan_from_args(args: argparse.Namespace) -> Tuple[Plan, Path]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.job or args.status or args.summarise:
-        from . import sweep_launch
-
         return sweep_launch.inspect_or_job(args, SWEEP_OPS)
     if not args.methods:
         raise CLIError("--methods is required (or --status / --summarise FOLDER)")
     plan, output = plan_from_args(args)
     if args.dry_run or args.launcher != "serial":
-        from . import sweep_launch
-
         return sweep_launch.launch(plan, output, args, SWEEP_OPS)
     # torch and the backbones only now, once the flags and the plan passed
     from . import distributed
