@@ -34,11 +34,14 @@ def _describe(holder: Dict) -> str:
 
 
 class RunLock:
-    """``with RunLock(run_dir):`` holds the run folder's lock (creating the folder and the file)."""
+    """``with RunLock(run_dir):`` holds the run folder's lock (creating the folder and the file).
+    ``name``: another lock file of the folder; ``wait``: wait for the holder to release it instead of
+    refusing (for a short write, such as a sweep's summary)."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, name: str = LOCK_FILE, wait: bool = False) -> None:
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_FILE
+        self.path = self.run_dir / name
+        self.wait = wait
         self._fd: Optional[int] = None
 
     def holder(self) -> Optional[Dict]:
@@ -53,7 +56,7 @@ class RunLock:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if self.wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
@@ -87,3 +90,28 @@ class RunLock:
     def __exit__(self, kind: Optional[Type[BaseException]], value: Optional[BaseException],
                  tb: Optional[TracebackType]) -> None:
         self.release()
+
+
+def lock_holder(run_dir: Path, name: str = LOCK_FILE) -> Optional[Dict]:
+    """Who holds ``run_dir``'s lock now (what the holder wrote: pid, host, since), or None.
+
+    An empty or absent file means no holder. Details left by a holder that ended without releasing
+    are told apart by trying a shared lock for an instant (a trainer starting in that instant would
+    be refused, as by any other holder; the probe is made only where such details are left)."""
+    path = Path(run_dir) / name
+    held = RunLock(run_dir, name).holder()
+    if held is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return held
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

@@ -38,6 +38,10 @@ places must hold the planned settings (checked as train.py --resume checks them)
 Under torchrun (--cuda -1) the process group is joined once and every run uses all its processes;
 only rank 0 writes sweep.json, the sweep's log and the summary.
 
+With --launcher local --parallel K (K runs at once here, one GPU each) or --launcher slurm (one
+SLURM job per run, through submitit) the runs are independent jobs (samcl/sweep_launch.py);
+--status FOLDER, --summarise FOLDER and --dry_run (the cost in device-hours): docs/sweep.md.
+
 The summary is rewritten after every run that trained, so an interrupted sweep has one of what
 finished (a run counts once every domain of its order is done). Each run contributes the summary
 after its last step (metrics.json, read by samcl.compare.summarise, which also gives the stored MB
@@ -58,6 +62,8 @@ import yaml
 from .cli import CLIError, Parser, explained_errors, resolve_device
 from .commands.train import training_processes
 from .data import domain_map_file
+from . import sweep_launch
+from .sweep_launch import SweepOps, add_launch_flags
 from .sweep_plan import PLAN_FILE, Plan, Run, check_plan, default_output, make_plan
 
 if TYPE_CHECKING:
@@ -99,12 +105,11 @@ def _sweep_log(folder: Path, main: bool) -> None:
         log.addHandler(fh)
 
 
-def run_sweep(plan: Plan, output: Path, device: "torch.device") -> List[Dict[str, Any]]:
-    """Train, resume or skip every run of ``plan`` in ``output``; returns the summary's rows."""
+def open_sweep(plan: Plan, output: Path) -> None:
+    """Check the plan against ``output`` (and every method's plugins), write sweep.json, open the sweep's log."""
     from . import distributed as dist
-    from . import pipeline
     from .plugins import check_plugins
-    from .run_folder import RunFolderError, setup_logging, write_json
+    from .run_folder import setup_logging, write_json
 
     output = Path(output)
     setup_logging(None, main=dist.is_main())
@@ -118,26 +123,54 @@ def run_sweep(plan: Plan, output: Path, device: "torch.device") -> List[Dict[str
         log.info("sweep %s: %d run(s): methods %s, %d order(s), seeds %s", output, len(plan.runs), plan.methods,
                  len(plan.orders), plan.seeds)
     dist.barrier()
+
+
+def check_run(output: Path, r: Run, order: Sequence[str]) -> str:
+    """:func:`run_status` of a planned run, whose folder (if any) must hold the planned settings."""
+    from . import pipeline
+    from .run_folder import RunFolderError
+
+    try:
+        status = run_status(Path(output) / r.folder, order)
+        if status != "missing":
+            pipeline.resume_config(Path(output) / r.folder, r.settings)  # refuses other settings than planned
+    except RunFolderError as e:
+        raise RunFolderError(f"the sweep's run {r.folder}: {e}") from None
+    return status
+
+
+def advance_run(output: Path, r: Run, order: Sequence[str], device: "torch.device", what: str) -> bool:
+    """Train, resume or skip (finished) one planned run; whether it trained. ``what`` names it in the log."""
+    from . import distributed as dist
+    from . import pipeline
+    from .run_folder import setup_logging
+
+    run_dir = Path(output) / r.folder
+    status = check_run(output, r, order)
+    if status == "done":
+        log.info("%s: skipped, %s is finished", what, run_dir)
+        return False
+    log.info("%s: %s %s", what, "training" if status == "missing" else "resuming", run_dir)
+    if status == "missing":
+        pipeline.train(r.config(), device)
+    else:
+        pipeline.resume(run_dir, r.settings, device)
+    setup_logging(None, main=dist.is_main())  # the run's log file closes with the run
+    return True
+
+
+def run_sweep(plan: Plan, output: Path, device: "torch.device") -> List[Dict[str, Any]]:
+    """Train, resume or skip every run of ``plan`` in ``output``; returns the summary's rows."""
+    from . import distributed as dist
+
+    output = Path(output)
+    open_sweep(plan, output)
     rows: List[Dict[str, Any]] = []
     for i, r in enumerate(plan.runs, 1):
-        run_dir = output / r.folder
         order = plan.orders[r.order]
         what = f"[{i}/{len(plan.runs)}] {r.method} order{r.order} {'_'.join(order)} seed {r.seed}"
-        try:
-            status = run_status(run_dir, order)
-            if status != "missing":
-                pipeline.resume_config(run_dir, r.settings)  # refuses a run with other settings than planned
-        except RunFolderError as e:
-            raise RunFolderError(f"the sweep's run {r.folder}: {e}") from None
-        if status == "done":
-            log.info("%s: skipped, %s is finished", what, run_dir)
+        if not advance_run(output, r, order, device, what):
             continue
-        log.info("%s: %s %s", what, "training" if status == "missing" else "resuming", run_dir)
-        if status == "missing":
-            pipeline.train(r.config(), device)
-        else:
-            pipeline.resume(run_dir, r.settings, device)
-        setup_logging(None, main=dist.is_main())  # the run's log file closes with the run
         if dist.is_main():
             rows = write_summary(plan, output)
         dist.barrier()
@@ -224,6 +257,11 @@ def write_summary(plan: Plan, output: Path) -> List[Dict[str, Any]]:
     return rows
 
 
+# the launchers' jobs call these by name (samcl.sweep, also when this file runs as __main__)
+SWEEP_OPS = SweepOps(check="samcl.sweep:check_run", advance="samcl.sweep:advance_run",
+                     summarise="samcl.sweep:write_summary")
+
+
 # ----------------------------------------------------------------------------- command line
 def parse_set(items: Sequence[str]) -> Dict[str, Any]:
     """``--set KEY=VALUE`` items as settings, each VALUE read as YAML (2, 0.1, true, [a, b], text)."""
@@ -241,7 +279,7 @@ def parse_set(items: Sequence[str]) -> Dict[str, Any]:
 
 def build_parser() -> Parser:
     p = Parser(prog="python -m samcl.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", required=True, metavar="M1,M2,...",
+    p.add_argument("--methods", metavar="M1,M2,...",
                    help="continual methods joined by ',' (names registered in samcl/methods, e.g. "
                         "samcl,finetune,joint,zeroshot)")
     p.add_argument("--orders", type=int, default=1, metavar="K",
@@ -279,7 +317,8 @@ def build_parser() -> Parser:
                    help="tune a setting first (repeat it for a product): every point trains on the first order and "
                         "seed on each training split less a held-out part and is scored there; each method's best "
                         "(AA of IoU, ties FM) is written to <output>/grid/ and used for every run "
-                        "(docs/validation.md)")
+                        "(docs/validation.md); it runs in this process before any launcher")
+    add_launch_flags(p)
     return p
 
 
@@ -305,14 +344,25 @@ def plan_from_args(args: argparse.Namespace) -> Tuple[Plan, Path]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.job or args.status or args.summarise:
+        return sweep_launch.inspect_or_job(args, SWEEP_OPS)
+    if not args.methods:
+        raise CLIError("--methods is required (or --status / --summarise FOLDER)")
     plan, output = plan_from_args(args)
     from .sweep_grid import parse_grid, run_grid
 
     with explained_errors():
         grid = parse_grid(args.grid)
+    if args.dry_run:
+        return sweep_launch.launch(plan, output, args, SWEEP_OPS)
     # torch and the backbones only now, once the flags and the plan passed
     from . import distributed
 
+    if args.launcher != "serial":  # the grid's points first, here; then the runs through the launcher
+        if grid:
+            with training_processes():
+                plan = run_grid(plan, grid, output, resolve_device(args.cuda, args.device))
+        return sweep_launch.launch(plan, output, args, SWEEP_OPS)
     with training_processes():
         device = resolve_device(args.cuda, args.device)
         if grid:
