@@ -96,7 +96,7 @@ LAYERS: Layers = (
     ("cli", ("samcl.cli",)),
     # what a user runs: the scripts and commands, python -m samcl.<name>
     ("commands", ("samcl.commands", "samcl.commands.*", "samcl.scripts", "samcl.predict", "samcl.demo",
-                  "samcl.compare", "samcl.datacheck", "samcl.sweep", "samcl.sweep_plan", "samcl.weights",
+                  "samcl.compare", "samcl.datacheck", "samcl.sweep", "samcl.sweep_plan", "samcl.weights", "samcl.app",
                   "samcl.release.__main__")),
 )
 
