@@ -65,6 +65,7 @@ class Session:
     corner: Optional[Tuple[float, float]] = None  # a box's first corner, until the second click
     added: List[str] = field(default_factory=list)  # "point" / "box" in the order given (for undo)
     embed_seconds: float = 0.0  # the image's set_image
+    shown: Optional["View"] = None  # the latest view of these prompts
 
 
 class View(NamedTuple):
@@ -204,12 +205,12 @@ class ClickApp:
         scale = enlargement(w)
         px, py = float(x) / scale, float(y) / scale
         if not (0 <= px <= w and 0 <= py <= h):
-            return session, self.segment(session, forced, "Click on the image, not on the legend below it.")
+            return session, self._again(session, forced, "Click on the image, not on the legend below it.")
         message = ""
         if tool == BOX:
             if session.corner is None:
                 session.corner = (px, py)
-                return session, self.segment(session, forced, "Click the box's opposite corner.")
+                return session, self._again(session, forced, "Click the box's opposite corner.")
             (x0, y0), session.corner = session.corner, None
             session.box = (min(x0, px), min(y0, py), max(x0, px), max(y0, py))
             session.added = [a for a in session.added if a != "box"] + ["box"]
@@ -241,6 +242,16 @@ class ClickApp:
     # ------------------------------------------------------------------ segmenting
     def segment(self, session: Session, forced: str = ROUTED, message: str = "") -> View:
         """The session's image with its prompts, by the selector's choice or the ``forced`` domain."""
+        session.shown = self._segment(session, forced, message)
+        return session.shown
+
+    def _again(self, session: Session, forced: str, message: str) -> View:
+        """The latest view with another message (the prompts have not changed)."""
+        if session.shown is None:
+            return self.segment(session, forced, message)
+        return session.shown._replace(message=message)
+
+    def _segment(self, session: Session, forced: str, message: str) -> View:
         if session.image is None or self.predictor is None:
             return self._view(session, message=message or self.status())
         if not session.points and session.box is None:
