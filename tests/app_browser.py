@@ -16,7 +16,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: this checkout's samcl
@@ -78,10 +78,12 @@ def running_app(run_dir: Path, args: Sequence[str] = (), timeout: float = 120) -
 
 
 def click_to_segment(url: str, image: Path, xy: Sequence[float], profile: Path,
-                     screenshot: Optional[Path] = None, browser: Optional[str] = None) -> Dict[str, object]:
+                     screenshot: Optional[Path] = None, browser: Optional[str] = None,
+                     then: Optional[Callable[[Any], None]] = None) -> Dict[str, object]:
     """Open the page, upload ``image``, click its pixel ``xy`` on the picture and wait for the result.
     Returns the domain shown, the details, the downloads listed and the picture's address before and
-    after the click; ``screenshot``: the page as PNG."""
+    after the click; ``screenshot``: the page as PNG (after the click); ``then``: called with the
+    playwright page at the end."""
     from playwright.sync_api import expect, sync_playwright
 
     from samcl.pictures import enlargement
@@ -123,6 +125,8 @@ def click_to_segment(url: str, image: Path, xy: Sequence[float], profile: Path,
                       "after": picture.get_attribute("src"), "message": page.locator("#samcl-message").inner_text()}
             if screenshot is not None:
                 page.screenshot(path=str(screenshot), full_page=True)
+            if then is not None:
+                then(page)
             return result
         finally:
             context.close()

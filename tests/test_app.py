@@ -162,8 +162,25 @@ def test_in_a_browser_a_click_shows_the_overlay_and_the_routed_domain(run, predi
         pytest.skip("no chromium installed (apt-get install chromium chromium-driver)")
     path, image = polyp_image(run)
     xy = (image.shape[1] // 2, image.shape[0] // 2)
+
+    def errors_in_the_page(page):
+        """A corrupt upload, then a run folder that does not load: one sentence each, and the server goes on."""
+        from playwright.sync_api import expect
+
+        page.locator("#samcl-upload button[aria-label=Clear]").click()  # the uploaded file off, the drop box back
+        page.locator("#samcl-upload input[type=file]").set_input_files(
+            {"name": "broken.jpg", "mimeType": "image/jpeg", "buffer": b"\xff\xd8\xff\xe0 not a whole jpeg"})
+        expect(page.locator("#samcl-message")).to_have_text(
+            "broken.jpg cannot be read as an image: it is corrupt, truncated or not an image file.", timeout=30_000)
+        page.locator("#samcl-run textarea, #samcl-run input").fill(str(tmp_path / "no_run"))
+        page.get_by_role("button", name="Open run").click()
+        expect(page.locator("#samcl-message")).to_have_text(
+            f"The run folder {tmp_path / 'no_run'} does not load: run folder {tmp_path / 'no_run'} does not exist; "
+            f"train first (python train.py ...) or pass --run_dir", timeout=30_000)
+
     with running_app(run / "run") as url:
-        shown = click_to_segment(url, path, xy, tmp_path / "profile", tmp_path / "app.png", browser)
+        shown = click_to_segment(url, path, xy, tmp_path / "profile", tmp_path / "app.png", browser,
+                                 then=errors_in_the_page)
     _, _, routing = expected(predictor, image, [xy], [1])
     assert shown["domain"] == routing.domain, shown
     assert shown["after"] != shown["before"] and shown["after"].endswith(".png")
