@@ -26,6 +26,7 @@ import importlib.util
 import itertools
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -294,7 +295,7 @@ class ClickApp:
         else:
             top = max(probabilities, key=probabilities.get) if probabilities else None
             how = f"**{chosen}**: forced" + (f" (the selector would choose {top})" if top else "")
-        if chosen == VANILLA or model.module_for(chosen) is None:
+        if model.module_for(chosen) is None:  # vanilla, or a domain without a module (an unseen one)
             how += "; no module: the frozen backbone segmented"
         return (f"{how}  \npredicted IoU {iou:.3f}  \nthis click: {seconds * 1000:.0f} ms "
                 f"(set_image, once per image: {embed_seconds:.2f} s)")
@@ -431,7 +432,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except OSError as e:
         raise CLIError(f"cannot serve on {args.host}:{args.port}: {one_sentence(e)} (--port picks another)") from None
     print(binding(args.host, args.port), flush=True)
-    page.block_thread()
+    try:
+        page.block_thread()  # until Ctrl-C
+    finally:
+        shutil.rmtree(app.folder, ignore_errors=True)  # the downloads written
 
 
 if __name__ == "__main__":

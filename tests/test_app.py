@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from samcl import pipeline
+from samcl import model, pipeline
 from samcl.app import (BACKGROUND, BOX, FOREGROUND, INSTALL_HINT, ROUTED, VANILLA, ClickApp, Session, binding,
                        main)
 from samcl.config import CONFIG_DIR, load_config
@@ -73,7 +73,7 @@ def test_clicks_give_the_predictors_masks_routed_and_forced(app, predictor, run)
         assert view.domain == predictor.routing.domain == forced and np.array_equal(view.mask, masks[0])
         assert view.details.startswith(f"**{forced}**: forced (the selector would choose ")
     assert "no module: the frozen backbone segmented" in view.details  # vanilla
-    assert app.domain_choices() == [ROUTED, "polyp", "natural", VANILLA]
+    assert app.domain_choices() == [ROUTED, "polyp", "natural", VANILLA] and VANILLA == model.VANILLA
 
 
 def test_background_points_and_the_box(app, predictor, run):
