@@ -9,6 +9,7 @@ starts the app on RUN_DIR, opens IMAGE, clicks its pixel (X, Y) and saves the pa
 import os
 import queue
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -70,7 +71,7 @@ def running_app(run_dir: Path, args: Sequence[str] = (), timeout: float = 120) -
                 pass
         yield url
     finally:
-        proc.terminate()
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: the app closes its server and removes its downloads
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
