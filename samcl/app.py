@@ -3,7 +3,7 @@
     samcl-app --run_dir RUN                  # http://127.0.0.1:7860, reachable from this machine only
     samcl-app --run_dir RUN --port 8000 --device cpu
     samcl-app --run_dir RUN --host           # every interface (0.0.0.0): other machines can reach it
-    samcl-app --run_dir checkpoint/SAM1 --random_weights --img_size 256 --data_root data_root_of_the_release
+    samcl-app --run_dir checkpoint/SAM1      # the authors' release folder, on the official ViT-B weights
 
 RUN is a run folder of this project, a converted release folder or the authors' raw release
 folder (as predict.py opens them). Open an image (upload, drag and drop, or one of the run's
