@@ -100,6 +100,13 @@ def _strip(width: int, entries, caption: str) -> Image.Image:
     return strip
 
 
+def enlargement(width: int) -> int:
+    """The whole factor :func:`overlay` enlarges an image ``width`` pixels wide by (1 from
+    :data:`MIN_WIDTH` up), so that the picture stays readable; a point (x, y) of the image is at
+    (x, y) times it in the picture."""
+    return max(1, -(-MIN_WIDTH // width))
+
+
 def overlay(image: np.ndarray, mask: np.ndarray, points: Optional[np.ndarray] = None,
             labels: Optional[Sequence[int]] = None, caption: str = "", truth: Optional[np.ndarray] = None,
             box: Optional[Sequence[float]] = None) -> Image.Image:
@@ -109,7 +116,7 @@ def overlay(image: np.ndarray, mask: np.ndarray, points: Optional[np.ndarray] = 
     ``box`` (x0, y0, x1, y1 in pixels), and below, a legend and the caption, wrapped. An image
     narrower than 320 pixels is enlarged (nearest) by a whole factor first."""
     h, w = image.shape[:2]
-    scale = max(1, -(-MIN_WIDTH // w))  # small images are enlarged so the picture stays readable
+    scale = enlargement(w)
 
     def big(a: np.ndarray) -> np.ndarray:
         return np.repeat(np.repeat(a, scale, 0), scale, 1) if scale > 1 else a

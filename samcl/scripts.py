@@ -1,8 +1,8 @@
 """The scripts: pyproject.toml's console scripts (``samcl-train``, ``samcl-test``, ``samcl-points``,
 ``samcl-demo``) and the top-level ``train.py``, ``test.py``, ``train_SAM2.py``, ``test_SAM2.py`` and
 ``generate_point.py``, which only call the functions here, so both show the same ``--help``.
-The commands themselves are :mod:`samcl.commands` (train, test, points), :mod:`samcl.predict`
-and :mod:`samcl.demo`.
+``samcl-app`` (``python -m samcl.app``) is the web app of :mod:`samcl.app`. The commands themselves
+are :mod:`samcl.commands` (train, test, points), :mod:`samcl.predict`, :mod:`samcl.demo` and :mod:`samcl.app`.
 
 Each parses its flags before it imports torch or a backbone (``--help`` and a refused flag
 answer at once) and ends through :func:`samcl.cli.run_script`.
@@ -29,6 +29,13 @@ def test(family: str = "sam") -> NoReturn:
 def predict() -> NoReturn:
     """``samcl-predict`` and ``predict.py``: segment your own images with a trained run."""
     from .predict import main
+
+    run_script(main)
+
+
+def app() -> NoReturn:
+    """``samcl-app``, as ``python -m samcl.app``: click to segment, in the browser (needs gradio)."""
+    from .app import main
 
     run_script(main)
 

@@ -41,6 +41,8 @@ ENTRY_POINTS = {
     "samcl-test": "from samcl.scripts import test; sys.exit(test())",
     "samcl-points": "from samcl.scripts import points; sys.exit(points())",
     "samcl-demo": "from samcl.scripts import demo; sys.exit(demo())",
+    "samcl-app": "from samcl.scripts import app; sys.exit(app())",
+    "python -m samcl.app": "runpy.run_module('samcl.app', run_name='__main__', alter_sys=True)",
 }
 
 

@@ -45,7 +45,7 @@ def test_pip_install_gives_console_scripts_that_find_the_shipped_configs(tmp_pat
 
     assert [p.name for p in site.glob("samcl-*.dist-info")] == [f"samcl-{samcl.__version__}.dist-info"]
     scripts = sorted(PYPROJECT["project"]["scripts"])
-    assert scripts == ["samcl-demo", "samcl-points", "samcl-predict", "samcl-test", "samcl-train"]
+    assert scripts == ["samcl-app", "samcl-demo", "samcl-points", "samcl-predict", "samcl-test", "samcl-train"]
     assert all((site / "bin" / s).is_file() for s in scripts)
 
     env = {**os.environ, "PYTHONPATH": str(site)}  # the installed copy, not the checkout (cwd is elsewhere)

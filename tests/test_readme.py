@@ -102,10 +102,14 @@ def quick_start_commands() -> List[str]:
 
 
 def test_ci_runs_the_quick_start_as_written():
-    """.ci/run is the README's two commands, one step a line, in the same order."""
-    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
+    """.ci/run is the README's two commands, one step a line, in the same order; what follows its
+    "CI only" line (the web app's browser test) runs after them."""
+    text = (REPO / ".ci" / "run").read_text()
+    readme_part, ci_only = text.split("# --- CI only", 1)
+    ci = [line.strip() for line in readme_part.splitlines()
           if line.strip() and not line.startswith(("#", "set ", "cd "))]
     assert ci == quick_start_commands()
+    assert "pytest -q tests/test_app.py" in ci_only
 
 
 def test_the_documents_name_no_outside_document_and_no_missing_file():
