@@ -183,13 +183,16 @@ class ContinualTrainer:
         return history
 
     def _evaluate_domain(self, t: int, j: int) -> Dict:
-        """Domain j's test split after step t, each image with the module the method chooses."""
-        d = self.state.domains[j]
+        """Domain j's test split after step t, each image with the module the method chooses; the
+        first time, the frozen model's (vanilla) score too (Z[j] of the forward transfer and the unseen columns)."""
+        d, matrix = self.state.domains[j], self.state.matrix
         loader = make_loader(self.test_sets[d], self.cfg.eval_batch_size, False, 0, self.cfg.num_workers, self.device)
         res = evaluate_split(self.model, loader, self.device, self.method.segment, routed=self.method.routes,
-                             desc=f"test {d}", amp=self.cfg.amp)
+                             with_vanilla=matrix.get_vanilla(j) is None, desc=f"test {d}", amp=self.cfg.amp)
         res["selector_accuracy"] = selector_accuracy(res.get("selector_counts", {}), d)
-        self.state.matrix.set(t, j, res["metrics"])
+        matrix.set(t, j, res["metrics"])
+        if "vanilla" in res:
+            matrix.set_vanilla(j, res["vanilla"])
         return res
 
     def _measure_added_domain(self) -> None:

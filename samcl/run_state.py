@@ -136,6 +136,8 @@ class RunState:
         for step in self.steps:
             for d, res in step["evaluation"].items():
                 self.matrix.set(step["step"], self.domains.index(d), res["metrics"])
+                if "vanilla" in res:
+                    self.matrix.set_vanilla(self.domains.index(d), res["vanilla"])
         log.info("resuming %s: done %s; to do %s", self.run_dir, self.completed or "nothing", self.todo())
 
     def _check_roles(self, manifest: Dict) -> None:
@@ -304,7 +306,8 @@ class RunState:
                      m["iou"], m["f1"], m["mae"], "n/a (not learned yet)" if acc is None else f"{acc:.1%}",
                      res.get("selector_counts", "-"))
         s = step["summary"]["iou"]
-        log.info("after %s | IoU AA %s FM %s FT %s", domain, *(_fmt(s[k]) for k in ("AA", "FM", "FT")))
+        log.info("after %s | IoU AA %s FM %s FT %s | FM_max %s BWT %s FWT %s AIA %s | unseen %s (vanilla %s)", domain,
+                 *(_fmt(s[k]) for k in ("AA", "FM", "FT", "FM_max", "BWT", "FWT", "AIA", "unseen", "unseen_vanilla")))
 
     # ------------------------------------------------------------ what is written
     def module_summary(self) -> Dict:

@@ -150,3 +150,11 @@ def test_the_summary_is_recomputed_from_the_written_matrix():
     old = {k: v for k, v in d.items() if k != "vanilla"}
     s = AccuracyMatrix.from_dict(old).summary(3)
     assert s["FWT"] is None and s["unseen_vanilla"] is None and s["FM_max"] == pytest.approx(0.275)
+
+
+def test_the_report_draws_mae_forgetting_positive_for_a_rise():
+    from samcl.pictures import forgetting_curve
+
+    summary = non_monotone_matrix().to_dict()["summary"]
+    mae, iou = forgetting_curve(summary["mae"], "mae"), forgetting_curve(summary["iou"], "iou")
+    assert mae == pytest.approx(iou) and mae[2] == pytest.approx(0.2 / 3)  # A rise of MAE draws positive
