@@ -98,7 +98,7 @@ class ContinualTrainer:
                                      JointSplit([self.train_sets[d] for d in sources]),
                                      cfg.batch_size, True, cfg.seed + t, cfg.num_workers, self.device)
                 step["training"] = self._train_module(domain, module, loader)
-            elif self.method.keeps_embeddings:
+            elif st.buffered(domain):
                 collect_embeddings(self.model.backbone, st.buffer, domain,
                                    make_loader(self.train_sets[domain], cfg.batch_size, True, cfg.seed + t,
                                                cfg.num_workers, self.device), self.device)

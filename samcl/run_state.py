@@ -121,8 +121,10 @@ class RunState:
         self.with_module = set(manifest.get("modules", {}))
         verify_files(self.run_dir, self.checksums, [f for d in self.completed for f in self.step_files(d)])
         for d in self.completed:
-            if self.method.keeps_embeddings:
+            if self.buffered(d):
                 self.buffer.load_part(self.run_dir / buffer_part(d, self.weights), d)
+            if self.method.holds_out(d):
+                continue
             module = None if d not in self.with_module else load_module(module_path(self.run_dir, d, self.weights),
                                                                         self.model.backbone, self.model.kind)
             self.model.add_domain(d, module)
@@ -204,8 +206,12 @@ class RunState:
         return [d for d in self.domains if d not in self.completed]
 
     # ------------------------------------------------------------ a step
+    def buffered(self, domain: str) -> bool:
+        """Whether ``domain``'s selector embeddings are kept (and its part of the buffer written)."""
+        return self.method.keeps_embeddings and not self.method.holds_out(domain)
+
     def step_files(self, domain: str) -> List[str]:
-        files = [buffer_part(domain, self.weights)] if self.method.keeps_embeddings else []
+        files = [buffer_part(domain, self.weights)] if self.buffered(domain) else []
         files += self.method.step_files(domain)
         return [module_path(self.run_dir, domain, self.weights).name] + files if domain in self.with_module else files
 
@@ -217,7 +223,7 @@ class RunState:
             return
         if module is not None:
             save_module(module, self.model.backbone, domain, module_path(self.run_dir, domain, self.weights))
-        if self.method.keeps_embeddings:
+        if self.buffered(domain):
             self.buffer.save_part(self.run_dir / buffer_part(domain, self.weights), domain)
 
     def storage(self, domain: str) -> Dict[str, Any]:
