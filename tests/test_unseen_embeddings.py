@@ -51,6 +51,13 @@ def test_none_leaves_the_unseen_domain_out_of_the_buffer_and_the_selector(data, 
     # opened for testing (or resumed), the model routes among the selector's domains only
     assert open_run(run, CPU).model.domains == ["polyp"]
     assert set(json.loads((run / "run.json").read_text())["files"]) >= {selector_snapshot("natural", "safetensors")}
+    # resumed with a domain added after it: natural stays out, the selector grows to polyp and shadow
+    pipeline.resume(run, {"order": "polyp_natural_shadow"}, CPU)
+    _, domains = load_selector(run / selector_snapshot("shadow", "safetensors"))
+    assert domains == ["polyp", "shadow"] and not (run / buffer_part("natural", "safetensors")).exists()
+    last = json.loads((run / "metrics.json").read_text())["steps"][-1]
+    assert last["buffer"] == {"polyp": 2, "shadow": 2}
+    assert set(last["evaluation"]["natural"]["selector_counts"]) == {"polyp", "shadow"}
 
 
 def test_the_sweep_carries_the_setting_to_its_runs(tmp_path):
