@@ -158,3 +158,15 @@ def test_the_report_draws_mae_forgetting_positive_for_a_rise():
     summary = non_monotone_matrix().to_dict()["summary"]
     mae, iou = forgetting_curve(summary["mae"], "mae"), forgetting_curve(summary["iou"], "iou")
     assert mae == pytest.approx(iou) and mae[2] == pytest.approx(0.2 / 3)  # A rise of MAE draws positive
+
+
+def test_the_test_table_prints_the_canonical_columns_after_the_release_ones():
+    from samcl.pipeline import format_table
+
+    summary = {m: non_monotone_matrix().summary(3, m) for m in METRICS}
+    lines = format_table({"domains": [], "results": {}}, summary).splitlines()
+    assert lines[-6].startswith("continual (iou): AA 0.5167  FM 0.0833  FT 0.2500")
+    assert lines[-3] == "canonical (iou): FM_max 0.2750  BWT -0.1250  FWT 0.0750  AIA 0.5722  unseen 0.3000 (vanilla 0.3500)"
+    assert lines[-1].startswith("canonical (mae): FM_max 0.2750  BWT -0.1250")
+    old = {m: {k: summary[m][k] for k in ("AA", "FM", "FT")} for m in METRICS}  # a run written before
+    assert "canonical" not in format_table({"domains": [], "results": {}}, old)
