@@ -1,14 +1,19 @@
-"""Compare finished runs: AA / FM / FT per metric, storage per domain and training time.
+"""Compare finished runs: per metric the release's AA / FM / FT, the canonical FM_max / BWT / FWT /
+AIA and the score on the unseen (test-only) domains beside the vanilla one; storage per domain and
+training time.
 
     python -m samcl.compare log_sam1/SAMCL_... log_sam1/samcl-lora_... [--csv compare.csv]
 
-Prints a markdown table (one row per run folder, the summary after its last step),
-writes the same as CSV and draws it beside (``compare.png``: AA and FM per run, storage). Storage is
-what a run needs after its last step, per trained domain: its module files (all of them for a
-module bank, the latest for one shared module), its embedding buffer (every domain's) and the
-method's own files (one selector, the latest replay buffer or Fisher), from ``metrics.json`` or,
-for runs written before it recorded storage, from the files. ``record_mb``: the files kept only to
-reproduce the run (each step's selector snapshot, earlier snapshots of a shared module).
+Prints a markdown table (one row per run folder, the summary after its last step, recomputed from
+its accuracy matrix by samcl.metrics.AccuracyMatrix, so that runs written before a column existed
+get it too; FWT and the vanilla scores need the vanilla scores metrics.json records since then),
+writes the same as CSV and draws it beside (``compare.png``: AA, FM and the unseen score per run,
+storage). The columns are defined in docs/metrics.md. Storage is what a run needs after its last
+step, per trained domain: its module files (all of them for a module bank, the latest for one
+shared module), its embedding buffer (every domain's) and the method's own files (one selector,
+the latest replay buffer or Fisher), from ``metrics.json`` or, for runs written before it recorded
+storage, from the files. ``record_mb``: the files kept only to reproduce the run (each step's
+selector snapshot, earlier snapshots of a shared module).
 """
 import argparse
 import csv
@@ -18,11 +23,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from .config import MODULE_ALIASES
+from .metrics import METRICS, AccuracyMatrix
 from .run_folder import (MANIFEST, METRICS_FILE, RunFolderError, buffer_part, module_path, read_manifest, run_weights,
                          selector_snapshot)
 
-METRICS = ("iou", "f1", "mae")  # as samcl.metrics.METRICS, without importing torch
-SUMMARY = ("AA", "FM", "FT")
+# the summary's columns per metric: the release's, then the canonical ones (docs/metrics.md)
+RELEASE_SUMMARY = ("AA", "FM", "FT")
+SUMMARY = RELEASE_SUMMARY + ("FM_max", "BWT", "FWT", "AIA", "unseen", "unseen_vanilla")
 MB = 1024**2
 
 
@@ -59,10 +66,12 @@ def summarise(run_dir: Path) -> Dict[str, Any]:
         "backbone": f"{cfg.get('backbone', alias.backbone)}/{metrics.get('backbone', {}).get('arch', '?')}",
         "domains": len(steps),
     }
-    last = steps[-1]["summary"]
+    matrix = AccuracyMatrix.from_dict(metrics["accuracy_matrix"])
+    t = steps[-1]["step"]
     for m in METRICS:
+        last = matrix.summary(t, m)
         for k in SUMMARY:
-            row[f"{m}_{k}"] = last[m][k]
+            row[f"{m}_{k}"] = last[k]
     weights = run_weights(read_manifest(run_dir))
     kept = steps[-1].get("storage", {}).get("kept_bytes")  # what the method keeps, recorded since baselines
     if kept is None:

@@ -102,7 +102,7 @@ class ContinualTrainer:
                                      cfg.batch_size, True, cfg.seed + t, cfg.num_workers, self.device)
                 step["training"] = self._train_module(domain, module, loader)
                 step["loss_terms"] = step["training"].pop("loss_terms")
-            elif self.method.keeps_embeddings:
+            elif st.buffered(domain):
                 collect_embeddings(self.model.backbone, st.buffer, domain,
                                    make_loader(self.train_sets[domain], cfg.batch_size, True, cfg.seed + t,
                                                cfg.num_workers, self.device), self.device)
@@ -201,15 +201,18 @@ class ContinualTrainer:
 
     def _evaluate_domain(self, t: int, j: int) -> Dict:
         """Domain j's test split (its held-out validation part with evaluate_on train_fraction) after
-        step t, each image with the module the method chooses."""
-        d = self.state.domains[j]
+        step t, each image with the module the method chooses; the first time, the frozen model's
+        (vanilla) score too (Z[j] of the forward transfer and the unseen columns)."""
+        d, matrix = self.state.domains[j], self.state.matrix
         split = self.val_sets[d] if self.cfg.evaluate_on == "train_fraction" else self.test_sets[d]
         loader = make_loader(split, self.cfg.eval_batch_size, False, 0, self.cfg.num_workers, self.device)
         res = evaluate_split(self.model, loader, self.device, self.method.segment, routed=self.method.routes,
-                             desc=f"test {d}", amp=self.cfg.amp)
+                             with_vanilla=matrix.get_vanilla(j) is None, desc=f"test {d}", amp=self.cfg.amp)
         res["selector_accuracy"] = selector_accuracy(res.get("selector_counts", {}), d,
                                                      res.get("selector_untrained", 0))
-        self.state.matrix.set(t, j, res["metrics"])
+        matrix.set(t, j, res["metrics"])
+        if "vanilla" in res:
+            matrix.set_vanilla(j, res["vanilla"])
         return res
 
     def _measure_added_domain(self) -> None:

@@ -16,7 +16,7 @@ domain, selector routing, and AA/FM/FT.
 With --compare it trains the baselines zero-shot, fine-tuning and experience replay beside
 SAMCL, every method with the same LoRA learning module, under the same protocol and prints
 the comparison (samcl.compare's table): fine-tuning forgets, SAMCL's loss comes only from
-images the selector routes to another domain's module.
+images the selector routes to another domain's module. The columns are defined in docs/metrics.md.
 
 What it shows: the pipeline end to end, that the selector tells domains apart
 from a frozen intermediate embedding, and that each domain's tiny module moves
@@ -166,8 +166,9 @@ def main(argv=None) -> None:
                                                  "folder as demo_report.png and demo_overlay.png")
     p.add_argument("--compare", action="store_true",
                    help="train zero-shot, fine-tuning and ER beside SAMCL on the same domains, all with a LoRA "
-                        "module, and print their comparison (AA / FM / FT, storage, time); also written as "
-                        "<output>/compare.csv and compare.png")
+                        "module, and print their comparison (the release's AA / FM / FT, the canonical FM_max / "
+                        "BWT / FWT / AIA, the unseen domain's score beside the vanilla one, storage, time; "
+                        "docs/metrics.md); also written as <output>/compare.csv and compare.png")
     args = p.parse_args(argv)
     device = resolve_device(None, args.device)
     with explained_errors():

@@ -6,6 +6,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .metrics import LOWER_IS_BETTER
+
 RGB = Tuple[int, int, int]
 # hues the mask and the ground truth are drawn in: the ones farthest from the image's colour under them
 PALETTE: Tuple[RGB, ...] = ((0, 235, 255), (255, 40, 220), (60, 255, 60), (255, 150, 0), (50, 110, 255),
@@ -151,6 +153,9 @@ def overlay(image: np.ndarray, mask: np.ndarray, points: Optional[np.ndarray] = 
 
 
 METRIC_NAMES = {"iou": "IoU", "f1": "F1", "mae": "MAE"}
+# the bars of the comparison and the sweep's summary: (row key, legend); the sweep's rows add _mean / _std
+BARS = (("iou_AA", "AA (IoU)"), ("iou_FM", "FM (IoU)"), ("iou_unseen", "unseen (IoU)"),
+        ("iou_unseen_vanilla", "unseen, vanilla (IoU)"))
 
 
 def _pyplot():
@@ -181,10 +186,18 @@ def _matrix_panel(ax, rows: Sequence[Sequence[Optional[float]]], domains: Sequen
     ax.set_title(title, fontsize=10)
 
 
+def forgetting_curve(summary: Sequence[Dict], metric: str) -> List[float]:
+    """The release's FM after every step as the report draws it: a lower-is-better metric's (MAE)
+    with its sign turned, so that forgetting reads positive for every metric; NaN where there is none."""
+    turn = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    return [np.nan if s["FM"] is None else turn * s["FM"] for s in summary]
+
+
 def draw_report(accuracy_matrix: Dict, path: Path, title: str = "") -> Path:
     """``report.png`` of a run: the accuracy matrix A[t][j] of every metric as an annotated
     heatmap (row t: after training step t; column j: test domain j; blank: not measured), and
-    AA and FM of every metric over the steps. ``accuracy_matrix``: metrics.json's."""
+    AA and the release's FM of every metric over the steps, MAE's FM with its sign turned so that a
+    rise of MAE (forgetting) reads positive as for IoU and F1. ``accuracy_matrix``: metrics.json's."""
     plt = _pyplot()
     domains = accuracy_matrix["domains"]
     matrices = accuracy_matrix["matrix"]
@@ -199,9 +212,9 @@ def draw_report(accuracy_matrix: Dict, path: Path, title: str = "") -> Path:
     steps = list(range(len(summary[metrics[0]])))
     for m, colour in zip(metrics, ("tab:blue", "tab:green", "tab:red")):
         aa = [s["AA"] for s in summary[m]]
-        fm = [s["FM"] for s in summary[m]]
         ax.plot(steps, [np.nan if v is None else v for v in aa], "-o", color=colour, label=f"AA {METRIC_NAMES[m]}")
-        ax.plot(steps, [np.nan if v is None else v for v in fm], "--x", color=colour, label=f"FM {METRIC_NAMES[m]}")
+        ax.plot(steps, forgetting_curve(summary[m], m), "--x", color=colour,
+                label=f"FM {METRIC_NAMES[m]}" + (" (rise +)" if m in LOWER_IS_BETTER else ""))
     ax.set_xticks(steps, [domains[t] for t in steps], rotation=45, ha="right", fontsize=8)
     ax.set_xlabel("after training step", fontsize=9)
     ax.axhline(0, color="grey", lw=0.5)
@@ -235,13 +248,14 @@ def storage_panel(ax, names: Sequence[str], megabytes: Sequence[Optional[float]]
 
 
 def comparison_figure(rows: Sequence[Dict]):
-    """The figure of :func:`draw_comparison` (left: AA and FM; right: :func:`storage_panel`)."""
+    """The figure of :func:`draw_comparison` (left: AA, FM and the unseen domains' score with the
+    vanilla one, IoU; right: :func:`storage_panel`)."""
     plt = _pyplot()
     names = [r["run"] if len(r["run"]) <= 28 else r["run"][:25] + "..." for r in rows]
     x = np.arange(len(rows))
     fig, (a, b) = plt.subplots(1, 2, figsize=(max(6, 1.6 * len(rows) + 4), 3.8))
-    a.bar(x - 0.2, [r["iou_AA"] or 0 for r in rows], 0.4, label="AA (IoU)")
-    a.bar(x + 0.2, [r["iou_FM"] or 0 for r in rows], 0.4, label="FM (IoU)")
+    for k, (key, label) in enumerate(BARS):
+        a.bar(x + (k - 1.5) * 0.2, [r.get(key) or 0 for r in rows], 0.2, label=label)
     a.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
     a.axhline(0, color="grey", lw=0.5)
     a.legend(fontsize=8)
@@ -251,13 +265,14 @@ def comparison_figure(rows: Sequence[Dict]):
 
 
 def draw_comparison(rows: Sequence[Dict], path: Path) -> Path:
-    """The comparison of ``python -m samcl.compare``: AA and FM (IoU) per run as bars, and the
+    """The comparison of ``python -m samcl.compare``: AA, FM and the unseen score (IoU) per run as bars, and the
     storage per domain on a log scale."""
     return _save(comparison_figure(rows), path)
 
 
 def draw_sweep(rows: Sequence[Dict], matrices: Dict[str, Tuple[str, Dict]], path: Path, title: str = "") -> Path:
-    """``summary.png`` of ``python -m samcl.sweep``: AA and FM (IoU) per method as bars with the
+    """``summary.png`` of ``python -m samcl.sweep``: AA, FM and the unseen domains' score with the
+    vanilla one (IoU) per method as bars with the
     sample std over its runs as error bars (top), and below, per method, the IoU accuracy matrix
     A[t][j] of one of its runs. ``rows``: the sweep's summary rows (``iou_AA_mean``, ``iou_AA_std``,
     ...; a method without a finished run draws no bar); ``matrices``: method -> (the run's folder,
@@ -276,9 +291,9 @@ def draw_sweep(rows: Sequence[Dict], matrices: Dict[str, Tuple[str, Dict]], path
         return ([np.nan if r[f"{key}_mean"] is None else r[f"{key}_mean"] for r in rows],
                 [0.0 if r[f"{key}_std"] is None else r[f"{key}_std"] for r in rows])
 
-    for shift, key, label in ((-0.2, "iou_AA", "AA (IoU)"), (0.2, "iou_FM", "FM (IoU)")):
+    for k, (key, label) in enumerate(BARS):
         mean, std = values(key)
-        bars.bar(x + shift, mean, 0.4, yerr=std, capsize=4, label=label)
+        bars.bar(x + (k - 1.5) * 0.2, mean, 0.2, yerr=std, capsize=3, label=label)
     bars.set_xticks(x, [f"{r['method']} (n={r['runs']})" for r in rows], fontsize=9)
     bars.axhline(0, color="grey", lw=0.5)
     bars.legend(fontsize=8)

@@ -204,4 +204,9 @@ def format_table(report: Dict, summary: Optional[Dict] = None) -> str:
             s = summary[m]
             lines.append(f"continual ({m:>3}): AA {_f(s['AA'])}  FM {_f(s['FM'])}  FT {_f(s['FT'])}"
                          "   (after the last training step; metrics.json has every step)")
+        for m in METRICS:  # the canonical columns (docs/metrics.md), in runs that recorded them
+            s = summary[m]
+            if "FM_max" in s:
+                lines.append(f"canonical ({m:>3}): FM_max {_f(s['FM_max'])}  BWT {_f(s['BWT'])}  FWT {_f(s['FWT'])}  "
+                             f"AIA {_f(s['AIA'])}  unseen {_f(s['unseen'])} (vanilla {_f(s['unseen_vanilla'])})")
     return "\n".join(lines)

@@ -14,7 +14,7 @@ Layout (``log_sam1/<module>_<order>_<num_embedding>_<seed>_training/``)::
     selector/after_<domain>.safetensors   the selector as it was after each step
     embedding_buffer/<domain>.safetensors the stored selector embeddings of each domain
                           (the only record of past domains)
-    metrics.json          accuracy matrix, AA/FM/FT per step, selector counts, versions
+    metrics.json          accuracy matrix, vanilla scores, the summary per step, selector counts, versions
     partial/<domain>.pt   the domain in progress, saved after every epoch (for --resume;
                           a torch file: optimizer state, bounded-checked before it is read)
     test_metrics.json     written by test.py

@@ -122,8 +122,10 @@ class RunState:
         self.with_module = set(manifest.get("modules", {}))
         verify_files(self.run_dir, self.checksums, [f for d in self.completed for f in self.step_files(d)])
         for d in self.completed:
-            if self.method.keeps_embeddings:
+            if self.buffered(d):
                 self.buffer.load_part(self.run_dir / buffer_part(d, self.weights), d)
+            if self.method.holds_out(d):
+                continue
             module = None if d not in self.with_module else load_module(module_path(self.run_dir, d, self.weights),
                                                                         self.model.backbone, self.model.kind)
             self.model.add_domain(d, module)
@@ -137,6 +139,8 @@ class RunState:
         for step in self.steps:
             for d, res in step["evaluation"].items():
                 self.matrix.set(step["step"], self.domains.index(d), res["metrics"])
+                if "vanilla" in res:
+                    self.matrix.set_vanilla(self.domains.index(d), res["vanilla"])
         log.info("resuming %s: done %s; to do %s", self.run_dir, self.completed or "nothing", self.todo())
 
     def _check_roles(self, manifest: Dict) -> None:
@@ -203,8 +207,12 @@ class RunState:
         return [d for d in self.domains if d not in self.completed]
 
     # ------------------------------------------------------------ a step
+    def buffered(self, domain: str) -> bool:
+        """Whether ``domain``'s selector embeddings are kept (and its part of the buffer written)."""
+        return self.method.keeps_embeddings and not self.method.holds_out(domain)
+
     def step_files(self, domain: str) -> List[str]:
-        files = [buffer_part(domain, self.weights)] if self.method.keeps_embeddings else []
+        files = [buffer_part(domain, self.weights)] if self.buffered(domain) else []
         files += self.method.step_files(domain)
         return [module_path(self.run_dir, domain, self.weights).name] + files if domain in self.with_module else files
 
@@ -216,7 +224,7 @@ class RunState:
             return
         if module is not None:
             save_module(module, self.model.backbone, domain, module_path(self.run_dir, domain, self.weights))
-        if self.method.keeps_embeddings:
+        if self.buffered(domain):
             self.buffer.save_part(self.run_dir / buffer_part(domain, self.weights), domain)
 
     def storage(self, domain: str) -> Dict[str, Any]:
@@ -326,7 +334,8 @@ class RunState:
                      m["iou"], m["f1"], m["mae"], "n/a (not learned yet)" if acc is None else f"{acc:.1%}",
                      res.get("selector_counts", "-"))
         s = step["summary"]["iou"]
-        log.info("after %s | IoU AA %s FM %s FT %s", domain, *(_fmt(s[k]) for k in ("AA", "FM", "FT")))
+        log.info("after %s | IoU AA %s FM %s FT %s | FM_max %s BWT %s FWT %s AIA %s | unseen %s (vanilla %s)", domain,
+                 *(_fmt(s[k]) for k in ("AA", "FM", "FT", "FM_max", "BWT", "FWT", "AIA", "unseen", "unseen_vanilla")))
 
     # ------------------------------------------------------------ what is written
     def module_summary(self) -> Dict:

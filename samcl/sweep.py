@@ -25,8 +25,11 @@ The folder (--output, default sweeps/<config>_<methods>_o<K>_s<S>):
     sweep_log.txt          what the sweep did (trained, resumed, skipped)
     <method>/order<k>_seed<s>/   an ordinary run folder (train.py --resume continues it by hand)
     summary.md, summary.csv      one row per method: its finished runs, mean and std over orders x seeds
-    summary.png            AA and FM (IoU) per method with std error bars; the IoU accuracy matrix
-                           of one run per method (the first finished one in the plan's order)
+                           of every column of samcl.compare (summary.csv: <metric>_<column>_mean/_std,
+                           e.g. iou_FM_max_mean; the columns are defined in docs/metrics.md)
+    summary.png            AA, FM and the unseen domains' score (IoU, the vanilla score beside it) per
+                           method with std error bars; the IoU accuracy matrix of one run per method
+                           (the first finished one in the plan's order)
 
 Calling the same sweep again skips the runs whose run.json says every domain of the order is
 done, resumes the unfinished ones (from their last finished domain and saved epoch) and starts the
@@ -73,10 +76,13 @@ log = logging.getLogger("samcl.sweep")
 
 LOG_FILE = "sweep_log.txt"
 SUMMARY = "summary"  # summary.md, summary.csv, summary.png
-SUMMARY_KEYS = ("AA", "FM", "FT")  # samcl.compare.SUMMARY (compare imports torch; --help must not)
+# samcl.compare.SUMMARY (compare imports torch; --help must not): the release's AA/FM/FT, then the
+# canonical columns (docs/metrics.md)
+SUMMARY_KEYS = ("AA", "FM", "FT", "FM_max", "BWT", "FWT", "AIA", "unseen", "unseen_vanilla")
 # the summary's numeric columns: (row key of samcl.compare.summarise, markdown heading)
-COLUMNS = [(f"{m}_{k}", f"{name} {k}") for m, name in (("iou", "IoU"), ("f1", "F1"), ("mae", "MAE"))
-           for k in SUMMARY_KEYS] + [("stored_mb_per_domain", "MB/domain"), ("training_seconds", "train s")]
+COLUMNS = [(f"{m}_{k}", f"{name} {k.replace('_vanilla', ' vanilla')}")
+           for m, name in (("iou", "IoU"), ("f1", "F1"), ("mae", "MAE")) for k in SUMMARY_KEYS] + [
+    ("stored_mb_per_domain", "MB/domain"), ("training_seconds", "train s")]
 
 
 # ----------------------------------------------------------------------------- running it

@@ -56,6 +56,12 @@ def tensor_digest(obj, h) -> None:
             tensor_digest(v, h)
 
 
+def release_summary(summary: dict) -> dict:
+    """A step's summary as first recorded: the release's AA/FM/FT (the canonical columns and the
+    vanilla scores added since are derived from the same matrix: the fingerprint pins its numbers)."""
+    return {k: v for k, v in summary.items() if k in ("AA", "FM", "FT", "step")}
+
+
 def fingerprint(run_dir: Path) -> dict:
     out = {}
     for f in sorted(p for p in run_dir.rglob("*") if p.suffix in WEIGHT_SUFFIXES.values()):
@@ -63,8 +69,13 @@ def fingerprint(run_dir: Path) -> dict:
         tensor_digest(read_tagged(f, "weights file"), h)
         out[f.relative_to(run_dir).as_posix()] = h.hexdigest()
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    kept = {"accuracy_matrix": metrics["accuracy_matrix"], "learning_module": metrics["learning_module"],
-            "steps": [{k: s[k] for k in STEP_FIELDS if k in s} for s in metrics["steps"]]}
+    matrix = {k: v for k, v in metrics["accuracy_matrix"].items() if k != "vanilla"}
+    matrix["summary"] = {m: [release_summary(s) for s in v] for m, v in matrix["summary"].items()}
+    steps = [{k: s[k] for k in STEP_FIELDS if k in s} for s in metrics["steps"]]
+    for s in steps:
+        s["summary"] = {m: release_summary(v) for m, v in s["summary"].items()}
+        s["evaluation"] = {d: {k: v for k, v in res.items() if k != "vanilla"} for d, res in s["evaluation"].items()}
+    kept = {"accuracy_matrix": matrix, "learning_module": metrics["learning_module"], "steps": steps}
     out["metrics.json"] = hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
     return out
 

@@ -71,6 +71,11 @@ class ContinualMethod:
     def begin_domain(self, t: int, domain: str, trains: bool) -> Optional[LearningModule]:
         raise NotImplementedError
 
+    def holds_out(self, domain: str) -> bool:
+        """Whether the method leaves ``domain`` (a test-only one) out of the model: no embeddings in
+        the buffer, no part of the bank or the selector; it is only tested. By default none is."""
+        return False
+
     def training_domains(self, t: int, domain: str, trainable: List[str]) -> List[str]:
         """The domains whose training data the module of step t trains on (``trainable``: every
         domain of the order that has training data, in order)."""

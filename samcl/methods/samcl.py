@@ -4,10 +4,18 @@ Every trained domain gets its own module (they never overwrite each other); afte
 domain the selector, an MLP on the frozen selector-layer embedding, is retrained on the
 embedding buffer. Its head (``selector_head``): "grow" has one output per domain so far, grown
 after each domain; "full" (the release's) has one output for every domain of the order from the
-first step on, grown only when a resume appends domains to the order. At test time every image
-is routed to the module of the domain the selector picks (task-agnostic); an unseen, test-only
-domain has no module, so its images run through the frozen backbone, as do images a full head
-sends to a domain not trained yet (the release would stop there; they are counted).
+first step on (but a held-out unseen domain, below), grown only when a resume appends domains to
+the order. At test time every image is routed to the module of the domain the selector picks
+(task-agnostic); an unseen, test-only domain has no module, so its images run through the frozen
+backbone, as do images a full head sends to a domain not trained yet (the release would stop
+there; they are counted).
+
+``unseen_embeddings``: ``train`` (the release) fills the buffer from an unseen domain's training
+split and gives the selector a class for it, so that its images are routed to the frozen model:
+the unseen domain is then seen by the selector, though no module trains on it. ``none`` holds it
+out: no embeddings, no class, the selector is left as after the last trained domain, and every
+test image, the unseen domain's too, is routed to one of the trained domains' modules (the one
+whose domain its embedding resembles most); there is no route to the frozen model.
 """
 import logging
 from typing import Any, Dict, List, Optional, Tuple
@@ -23,9 +31,20 @@ from ..learning_modules.base import LearningModule
 from ..registry import register_method
 from ..run_folder import load_selector, save_selector, selector_file, selector_snapshot
 from ..selector import ModuleSelector, train_selector
+from ..settings import Settings, setting
 from .base import ContinualMethod
 
 log = logging.getLogger("samcl.methods.samcl")
+
+
+class SAMCLSettings(Settings):
+    """What SAMCL's Module Selector learns of the unseen (test-only) domains."""
+
+    unseen_embeddings: str = setting(
+        "train", "samcl: train: an unseen domain's training split fills the embedding buffer and the selector gets "
+        "a class for it that routes to the frozen model (the release); none: the unseen domain gives nothing (no "
+        "embeddings, no class), it is truly held out and its images are routed among the trained domains "
+        "(docs/metrics.md)", choices=("train", "none"))
 
 
 @register_method("samcl")
@@ -35,6 +54,10 @@ class SAMCL(ContinualMethod):
         copied for every domain) draws it from the same seed at every step, so every domain starts
         from identical parameters; "per_domain" draws it from seed + t."""
         if not trains:
+            if self.holds_out(domain) and self.model.selector is None:
+                raise ValueError(f"unseen_embeddings none holds out the test-only domain {domain!r}, which comes "
+                                 f"before any trained domain: there is nothing to route its images to; put the "
+                                 f"unseen domains after the trained ones, or use unseen_embeddings train")
             return None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed + (t if self.cfg.module_init == "per_domain" else 0))
@@ -42,8 +65,15 @@ class SAMCL(ContinualMethod):
 
     def end_domain(self, t: int, domain: str, module: Optional[LearningModule],
                    data: Optional[DataLoader]) -> Dict[str, Any]:
+        if self.holds_out(domain):
+            self._save_selector(domain)  # the step's snapshot: the selector as it was
+            return {"held_out": True}
         self.model.add_domain(domain, module)
         return {"selector_loss": self._fit_selector(t)}
+
+    def holds_out(self, domain: str) -> bool:
+        """A test-only domain with ``unseen_embeddings none``: not in the buffer, the bank or the selector."""
+        return self.cfg.unseen_embeddings == "none" and domain in self.cfg.unseen
 
     def segment(self, prefix: Features, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
         """Task-agnostic: every image with the module of the domain the selector picks."""
@@ -52,7 +82,7 @@ class SAMCL(ContinualMethod):
     def restore(self, completed: List[str]) -> None:
         if completed:
             selector, domains = load_selector(self.run_dir / selector_snapshot(completed[-1], self.weights))
-            assert domains == completed
+            assert domains == [d for d in completed if not self.holds_out(d)]
             self.model.selector = selector.to(self.device)
 
     def step_files(self, domain: str) -> List[str]:
@@ -67,9 +97,10 @@ class SAMCL(ContinualMethod):
         return [selector_file(self.weights)] if done else []
 
     def head_size(self) -> int:
-        """The selector's outputs after this step: the domains so far (grow) or the whole order (full)."""
+        """The selector's outputs after this step: the domains so far (grow) or the whole order (full),
+        less a held-out unseen domain (:meth:`holds_out`), which never gets a class."""
         if getattr(self.cfg, "selector_head", "grow") == "full":
-            return max(len(self.cfg.domains), len(self.model.domains))
+            return max(len([d for d in self.cfg.domains if not self.holds_out(d)]), len(self.model.domains))
         return len(self.model.domains)
 
     def _fit_selector(self, t: int) -> List[float]:
@@ -88,9 +119,13 @@ class SAMCL(ContinualMethod):
                                  batch_size=cfg.selector_batch_size,
                                  generator=torch.Generator().manual_seed(cfg.seed + t))
         dist.broadcast_module(model.selector)  # every rank routes with rank 0's selector
-        if dist.is_main():
-            for name in (selector_snapshot(model.domains[-1], self.weights), selector_file(self.weights)):
-                save_selector(model.selector, model.domains, self.run_dir / name)
+        self._save_selector(model.domains[-1])
         log.info("selector: %d domains, %d buffered embeddings (%.2f MB), final loss %.4f", len(model.domains),
                  x.shape[0], self.buffer.size_bytes() / 1024**2, history[-1] if history else float("nan"))
         return history
+
+    def _save_selector(self, domain: str) -> None:
+        """The selector as step ``domain``'s snapshot and as the run's selector (rank 0)."""
+        if dist.is_main():
+            for name in (selector_snapshot(domain, self.weights), selector_file(self.weights)):
+                save_selector(self.model.selector, self.model.domains, self.run_dir / name)
