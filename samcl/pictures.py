@@ -6,7 +6,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .metrics import LOWER_IS_BETTER
 
 RGB = Tuple[int, int, int]
 # hues the mask and the ground truth are drawn in: the ones farthest from the image's colour under them
@@ -186,10 +185,18 @@ def _matrix_panel(ax, rows: Sequence[Sequence[Optional[float]]], domains: Sequen
     ax.set_title(title, fontsize=10)
 
 
+def lower_is_better(metric: str) -> bool:
+    """Whether a lower ``metric`` is better (MAE), as samcl.metrics says; read when drawn, since
+    samcl.metrics imports torch and the scripts' --help imports this module without it."""
+    from .metrics import LOWER_IS_BETTER
+
+    return metric in LOWER_IS_BETTER
+
+
 def forgetting_curve(summary: Sequence[Dict], metric: str) -> List[float]:
     """The release's FM after every step as the report draws it: a lower-is-better metric's (MAE)
     with its sign turned, so that forgetting reads positive for every metric; NaN where there is none."""
-    turn = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    turn = -1.0 if lower_is_better(metric) else 1.0
     return [np.nan if s["FM"] is None else turn * s["FM"] for s in summary]
 
 
@@ -214,7 +221,7 @@ def draw_report(accuracy_matrix: Dict, path: Path, title: str = "") -> Path:
         aa = [s["AA"] for s in summary[m]]
         ax.plot(steps, [np.nan if v is None else v for v in aa], "-o", color=colour, label=f"AA {METRIC_NAMES[m]}")
         ax.plot(steps, forgetting_curve(summary[m], m), "--x", color=colour,
-                label=f"FM {METRIC_NAMES[m]}" + (" (rise +)" if m in LOWER_IS_BETTER else ""))
+                label=f"FM {METRIC_NAMES[m]}" + (" (rise +)" if lower_is_better(m) else ""))
     ax.set_xticks(steps, [domains[t] for t in steps], rotation=45, ha="right", fontsize=8)
     ax.set_xlabel("after training step", fontsize=9)
     ax.axhline(0, color="grey", lw=0.5)

@@ -73,7 +73,7 @@ class SAMCL(ContinualMethod):
 
     def holds_out(self, domain: str) -> bool:
         """A test-only domain with ``unseen_embeddings none``: not in the buffer, the bank or the selector."""
-        return self.cfg.unseen_embeddings == "none" and domain in self.cfg.unseen
+        return getattr(self.cfg, "unseen_embeddings", "train") == "none" and domain in self.cfg.unseen
 
     def segment(self, prefix: Features, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
         """Task-agnostic: every image with the module of the domain the selector picks."""
