@@ -39,7 +39,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import distributed as dist
-from .backbones.attention import CHUNK_ELEMENTS
+from .backbones.attention import CHUNK_ELEMENTS, ROW_ELEMENTS
 from .backbones.base import Backbone, BlockPlan
 from .feature_cache import HOST_SHARE, available_host_bytes
 from .learning_modules.base import LearningModule
@@ -121,17 +121,23 @@ def sdpa_attention(plan: BlockPlan, amp: str) -> AttentionCost:
 
 def chunked_attention(plan: BlockPlan, amp: str) -> AttentionCost:
     """:class:`~samcl.backbones.attention.ChunkedRelPosAttention`: its output, the row statistics
-    and the two relative-position terms kept; in flight, one block of scores of the whole batch (at
-    most :data:`~samcl.backbones.attention.CHUNK_ELEMENTS` of the CPU) in fp32, its exponent and a
-    cast copy; in the backward the same with the score gradient, and fp32 key and value gradients."""
-    queries, maps = attention_sizes(plan)
+    and the two relative-position terms kept; in flight, one block of scores as the path cuts them
+    (:data:`~samcl.backbones.attention.ROW_ELEMENTS` rows of a head, as many heads of the whole batch
+    as :data:`~samcl.backbones.attention.CHUNK_ELEMENTS` of the CPU allows) in fp32 and the
+    log-sum-exp's temporary (the exponent is taken in place); in the backward the recomputed
+    softmax, the score gradient and one temporary, and fp32 key and value gradients."""
+    queries, _ = attention_sizes(plan)
+    keys = plan.window ** 2 if plan.window else plan.grid_in ** 2
+    matrices = queries // keys * plan.heads  # windows x heads of one image
+    rows = min(keys, max(16, ROW_ELEMENTS // keys))
     out = queries * plan.width_out * FLOAT[amp]
     side = plan.window or plan.grid_in
     rel = queries * plan.heads * 2 * side * FLOAT[amp] if plan.rel_pos else 0
     kept = out + rel + queries * plan.heads * 4
     return AttentionCost(forward=kept, kept=kept, backward=3 * queries * plan.width_out * 4,
-                         scores=4 * maps * plan.heads, scores_cap=4 * CHUNK_ELEMENTS["cpu"],
-                         scores_forward=3, scores_backward=4)
+                         scores=4 * matrices * rows * keys,
+                         scores_cap=4 * max(1, CHUNK_ELEMENTS["cpu"] // (rows * keys)) * rows * keys,
+                         scores_forward=2, scores_backward=3)
 
 
 def sdpa_rel_pos_attention(plan: BlockPlan, amp: str) -> AttentionCost:
