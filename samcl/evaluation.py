@@ -54,7 +54,8 @@ def evaluate_split(model: ModuleBank, loader: DataLoader, device: torch.device, 
     table = table[torch.from_numpy(first)]
     out: Dict = {"metrics": _mean_metrics(table[:, 2:5])}
     if routed:
-        counts = torch.bincount(table[:, 1].long(), minlength=len(model.domains))
+        choice = table[:, 1].long()
+        counts = torch.bincount(choice[choice >= 0], minlength=len(model.domains))  # -1 (vanilla) not counted
         out["selector_counts"] = {d: int(counts[k]) for k, d in enumerate(model.domains)}
     if with_vanilla:
         out["vanilla"] = _mean_metrics(table[:, 5:8])

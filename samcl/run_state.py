@@ -229,7 +229,8 @@ class RunState:
         files = {rel: (self.run_dir / rel).stat().st_size for rel in self.step_files(domain)}
         trained = [d for d in self.completed + [domain] if d in self.with_module]
         steps = trained if self.method.keeps_every_module else trained[-1:]
-        kept = sum((self.run_dir / rel).stat().st_size for d in steps for rel in self.step_files(d))
+        kept = sum((self.run_dir / rel).stat().st_size for d in steps for rel in self.step_files(d)
+                   if self.method.counts(rel, d, d == steps[-1]))
         return {"files": files, "bytes": sum(files.values()), "kept_bytes": kept}
 
     def commit(self, domain: str) -> None:

@@ -118,6 +118,11 @@ class ContinualMethod:
         """Files the method rewrites at every step, checksummed at each commit."""
         return []
 
+    def counts(self, rel: str, domain: str, latest: bool) -> bool:
+        """Whether the file ``rel`` of ``domain``'s finished step is part of what the method keeps (the
+        storage it reports; ``latest``: the step is the latest counted one). By default every file."""
+        return True
+
     # ------------------------------------------------------------------ optimisation, from the configuration
     def make_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
         """Adam (SAMCL's recipe) or AdamW (CAD's) over the module's trainable parameters."""

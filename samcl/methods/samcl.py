@@ -5,6 +5,23 @@ domain the selector, an MLP on the frozen selector-layer embedding, is grown to 
 domains seen so far and retrained on the embedding buffer. At test time every image is
 routed to the module of the domain the selector picks (task-agnostic); an unseen,
 test-only domain has no module, so its images run through the frozen backbone.
+
+``--selector`` chooses how a test image picks its module, over the same embedding buffer and
+the same modules, to separate what the learned selector contributes:
+
+* ``mlp`` (default): the Module Selector above.
+* ``ncm``: the nearest mean (cosine) of each domain's stored embeddings, no training
+  (:class:`samcl.routing.NearestMeanSelector`); a step appends the new domain's mean. It keeps
+  the (K, d) means only: storage counts the latest snapshot, not the buffer parts.
+* ``knn``: the majority domain of the ``knn_k`` nearest stored embeddings (cosine;
+  :class:`samcl.routing.NearestNeighbourSelector`). Its snapshot holds the whole buffer, so
+  storage counts the latest snapshot instead of the buffer parts.
+* ``oracle``: the test image's true domain picks the module (a domain that has no module, or is
+  not reached yet, uses the frozen backbone): the upper bound of routing. It keeps no selector
+  and needs no buffer at test time (storage counts the modules only); a test image must carry
+  its domain, so it routes only in an evaluation of a domain's test split.
+
+All of them record per-domain choice counts and selector accuracy in every evaluation.
 """
 import logging
 from typing import Any, Dict, List, Optional, Tuple
@@ -18,11 +35,22 @@ from ..evaluation import routed
 from ..loading import Batch
 from ..learning_modules.base import LearningModule
 from ..registry import register_method
-from ..run_folder import load_selector, save_selector, selector_file, selector_snapshot
+from ..routing import NearestMeanSelector, NearestNeighbourSelector
+from ..run_folder import buffer_part, load_selector, save_selector, selector_file, selector_snapshot
 from ..selector import ModuleSelector, train_selector
+from ..settings import Settings, setting
 from .base import ContinualMethod
 
 log = logging.getLogger("samcl.methods.samcl")
+
+
+class SAMCLSettings(Settings):
+    """How SAMCL routes a test image to a module."""
+
+    selector: str = setting("mlp", "samcl: how a test image picks its module: mlp (the Module Selector), ncm (nearest "
+                            "mean embedding), knn (k nearest embeddings), oracle (its true domain)",
+                            choices=("mlp", "ncm", "knn", "oracle"))
+    knn_k: int = setting(5, "samcl --selector knn: the stored embeddings that vote", low=1)
 
 
 @register_method("samcl")
@@ -43,22 +71,60 @@ class SAMCL(ContinualMethod):
         return {"selector_loss": self._fit_selector(t)}
 
     def segment(self, prefix: Features, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Task-agnostic: every image with the module of the domain the selector picks."""
-        return routed(self.model)(prefix, batch)
+        """Task-agnostic: every image with the module of the domain the selector picks (oracle: its
+        own domain's)."""
+        if self.cfg.selector != "oracle":
+            return routed(self.model)(prefix, batch)
+        choice = oracle_choice(self.model.domains, batch.domains).to(self.device)
+        logits, _ = self.model.segment_routed(prefix, choice, batch.points, batch.labels, images=batch.images)
+        return logits, choice
 
     def restore(self, completed: List[str]) -> None:
-        if completed:
+        if completed and self.cfg.selector != "oracle":
             selector, domains = load_selector(self.run_dir / selector_snapshot(completed[-1], self.weights))
             assert domains == completed
             self.model.selector = selector.to(self.device)
 
     def step_files(self, domain: str) -> List[str]:
-        return [selector_snapshot(domain, self.weights)]
+        return [] if self.cfg.selector == "oracle" else [selector_snapshot(domain, self.weights)]
 
     def run_files(self) -> List[str]:
-        return [selector_file(self.weights)]
+        return [] if self.cfg.selector == "oracle" else [selector_file(self.weights)]
+
+    def counts(self, rel: str, domain: str, latest: bool) -> bool:
+        """mlp counts every file (the buffer retrains the selector); ncm and knn the latest selector
+        snapshot, which holds all they keep; oracle neither buffer nor selector."""
+        if self.cfg.selector == "mlp":
+            return True
+        if rel == buffer_part(domain, self.weights):
+            return False
+        return latest or rel != selector_snapshot(domain, self.weights)
 
     def _fit_selector(self, t: int) -> List[float]:
+        """The step's selector (the MLP retrained; the ncm / knn state extended); [] for the oracle."""
+        if self.cfg.selector == "mlp":
+            return self._fit_mlp(t)
+        if self.cfg.selector == "oracle":
+            return []
+        model = self.model
+        if self.cfg.selector == "ncm":
+            if model.selector is None:
+                model.selector = NearestMeanSelector(torch.zeros(0, model.backbone.selector_dim)).to(self.device)
+            model.selector.add(self.buffer.store[model.domains[-1]])
+        else:
+            x, y = self.buffer.dataset(model.domains)
+            model.selector = NearestNeighbourSelector(x, y, len(model.domains), self.cfg.knn_k).to(self.device)
+        self._save_selector()
+        log.info("%s selector: %d domains", self.cfg.selector, len(model.domains))
+        return []
+
+    def _save_selector(self) -> None:
+        dist.broadcast_module(self.model.selector)  # every rank routes with rank 0's selector
+        if dist.is_main():
+            for name in (selector_snapshot(self.model.domains[-1], self.weights), selector_file(self.weights)):
+                save_selector(self.model.selector, self.model.domains, self.run_dir / name)
+
+    def _fit_mlp(self, t: int) -> List[float]:
         """Grow the selector to the domains so far (the new outputs drawn from seed + 1000 + t) and
         retrain it on the whole buffer; write it as the step's snapshot and as the run's selector."""
         model, cfg = self.model, self.cfg
@@ -72,10 +138,15 @@ class SAMCL(ContinualMethod):
         history = train_selector(model.selector, x, y, lr=cfg.selector_lr, epochs=cfg.selector_epochs,
                                  batch_size=cfg.selector_batch_size,
                                  generator=torch.Generator().manual_seed(cfg.seed + t))
-        dist.broadcast_module(model.selector)  # every rank routes with rank 0's selector
-        if dist.is_main():
-            for name in (selector_snapshot(model.domains[-1], self.weights), selector_file(self.weights)):
-                save_selector(model.selector, model.domains, self.run_dir / name)
+        self._save_selector()
         log.info("selector: %d domains, %d buffered embeddings (%.2f MB), final loss %.4f", len(model.domains),
                  x.shape[0], self.buffer.size_bytes() / 1024**2, history[-1] if history else float("nan"))
         return history
+
+
+def oracle_choice(domains: List[str], true_domains: List[str]) -> torch.Tensor:
+    """(N,) index in ``domains`` of each image's true domain; -1 (vanilla) for a domain the bank
+    does not hold yet."""
+    if not true_domains:
+        raise ValueError("--selector oracle routes by each test image's true domain; this batch carries none")
+    return torch.tensor([domains.index(d) if d in domains else -1 for d in true_domains], dtype=torch.long)
