@@ -51,6 +51,8 @@ class ContinualMethod:
     keeps_embeddings: ClassVar[bool] = True
     # whether the method keeps every step's module (a bank) or only the latest one (one shared module)
     keeps_every_module: ClassVar[bool] = True
+    # the setting a named variant sets in the sweep's --methods (samcl:oracle -> selector "oracle"), if any
+    variant: ClassVar[Optional[str]] = None
     # the weight format of the run folder's files, which names the method's own files too
     # (run_folder.selector_snapshot, ...); the run state sets the run's own ("pth": written before safetensors)
     weights: str = WEIGHTS

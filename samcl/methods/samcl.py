@@ -55,6 +55,8 @@ class SAMCLSettings(Settings):
 
 @register_method("samcl")
 class SAMCL(ContinualMethod):
+    variant = "selector"
+
     def begin_domain(self, t: int, domain: str, trains: bool) -> Optional[LearningModule]:
         """A fresh module for step t. module_init "shared" (the release: one module built once and
         copied for every domain) draws it from the same seed at every step, so every domain starts
