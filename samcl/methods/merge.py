@@ -75,8 +75,8 @@ def trim(taus: torch.Tensor, k: float) -> torch.Tensor:
     """(n, P) task vectors -> each row with only its ``k`` % largest-magnitude entries (int(P k / 100),
     at least the largest; entries tied with the smallest kept one are kept too), the others 0."""
     p = taus.shape[1]
-    keep = int(p * k / 100)
-    kth = taus.abs().kthvalue(p - keep if keep > 0 else p, dim=1, keepdim=True).values
+    keep = max(int(p * k / 100), 1)
+    kth = taus.abs().kthvalue(p - keep + 1, dim=1, keepdim=True).values  # the keep-th largest magnitude
     return taus * (taus.abs() >= kth)
 
 
