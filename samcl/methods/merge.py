@@ -7,8 +7,8 @@ vectors tau_j = theta_j - theta0 (``--merge``):
 
 * ``mean``: theta0 + mean_j tau_j.
 * ``ta``: task arithmetic (Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023),
-  theta0 + lambda * sum_j tau_j with lambda = ``merge_lambda`` (0.3; the paper picks lambda on
-  held-out data, and 0.3 is the value commonly used without it).
+  theta0 + lambda * sum_j tau_j with lambda = ``merge_lambda`` (0.3: the paper picks lambda on
+  held-out data from 0 to 1; this protocol has no validation split, so a fixed value is used).
 * ``ties``: TIES-merging (Yadav et al., "TIES-Merging: Resolving Interference When Merging
   Models", NeurIPS 2023): trim each tau_j to its ``ties_k`` % largest entries by magnitude (the
   others set to 0), elect each entry's sign as the sign of the trimmed vectors' sum, take the
