@@ -169,8 +169,9 @@ def main(argv=None) -> None:
     p.add_argument("--pictures", type=Path, help="also write the run's report.png and one test overlay into this "
                                                  "folder as demo_report.png and demo_overlay.png")
     p.add_argument("--compare", action="store_true",
-                   help="train zero-shot, fine-tuning and ER beside SAMCL on the same domains, all with a LoRA "
-                        "module, and print their comparison (AA / FM / FT, storage, time); also written as "
+                   help="train zero-shot, fine-tuning and ER beside SAMCL, SAMCL routed by the true domain "
+                        "(oracle) and by nearest means (ncm), and TIES-merged modules, on the same domains, all with "
+                        "a LoRA module, and print their comparison (AA / FM / FT, storage, time); also written as "
                         "<output>/compare.csv and compare.png")
     args = p.parse_args(argv)
     device = resolve_device(None, args.device)
