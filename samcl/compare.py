@@ -30,6 +30,8 @@ from .run_folder import (MANIFEST, METRICS_FILE, RunFolderError, buffer_part, mo
 # the summary's columns per metric: the release's, then the canonical ones (docs/metrics.md)
 RELEASE_SUMMARY = ("AA", "FM", "FT")
 SUMMARY = RELEASE_SUMMARY + ("FM_max", "BWT", "FWT", "AIA", "unseen", "unseen_vanilla")
+# a method's variant setting and its default, named in the row ("samcl (oracle)"; the default unnamed)
+VARIANTS = {"samcl": ("selector", "mlp"), "merge": ("merge", None)}
 MB = 1024**2
 
 
@@ -41,6 +43,13 @@ def step_storage(run_dir: Path, step: Dict[str, Any], weights: str) -> int:
     d = step["domain"]
     files = [module_path(run_dir, d, weights).name, buffer_part(d, weights), selector_snapshot(d, weights)]
     return sum((run_dir / f).stat().st_size for f in files if (run_dir / f).is_file())
+
+
+def method_label(method: str, cfg: Dict[str, Any]) -> str:
+    """``method``, with its variant where it is not the default: "samcl (oracle)", "merge (ties)"."""
+    setting, default = VARIANTS.get(method, (None, None))
+    value = cfg.get(setting) if setting else None
+    return method if value in (None, default) else f"{method} ({value})"
 
 
 def summarise(run_dir: Path) -> Dict[str, Any]:
@@ -61,7 +70,7 @@ def summarise(run_dir: Path) -> Dict[str, Any]:
     trained = [s for s in steps if s.get("trained")]
     row: Dict[str, Any] = {
         "run": run_dir.name,
-        "method": cfg.get("method") or alias.method,
+        "method": method_label(cfg.get("method") or alias.method, cfg),
         "module": (cfg.get("learning_module") or alias.learning_module) if trained else "none",
         "backbone": f"{cfg.get('backbone', alias.backbone)}/{metrics.get('backbone', {}).get('arch', '?')}",
         "domains": len(steps),

@@ -193,7 +193,7 @@ class SegmentationSplit:
 
     Items are dicts: ``image`` (3, S, S) uint8, ``mask`` (1, S, S) float {0, 1},
     ``points`` (P, 2) float (x, y) in the S frame, ``labels`` (P,) long, ``name`` str,
-    ``index`` int.
+    ``index`` int, ``domain`` str (the split's domain key).
     """
 
     def __init__(self, split_dir: Path, img_size: int, mask_binarize: str = "threshold",
@@ -242,6 +242,7 @@ class SegmentationSplit:
             "labels": labels,
             "name": img_path.name,
             "index": i,
+            "domain": self.domain,
         }
 
 
@@ -348,4 +349,5 @@ def collate(batch: Sequence[dict]) -> dict:
         "labels": labels,
         "name": [b["name"] for b in batch],
         "index": torch.tensor([b["index"] for b in batch]),
+        "domain": [b.get("domain", "") for b in batch],
     }

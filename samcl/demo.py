@@ -3,7 +3,8 @@
     python -m samcl.demo                 # writes demo_output/, prints the final table
     python -m samcl.demo --backbone sam2 # the same on a tiny SAM 2.1 (Hiera) backbone
     python -m samcl.demo --pictures docs # also copy the run's report.png and one test overlay to docs/
-    python -m samcl.demo --compare       # zero-shot, fine-tuning, ER and SAMCL on the same domains, one table
+    python -m samcl.demo --compare       # zero-shot, fine-tuning, ER, SAMCL (and its oracle, ncm, merge
+                                         # baselines) on the same domains, one table
 
 It (1) draws a small synthetic dataset in the release's layout, four visually
 distinct domains (three to learn, one unseen/test-only), with non-square JPEG
@@ -14,9 +15,11 @@ folder and prints per-domain IoU/F1/MAE, the vanilla (no module) IoU beside each
 domain, selector routing, and AA/FM/FT.
 
 With --compare it trains the baselines zero-shot, fine-tuning and experience replay beside
-SAMCL, every method with the same LoRA learning module, under the same protocol and prints
-the comparison (samcl.compare's table): fine-tuning forgets, SAMCL's loss comes only from
-images the selector routes to another domain's module. The columns are defined in docs/metrics.md.
+SAMCL, SAMCL routed by the true domain (oracle) and by the nearest mean embedding (ncm), and
+the per-domain modules TIES-merged into one (merge), every method with the same LoRA learning
+module, under the same protocol and prints the comparison (samcl.compare's table): fine-tuning
+forgets, SAMCL's loss comes only from images the selector routes to another domain's module.
+The columns are defined in docs/metrics.md.
 
 What it shows: the pipeline end to end, that the selector tells domains apart
 from a frozen intermediate embedding, and that each domain's tiny module moves
@@ -44,7 +47,9 @@ DEMO_CONFIGS = {"sam": DEMO_CONFIG, "sam2": CONFIG_DIR / "demo_sam2.yaml"}
 LOG_DIRS = {"sam": "log_sam1", "sam2": "log_sam2"}
 # --compare: the methods, all with the same learning module (LoRA, the baselines' recipes' and
 # configs/samcl_lora_vit_b.yaml's), so that only the method differs
-COMPARED = ("zeroshot", "finetune", "er", "samcl")
+# (a variant "method:value" as the sweep's --methods: samcl:oracle routes by the true domain, merge:ties
+# merges the per-domain modules into one)
+COMPARED = ("zeroshot", "finetune", "er", "samcl", "samcl:oracle", "samcl:ncm", "merge:ties")
 COMPARED_MODULE = "lora"
 BACKBONE_NAMES = {"sam": "SAM", "sam2": "SAM 2.1 (Hiera)"}
 
@@ -165,9 +170,10 @@ def main(argv=None) -> None:
     p.add_argument("--pictures", type=Path, help="also write the run's report.png and one test overlay into this "
                                                  "folder as demo_report.png and demo_overlay.png")
     p.add_argument("--compare", action="store_true",
-                   help="train zero-shot, fine-tuning and ER beside SAMCL on the same domains, all with a LoRA "
-                        "module, and print their comparison (the release's AA / FM / FT, the canonical FM_max / "
-                        "BWT / FWT / AIA, the unseen domain's score beside the vanilla one, storage, time; "
+                   help="train zero-shot, fine-tuning and ER beside SAMCL, SAMCL routed by the true domain "
+                        "(oracle) and by nearest means (ncm), and TIES-merged modules, on the same domains, all with "
+                        "a LoRA module, and print their comparison (the release's AA / FM / FT, the canonical "
+                        "FM_max / BWT / FWT / AIA, the unseen domain's score beside the vanilla one, storage, time; "
                         "docs/metrics.md); also written as <output>/compare.csv and compare.png")
     args = p.parse_args(argv)
     device = resolve_device(None, args.device)
@@ -237,13 +243,14 @@ def _compare(args: argparse.Namespace, device) -> None:
     from .compare import markdown, summarise, write_csv
     from .pictures import draw_comparison
     from .pipeline import train
+    from .sweep_plan import method_settings
     t0 = time.time()
     out = _prepare(Path(args.output), device, "1/2")
     runs = []
     for k, method in enumerate(COMPARED, 1):
         cfg = load_config(DEMO_CONFIGS[args.backbone], {
-            **_data_settings(out), "epoch": args.epoch, "method": method, "learning_module": COMPARED_MODULE,
-            "run_dir": str(out / f"compare_{args.backbone}" / method)})
+            **_data_settings(out), "epoch": args.epoch, **method_settings(method), "learning_module": COMPARED_MODULE,
+            "run_dir": str(out / f"compare_{args.backbone}" / method.replace(":", "-"))})
         print(f"[demo] 2/2 ({k}/{len(COMPARED)}) training {method} ({cfg.learning_module_kind}) over {cfg.order}")
         train(cfg, device, overwrite=True)
         runs.append(cfg.resolved_run_dir())

@@ -55,7 +55,7 @@ def evaluate_split(model: ModuleBank, loader: DataLoader, device: torch.device, 
     out: Dict = {"metrics": _mean_metrics(table[:, 2:5])}
     if routed:
         choice = table[:, 1].long()
-        counts = torch.bincount(choice[choice >= 0], minlength=len(model.domains))
+        counts = torch.bincount(choice[choice >= 0], minlength=len(model.domains))  # -1 (vanilla) not counted
         out["selector_counts"] = {d: int(counts[k]) for k, d in enumerate(model.domains)}
         if model.selector is not None and model.selector.num_domains > len(model.domains):
             # selector_head full: images sent to a domain not trained yet (segmented by the frozen model)

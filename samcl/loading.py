@@ -8,7 +8,7 @@ import logging
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -41,6 +41,7 @@ class Batch:
     points: torch.Tensor  # (N, P, 2)
     labels: torch.Tensor  # (N, P)
     names: List[str]
+    domains: List[str] = field(default_factory=list)  # each image's true domain (its test split's key)
 
 
 def to_device(batch: dict, device: torch.device) -> Batch:
@@ -51,6 +52,7 @@ def to_device(batch: dict, device: torch.device) -> Batch:
         points=batch["points"].to(device, non_blocking=nb),
         labels=batch["labels"].to(device, non_blocking=nb),
         names=batch["name"],
+        domains=list(batch.get("domain", [])),
     )
 
 

@@ -44,12 +44,14 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import yaml
+from torch import nn
 
 from .backbones.base import Backbone
 from .config import stored_settings
 from .io import atomic_write_text, load_tagged, save_tagged
 from .learning_modules.base import LearningModule
 from .registry import LEARNING_MODULES
+from .routing import selector_from_state
 from .selector import ModuleSelector
 
 MANIFEST = "run.json"
@@ -154,15 +156,23 @@ def load_module(path: Path, backbone: Backbone, kind: str = "augmodule") -> Lear
     return module.eval()
 
 
-def save_selector(selector: ModuleSelector, domains: List[str], path: Path) -> None:
+def save_selector(selector: nn.Module, domains: List[str], path: Path) -> None:
+    """The Module Selector's state dict, or a training-free selector's state (``kind`` ncm, knn)."""
+    if not isinstance(selector, ModuleSelector):
+        save_tagged({"format": "samcl-selector", "version": 1, "domains": list(domains), "kind": selector.kind,
+                     "state": selector.state()}, path)
+        return
     save_tagged({"format": "samcl-selector", "version": 1, "domains": list(domains),
                  "dim": selector.layer1.in_features, "state_dict": selector.state_dict()}, path)
 
 
 def load_selector(path: Path) -> tuple:
-    """-> (ModuleSelector in eval mode, the domains trained so far). Its outputs, the rows of its
-    last layer: one per domain (selector_head grow), or one per domain of the run's order (full)."""
+    """-> (ModuleSelector in eval mode, or an ncm / knn selector; its domain order). An MLP's outputs,
+    the rows of its last layer: one per domain (selector_head grow), or one per domain of the run's
+    order (full)."""
     data = load_tagged(path, ("samcl-selector",), "selector file", RunFolderError)
+    if "kind" in data:
+        return selector_from_state(data["kind"], data["state"]), list(data["domains"])
     head = data["state_dict"].get("layer4.weight")
     sel = ModuleSelector(data["dim"], len(data["domains"]) if head is None else int(head.shape[0]))
     sel.load_state_dict(data["state_dict"])

@@ -258,7 +258,8 @@ class RunState:
         trained = [d for d in done if d in self.with_module]
         modules = trained if self.method.keeps_every_module else trained[-1:]
         kept = [module_path(self.run_dir, d, self.weights).name for d in modules]
-        kept += [buffer_part(d, self.weights) for d in done if self.buffered(d)]
+        if self.method.needs_buffer():
+            kept += [buffer_part(d, self.weights) for d in done if self.buffered(d)]
         return kept + self.method.kept_files(done)
 
     def commit(self, domain: str) -> None:

@@ -237,6 +237,15 @@ def markdown(rows: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def routing_gap(rows: Sequence[Dict[str, Any]]) -> str:
+    """What the selector's errors cost: IoU AA of samcl:oracle minus that of every other samcl routing
+    in the sweep (a line each; empty without the oracle)."""
+    aa = {r["method"]: r["iou_AA_mean"] for r in rows if r["method"].split(":")[0] == "samcl"}
+    oracle = aa.get("samcl:oracle")
+    lines = [f"- {m}: {oracle - v:+.4f}\n" for m, v in aa.items() if m != "samcl:oracle" and None not in (v, oracle)]
+    return "\nRouting gap, IoU AA of samcl:oracle minus:\n\n" + "".join(lines) if lines else ""
+
+
 def write_summary(plan: Plan, output: Path) -> List[Dict[str, Any]]:
     """summary.md, summary.csv and summary.png of the runs finished so far."""
     from .io import atomic_write_text
@@ -248,7 +257,7 @@ def write_summary(plan: Plan, output: Path) -> List[Dict[str, Any]]:
                       f"# Sweep {output.name}\n\nMean ± sample std (n-1) over each method's finished runs "
                       f"({len(plan.orders)} order(s) x {len(plan.seeds)} seed(s) planned), after each run's last "
                       f"step. Orders:\n\n" + "".join(f"- order{k}: {' '.join(o)}\n" for k, o in enumerate(plan.orders))
-                      + f"\nSeeds: {', '.join(map(str, plan.seeds))}\n\n{table}\n")
+                      + f"\nSeeds: {', '.join(map(str, plan.seeds))}\n\n{table}\n{routing_gap(rows)}")
     with open(output / f"{SUMMARY}.csv.tmp", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -287,7 +296,8 @@ def build_parser() -> Parser:
     p = Parser(prog="python -m samcl.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", metavar="M1,M2,...",
                    help="continual methods joined by ',' (names registered in samcl/methods, e.g. "
-                        "samcl,finetune,joint,zeroshot)")
+                        "samcl,finetune,joint,zeroshot); a named variant is method:value, e.g. samcl:oracle, "
+                        "samcl:ncm (--selector), merge:ties (--merge), in folder samcl-oracle/...")
     p.add_argument("--orders", type=int, default=1, metavar="K",
                    help="domain orders per method and seed: the configured one and K-1 random ones (default 1)")
     p.add_argument("--seeds", type=int, default=1, metavar="S",

@@ -86,6 +86,20 @@ def recipe_for(method: str, config: Optional[str]) -> Path:
                       f"method replaced)")
 
 
+def method_settings(label: str) -> Dict[str, Any]:
+    """The settings a ``--methods`` entry sets: ``method`` (and its variant, ``samcl:oracle`` -> selector
+    oracle, ``merge:ties`` -> merge ties: the value of the setting the method's class names in ``variant``)."""
+    from .plugins import METHODS
+
+    name, _, variant = label.partition(":")
+    if not variant:
+        return {"method": name}
+    setting = getattr(METHODS.get(name), "variant", None)
+    if setting is None:
+        raise ConfigError(f"--methods {label}: method {name!r} has no named variants")
+    return {"method": name, setting: variant}
+
+
 def own_module(method: str) -> Dict[str, Any]:
     """``{"learning_module": kind}`` for a method that trains a module kind of its own (its first),
     else nothing: the settings file's module stays."""
@@ -121,11 +135,12 @@ def make_plan(methods: Sequence[str], n_orders: int, n_seeds: int, output: Path,
     refused = sorted(k for k in overrides if k in ("method", "run_dir"))
     if refused:
         raise ConfigError(f"the sweep sets {refused} itself (--methods, --output)")
-    recipes = {m: recipe_for(m, config) for m in methods}
+    named = {m: method_settings(m) for m in methods}  # a label "method:variant" runs method with its variant
+    recipes = {m: recipe_for(named[m]["method"], config) for m in methods}
     flags = [(f"flag {sources.get(k, '--' + k)}", {k: v}) for k, v in overrides.items()]
     files = {m: read_config_file(str(p)) for m, p in recipes.items()}
     base = {m: build_config([(f"config file {recipes[m]}", files[m]), *flags,
-                             ("--methods", {"method": m, **own_module(m)})]) for m in methods}
+                             ("--methods", {**named[m], **own_module(named[m]["method"])})]) for m in methods}
     order = _agreed({m: c.domains for m, c in base.items()}, "order", "--order")
     unseen_set = set(_agreed({m: [d for d in c.domains if d in c.unseen] for m, c in base.items()}, "unseen",
                              "--unseen"))
@@ -137,9 +152,9 @@ def make_plan(methods: Sequence[str], n_orders: int, n_seeds: int, output: Path,
     for m in methods:
         for k, o in enumerate(orders):
             for s in seeds:
-                folder = f"{m}/order{k}_seed{s}"
-                planned = {"method": m, **own_module(m), "order": "_".join(o), "unseen": unseen, "seed": s,
-                           "run_dir": str(Path(output) / folder)}
+                folder = f"{m.replace(':', '-')}/order{k}_seed{s}"
+                planned = {**named[m], **own_module(named[m]["method"]), "order": "_".join(o), "unseen": unseen,
+                           "seed": s, "run_dir": str(Path(output) / folder)}
                 cfg = build_config([(f"config file {recipes[m]}", files[m]), *flags, ("the sweep's plan", planned)])
                 plan.runs.append(Run(m, k, s, folder, cfg.to_dict()))
     return plan

@@ -120,11 +120,14 @@ def test_demo_compare_trains_each_method_and_prints_one_table(tmp_path, monkeypa
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| run | method | module | backbone | domains | iou_AA | iou_FM |")
     assert [r.split(" | ")[1:3] for r in rows[1:]] == [
-        ["zeroshot", "none"], ["finetune", "lora"], ["er", "lora"], ["samcl", "lora"]]
-    for method in demo.COMPARED:
-        run = json.loads((tmp_path / "compare_sam" / method / "run.json").read_text())
+        ["zeroshot", "none"], ["finetune", "lora"], ["er", "lora"], ["samcl", "lora"], ["samcl (oracle)", "lora"],
+        ["samcl (ncm)", "lora"], ["merge (ties)", "lora"]]
+    for label in demo.COMPARED:
+        run = json.loads((tmp_path / "compare_sam" / label.replace(":", "-") / "run.json").read_text())
+        method, _, variant = label.partition(":")
         assert run["completed"] == ["polyp", "shadow", "lesion", "natural"] and run["config"]["method"] == method
-    assert (tmp_path / "compare.csv").read_text().count("\n") == 5 and (tmp_path / "compare.png").is_file()
+        assert not variant or variant in (run["config"]["selector"], run["config"]["merge"])
+    assert (tmp_path / "compare.csv").read_text().count("\n") == 8 and (tmp_path / "compare.png").is_file()
 
 
 @pytest.mark.parametrize("method", ["zeroshot", "finetune", "joint"])

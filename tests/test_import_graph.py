@@ -81,7 +81,8 @@ LAYERS: Layers = (
     # settings, files, data, points, metrics and losses, the selector, drawing: no model, no method
     ("base", ("samcl", "samcl.bounded", "samcl.config", "samcl.data", "samcl.distributed", "samcl.feature_cache",
               "samcl.heatmap", "samcl.io", "samcl.lock", "samcl.losses", "samcl.metrics", "samcl.pictures",
-              "samcl.points", "samcl.precision", "samcl.registry", "samcl.selector", "samcl.settings")),
+              "samcl.points", "samcl.precision", "samcl.registry", "samcl.routing", "samcl.selector",
+              "samcl.settings")),
     # the frozen SAM / SAM 2 models: the only readers of segment_anything and sam2
     ("backbones", ("samcl.backbones", "samcl.backbones.*")),
     # the learning modules, which act inside a backbone

@@ -12,6 +12,7 @@ from samcl import pipeline
 from samcl.config import CONFIG_DIR, load_config
 from samcl.demo import make_demo_data
 from samcl.registry import METHODS
+from samcl.sweep_plan import method_settings
 from tests.conftest import REPO
 
 CPU = torch.device("cpu")
@@ -46,9 +47,11 @@ def data(tmp_path_factory):
     return root
 
 
-def settings(method, root, run_dir):
-    kinds = METHODS.get(method).learning_modules
-    return {"method": method, "learning_module": kinds[0] if kinds else "lora", "data_root": str(root),
+def settings(label, root, run_dir):
+    """``label``: a method, or a named variant as the sweep's (samcl:ncm)."""
+    named = method_settings(label)
+    kinds = METHODS.get(named["method"]).learning_modules
+    return {**named, "learning_module": kinds[0] if kinds else "lora", "data_root": str(root),
             "run_dir": str(run_dir), "epoch": 3, "num_embedding": 2, "batch_size": 2, "val_every": 2,
             "selector_epochs": 2, "replay_size": 3, "order": "polyp_shadow_natural", "num_workers": 0}
 
@@ -72,7 +75,9 @@ def comparable(run_dir):
     return steps, files
 
 
-@pytest.mark.parametrize("method", METHODS.names())
+# and SAMCL routed by nearest means, whose state grows by a domain a step (knn is rebuilt from the buffer at
+# every step, the oracle keeps nothing: both resume through the mlp run's buffer and modules)
+@pytest.mark.parametrize("method", METHODS.names() + ["samcl:ncm"])
 def test_sigkill_then_resume_equals_the_uninterrupted_run(method, data, tmp_path):
     reference = tmp_path / "uninterrupted"
     pipeline.train(load_config(CONFIG_DIR / "demo_sam.yaml", settings(method, data, reference)), CPU)

@@ -1,19 +1,33 @@
-"""LoRA on the qkv projections of the blocks after the selector layer.
+"""LoRA on the qkv projections of the encoder blocks after the selector layer (or of every block).
 
 ``qkv(x) + (alpha / r) * B(A(x))`` with ``A`` (in -> r) Kaiming-uniform and ``B``
 (r -> out) zero-initialised, so a fresh module is the frozen backbone; only A and B
-train. The blocks up to the selector layer are untouched, so the frozen prefix (and
-the Module Selector's embedding) is shared with every other module, as the AugModule's.
+train. With ``lora_blocks`` "after_selector" (the default) the blocks up to the selector
+layer are untouched, so the frozen prefix (and the Module Selector's embedding) is shared
+with every other module, as the AugModule's. With "all" every encoder block's qkv gets LoRA
+(for the baselines that train one shared module and route nothing): the module then runs the
+whole encoder from the image with autograd, as the adapter does (the Module Selector, where
+there is one, still reads the frozen prefix). The mask decoder's attention has separate q, k
+and v projections, not a qkv, so this kind leaves the decoder frozen.
 """
 from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..backbones.base import Backbone
+from ..backbones.base import Backbone, DecodeOptions, Features
 from ..registry import register_learning_module
+from ..settings import Settings, setting
 from .base import Hook, LearningModule, ModuleSpec
+
+
+class LoRASettings(Settings):
+    """Where LoRA acts."""
+
+    lora_blocks: str = setting("after_selector", "lora: the encoder blocks whose qkv get LoRA: after_selector (those "
+                               "after the selector layer, sharing the frozen prefix) or all (every block; the module "
+                               "runs the whole encoder from the image)", choices=("after_selector", "all"))
 
 
 @dataclass(frozen=True)
@@ -28,14 +42,12 @@ class LoRASpec(ModuleSpec):
     @classmethod
     def for_backbone(cls, backbone: Backbone, cfg: Any = None) -> "LoRASpec":
         rank = int(getattr(cfg, "rank", None) or 10)
-        layers = tuple(range(backbone.selector_layer + 1, backbone.depth))
+        first = 0 if getattr(cfg, "lora_blocks", "after_selector") == "all" else backbone.selector_layer + 1
+        layers = tuple(range(first, backbone.depth))
         return cls(layers=layers, shapes=tuple(_shape(backbone, i) for i in layers), rank=rank, alpha=float(rank))
 
     def check(self, backbone: Backbone) -> None:
         problems = []
-        if self.layers and min(self.layers) <= backbone.selector_layer:
-            problems.append(f"layers {list(self.layers)} reach the frozen prefix (selector layer "
-                            f"{backbone.selector_layer})")
         for i, shape in zip(self.layers, self.shapes):
             if not 0 <= i < backbone.depth or _shape(backbone, i) != tuple(shape):
                 problems.append(f"block {i} has no qkv of shape {tuple(shape)}")
@@ -69,3 +81,17 @@ class LoRAModule(LearningModule):
             return hook
 
         return [(backbone.qkv(i), "forward", make(a, b)) for i, a, b in zip(self.spec.layers, self.A, self.B)]
+
+    def segment(self, backbone: Backbone, prefix: Features, images: Optional[torch.Tensor],
+                heatmap: Optional[torch.Tensor], points: torch.Tensor, labels: torch.Tensor,
+                boxes: Optional[torch.Tensor] = None, low_res: bool = False,
+                options: Optional[DecodeOptions] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """After the selector layer only: the frozen prefix through the hooked suffix. On blocks of
+        the prefix too (``lora_blocks`` all): the whole encoder from the images."""
+        if not self.spec.layers or min(self.spec.layers) > backbone.selector_layer:
+            return super().segment(backbone, prefix, images, heatmap, points, labels, boxes, low_res, options)
+        if images is None:
+            raise ValueError("a LoRA module on every block needs the batch's images (it acts inside the prefix)")
+        with self.attached(backbone):
+            features = backbone.encode_suffix(backbone.prefix(images))
+        return backbone.decode(features, points, labels, boxes=boxes, low_res=low_res, options=options)

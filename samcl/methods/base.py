@@ -51,6 +51,8 @@ class ContinualMethod:
     keeps_embeddings: ClassVar[bool] = True
     # whether the method keeps every step's module (a bank) or only the latest one (one shared module)
     keeps_every_module: ClassVar[bool] = True
+    # the setting a named variant sets in the sweep's --methods (samcl:oracle -> selector "oracle"), if any
+    variant: ClassVar[Optional[str]] = None
     # the weight format of the run folder's files, which names the method's own files too
     # (run_folder.selector_snapshot, ...); the run state sets the run's own ("pth": written before safetensors)
     weights: str = WEIGHTS
@@ -146,6 +148,10 @@ class ContinualMethod:
         counts beside the modules and the embedding buffer. By default the latest step's files (a
         method whose files are snapshots of its whole state); the rest stay as a record."""
         return self.step_files(done[-1]) if done else []
+
+    def needs_buffer(self) -> bool:
+        """Whether the embedding buffer is part of what the method keeps (storage), beside being written."""
+        return self.keeps_embeddings
 
     # ------------------------------------------------------------------ optimisation, from the configuration
     def make_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:

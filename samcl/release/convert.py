@@ -204,6 +204,10 @@ def export(run_dir: Path, dst: Path, overwrite: bool = False) -> Dict[str, Any]:
     completed = list(manifest.get("completed") or [])
     if not completed:
         raise RunFolderError(f"{run_dir} has no finished domain yet; nothing to export")
+    routing = manifest.get("config", {}).get("selector", "mlp")
+    if routing != "mlp":
+        raise RunFolderError(f"{run_dir} routes with --selector {routing}; the release format holds the Module "
+                             f"Selector (an MLP) only")
     weights = run_weights(manifest)
     # the selector as committed after the last finished domain (the latest selector may be newer)
     snapshot = selector_snapshot(completed[-1], weights)
