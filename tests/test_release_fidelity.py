@@ -406,7 +406,7 @@ def samcl_selector_run(embeddings, order, seed, head, run_dir):
 
     dim = embeddings[order[0]].shape[1]
     cfg = SimpleNamespace(seed=seed, selector_lr=0.01, selector_epochs=25, selector_batch_size=24,
-                          selector_head=head, domains=list(order))
+                          selector_head=head, domains=list(order), selector="mlp", unseen_embeddings="train")
     model = SimpleNamespace(selector=None, backbone=SimpleNamespace(selector_dim=dim), domains=[])
     buffer = EmbeddingBuffer(10_000)
     method = SAMCL(cfg, model, torch.device("cpu"), buffer, run_dir)
