@@ -173,7 +173,8 @@ def main(argv=None) -> int:
 
     for item in steps:
         run_all([item], 1, max(0.0, min(item[2], args.budget - (time.time() - start))))
-    run_all(epochs, PARALLEL, max(0.0, min(EPOCHS_BUDGET, args.budget - (time.time() - start) - last[0][2])))
+    after = sum(secs for _, _, secs in last)  # kept for the steps after the epochs
+    run_all(epochs, PARALLEL, max(0.0, min(EPOCHS_BUDGET, args.budget - (time.time() - start) - after)))
     for item in last:
         run_all([item], 1, max(0.0, args.budget - (time.time() - start)))
     reports = {}

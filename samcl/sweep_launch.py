@@ -446,13 +446,14 @@ def measure(plan: Plan, device: "torch.device", steps: int = 2) -> Dict[str, Tup
             step = json.loads((root / m / "run" / "metrics.json").read_text())["steps"][0]
             train_s = step["training_seconds"]
             eval_s = max(step["seconds"] - train_s, 1e-9)
-            speeds[m] = (steps * s["batch_size"] / max(train_s, 1e-9), n_test / eval_s)
+            # a method that trains nothing (zeroshot) has no training throughput to measure
+            speeds[m] = (steps * s["batch_size"] / train_s if train_s > 0 else None, n_test / eval_s)
             log.info("measured %s on %s: %.3g training images/s, %.3g evaluated images/s", m, device, *speeds[m])
     return speeds
 
 
 def estimate(plan: Plan, counts: Dict[str, Dict[str, Optional[int]]],
-             speeds: Dict[str, Tuple[float, float]]) -> List[Dict[str, Any]]:
+             speeds: Dict[str, Tuple[Optional[float], float]]) -> List[Dict[str, Any]]:
     """Per method: runs, training and evaluated images, device-hours (training images / training
     throughput + evaluated images / evaluation throughput, summed over its runs)."""
     rows = []
@@ -462,7 +463,8 @@ def estimate(plan: Plan, counts: Dict[str, Dict[str, Optional[int]]],
         train = None if any(i[0] is None for i in images) else sum(i[0] for i in images)
         evaluated = None if any(i[1] is None for i in images) else sum(i[1] for i in images)
         ips_train, ips_eval = speeds[m]
-        hours = None if train is None or evaluated is None else (train / ips_train + evaluated / ips_eval) / 3600
+        training_s = 0.0 if train == 0 else None if train is None or ips_train is None else train / ips_train
+        hours = None if training_s is None or evaluated is None else (training_s + evaluated / ips_eval) / 3600
         rows.append({"method": m, "runs": len(runs), "train_images": train, "eval_images": evaluated,
                      "train_ips": ips_train, "eval_ips": ips_eval, "hours": hours})
     return rows
@@ -486,8 +488,9 @@ def dry_run_text(plan: Plan, output: Path, counts: Dict[str, Dict[str, Optional[
     lines.append(f"{'method':<12} {'runs':>4} {'train images':>14} {'eval images':>12} {'train img/s':>11} "
                  f"{'eval img/s':>10} {'device-hours':>12}")
     for r in rows:
+        train_ips = "-" if r["train_images"] == 0 else n(r["train_ips"])
         lines.append(f"{r['method']:<12} {r['runs']:>4} {n(r['train_images']):>14} {n(r['eval_images']):>12} "
-                     f"{n(r['train_ips']):>11} {n(r['eval_ips']):>10} {n(r['hours']):>12}")
+                     f"{train_ips:>11} {n(r['eval_ips']):>10} {n(r['hours']):>12}")
     hours = [r["hours"] for r in rows]
     total = None if None in hours else sum(hours)
     lines.append(f"total: {n(total)} device-hour(s) for {len(plan.runs)} run(s) (one device per run); "

@@ -25,8 +25,11 @@ from samcl.lock import RunLock
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = str(CONFIG_DIR / "demo_sam.yaml")
-SLOW = pytest.mark.skipif(not os.environ.get("SAMCL_SLOW_TESTS"),
-                          reason="starts job processes (minutes on 2 cores): set SAMCL_SLOW_TESTS=1")
+def SLOW(test):  # noqa: N802  (a decorator named as pytest's marks)
+    """Marked slow, and skipped unless SAMCL_SLOW_TESTS is set (CI sets it: `pytest -m slow` after the suite)."""
+    skip = pytest.mark.skipif(not os.environ.get("SAMCL_SLOW_TESTS"),
+                              reason="starts job processes (minutes on 2 cores): set SAMCL_SLOW_TESTS=1")
+    return pytest.mark.slow(skip(test))
 
 
 def has_submitit() -> bool:
