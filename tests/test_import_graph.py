@@ -89,7 +89,7 @@ LAYERS: Layers = (
     ("learning_modules", ("samcl.learning_modules", "samcl.learning_modules.*")),
     # the model (backbone + modules + selector), its files, the loaders, the evaluation, the training step
     ("model", ("samcl.model", "samcl.run_folder", "samcl.loading", "samcl.evaluation", "samcl.training_step",
-               "samcl.replay", "samcl.memory")),
+               "samcl.replay", "samcl.memory_blocks", "samcl.memory")),
     # the library: methods, the protocol, runs (train, resume, test, open), the release format, prediction
     ("library", ("samcl.methods", "samcl.methods.*", "samcl.continual", "samcl.run_state", "samcl.plugins",
                  "samcl.opening", "samcl.pipeline", "samcl.predictor", "samcl.release", "samcl.release.*")),
