@@ -1,6 +1,7 @@
 """A sweep's runs as independent jobs, one device each: on this machine (``--launcher local``) or on a
-SLURM cluster through submitit (``--launcher slurm``); and the sweep folder's status, summary and
-cost estimate (``--status``, ``--summarise``, ``--dry_run``). :mod:`samcl.sweep` runs them.
+SLURM cluster through submitit (``--launcher slurm``), and the sweep folder's summary
+(``--summarise``); its records and ``--status`` are :mod:`samcl.sweep_status`'s, the cost estimate
+(``--dry_run``) :mod:`samcl.sweep_estimate`'s. :mod:`samcl.sweep` runs them.
 
 Each job trains, resumes or skips one run of the folder's ``sweep.json`` (as the serial sweep does),
 records its state in ``launch/<method>__order<k>_seed<s>.json`` (queued, running, done, failed with
@@ -14,23 +15,21 @@ This module does not import :mod:`samcl.sweep` (which imports it): the sweep han
 needs (:class:`SweepOps`), functions that pickle by name into the jobs.
 """
 import argparse
-import dataclasses
 import importlib
-import json
 import logging
 import os
 import re
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from .cli import CLIError
-from .lock import RunLock, lock_holder
+from .lock import RunLock
+from .sweep_estimate import dry_run
+from .sweep_status import SweepOps, format_status, load_plan, read_state, run_key, status_rows, write_state
 from .sweep_plan import PLAN_FILE, Plan, Run
 
 if TYPE_CHECKING:
@@ -39,65 +38,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("samcl.sweep")
 
 LAUNCHERS = ("serial", "local", "slurm")
-STATE_DIR = "launch"  # launch/<key>.json: a run's job state; launch/<key>.job.json: its submitit job
 JOBS_DIR = "jobs"  # the jobs' own logs (stdout and stderr)
 SUMMARY_LOCK = ".summary.lock"
 INSTALL_SUBMITIT = "pip install 'samcl[slurm]' (or: pip install submitit)"
-TRAINS_NOTHING = ("zeroshot",)  # methods whose steps train no module (the estimate counts no training images)
-
-
-@dataclass(frozen=True)
-class SweepOps:
-    """What a job takes from :mod:`samcl.sweep`, each named "module:function" (a name pickles into a
-    job and is imported there): ``check(output, run, order)`` -> 'missing' / 'unfinished' / 'done';
-    ``advance(output, run, order, device, what)`` trains, resumes or skips the run;
-    ``summarise(plan, output)`` rewrites the summary and returns its rows."""
-
-    check: str
-    advance: str
-    summarise: str
-
-    def function(self, which: str) -> Callable[..., Any]:
-        """The function named by field ``which``, imported."""
-        module, _, name = getattr(self, which).partition(":")
-        return getattr(importlib.import_module(module), name)
-
-
-# ----------------------------------------------------------------------------- the folder's records
-def load_plan(output: Path) -> Plan:
-    """The plan of the sweep folder ``output`` (its sweep.json)."""
-    path = Path(output) / PLAN_FILE
-    if not path.is_file():
-        raise CLIError(f"{output} is not a sweep folder: it has no {PLAN_FILE}")
-    data = json.loads(path.read_text())
-    names = {f.name for f in dataclasses.fields(Plan)} - {"runs"}
-    return Plan(**{k: data[k] for k in names if k in data}, runs=[Run(**r) for r in data["runs"]])
-
-
-def run_key(folder: str) -> str:
-    """A run's name in launch/ and jobs/: its folder with '__' for '/'."""
-    return folder.replace("/", "__")
-
-
-def state_path(output: Path, folder: str, suffix: str = ".json") -> Path:
-    return Path(output) / STATE_DIR / f"{run_key(folder)}{suffix}"
-
-
-def read_state(output: Path, folder: str, suffix: str = ".json") -> Dict[str, Any]:
-    try:
-        return json.loads(state_path(output, folder, suffix).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def write_state(output: Path, folder: str, state: str, suffix: str = ".json", **info: Any) -> None:
-    """Record a run's job state (what the record held before is kept unless ``info`` replaces it)."""
-    from .io import atomic_write_text
-
-    path = state_path(output, folder, suffix)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {**read_state(output, folder, suffix), "state": state, "time": time.time(), **info}
-    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
 
 
 def write_summary_locked(plan: Plan, output: Path, ops: SweepOps) -> List[Dict[str, Any]]:
@@ -320,200 +263,6 @@ def launch_submitit(plan: Plan, output: Path, args: argparse.Namespace, ops: Swe
                 _report(output, r, False, j.paths.stderr, str(e).strip().splitlines()[-1] if str(e).strip() else "")
         time.sleep(1.0)
     return failed
-
-
-# ----------------------------------------------------------------------------- --status
-def epoch_reached(run_dir: Path, order: Sequence[str], epochs: int) -> str:
-    """'k/T domains' done, and the domain in progress's last saved epoch."""
-    from .run_folder import MANIFEST, read_manifest
-
-    done = list(read_manifest(run_dir)["completed"]) if (run_dir / MANIFEST).is_file() else []
-    text = f"{len(done)}/{len(order)} domains"
-    for partial in sorted((run_dir / "partial").glob("*.pt")):
-        try:
-            import torch
-
-            epoch = torch.load(partial, map_location="cpu", weights_only=True, mmap=True)["epoch"] + 1
-        except Exception:  # noqa: BLE001 (a partial file being written or damaged: the resume decides)
-            continue
-        text += f", {partial.stem} epoch {epoch}/{epochs}"
-    return text
-
-
-def status_rows(output: Path, ops: SweepOps) -> List[Dict[str, Any]]:
-    """Per run: state (done / running / queued / failed / interrupted / not started), progress,
-    error and log."""
-    output = Path(output)
-    plan = load_plan(output)
-    rows = []
-    for r in plan.runs:
-        run_dir, order = output / r.folder, plan.orders[r.order]
-        rec, job = read_state(output, r.folder), read_state(output, r.folder, ".job.json")
-        done = ops.function("check")(output, r, order) == "done"
-        holder = None if done else lock_holder(run_dir)
-        recorded = rec.get("state")
-        if done:
-            state = "done"
-        elif holder is not None:
-            state = "running"
-        elif recorded in ("failed", "queued"):
-            state = recorded
-        elif recorded == "running" or (run_dir / "run.json").is_file() or (run_dir / "partial").is_dir():
-            state = "interrupted"  # started, not finished, nobody trains it: calling the sweep again resumes it
-        else:
-            state = "not started"
-        rows.append({"run": r.folder, "state": state, "reached": epoch_reached(run_dir, order, r.settings["epoch"]),
-                     "job": job.get("job_id"), "log": job.get("log") or rec.get("log"),
-                     "error": rec.get("error") if state == "failed" else None,
-                     "where": f"pid {holder.get('pid')} on {holder.get('host')}" if holder else None})
-    return rows
-
-
-def format_status(rows: Sequence[Dict[str, Any]]) -> str:
-    lines = []
-    for row in rows:
-        line = f"{row['run']:<40} {row['state']:<12} {row['reached']}"
-        if row["where"]:
-            line += f"  [{row['where']}]"
-        if row["job"]:
-            line += f"  job {row['job']}"
-        if row["error"]:
-            line += f"\n    error: {row['error']}\n    log: {row['log']}"
-        lines.append(line)
-    counts: Dict[str, int] = {}
-    for row in rows:
-        counts[row["state"]] = counts.get(row["state"], 0) + 1
-    return "\n".join(lines + [", ".join(f"{n} {s}" for s, n in counts.items())])
-
-
-# ----------------------------------------------------------------------------- --dry_run
-def image_counts(plan: Plan, assume: Optional[int] = None) -> Dict[str, Dict[str, Optional[int]]]:
-    """Domain -> {"train": n, "test": n}: the images of each split the plan's maps name (the first
-    run's data root); a split not found: ``assume`` (None: unknown)."""
-    from .data import DataError, pair_split, read_domain_map
-
-    s = plan.runs[0].settings
-    counts: Dict[str, Dict[str, Optional[int]]] = {d: {} for d in plan.orders[0]}
-    for split, key in (("train", "train_json"), ("test", "test_json")):
-        try:
-            folders = read_domain_map(Path(s[key]), Path(s["data_root"]))
-        except DataError:
-            folders = {}
-        for d in counts:
-            try:
-                counts[d][split] = len(pair_split(folders[d]))
-            except (KeyError, DataError, OSError):
-                counts[d][split] = assume
-    return counts
-
-
-def run_images(r: Run, order: Sequence[str], unseen: Sequence[str],
-               counts: Dict[str, Dict[str, Optional[int]]]) -> Tuple[Optional[int], Optional[int]]:
-    """(training images, evaluated images) of one run: every epoch's images of every trained domain
-    (none for a method that trains nothing); after each step t the test splits of domains 0 .. t+1
-    (the next one for forward transfer), as the protocol evaluates them."""
-    trained = [d for d in order if d not in unseen]
-    train = [counts[d]["train"] for d in trained]
-    n_train = None if None in train else 0 if r.method in TRAINS_NOTHING else r.settings["epoch"] * sum(train)
-    evaluated = [order[j] for t in range(len(order)) for j in range(min(len(order) - 1, t + 1) + 1)]
-    test = [counts[d]["test"] for d in evaluated]
-    return n_train, None if None in test else sum(test)
-
-
-def measure(plan: Plan, device: "torch.device", steps: int = 2) -> Dict[str, Tuple[float, float]]:
-    """Method -> (training images/s, evaluated images/s), from a one-domain, one-epoch run of each
-    method with its first run's settings (random weights) on ``steps`` batches of generated images."""
-    from . import pipeline
-    from .config import build_config
-    from .demo import make_demo_data
-    from .run_folder import setup_logging
-
-    speeds = {}
-    with tempfile.TemporaryDirectory(prefix="samcl-measure-") as tmp:
-        root = Path(tmp)
-        for m in plan.methods:
-            r = next(r for r in plan.runs if r.method == m)
-            s = r.settings
-            n_test = s["eval_batch_size"]
-            make_demo_data(root / m, n_train=steps * s["batch_size"], n_test=n_test)
-            cfg = build_config([("--measure", {**s, "data_root": str(root / m), "random_weights": True,
-                                               "train_json": str(root / m / "datasets_train.json"),
-                                               "test_json": str(root / m / "datasets_test.json"),
-                                               "order": "polyp", "unseen": [], "epoch": 1, "val_every": 0,
-                                               "num_workers": 0, "run_dir": str(root / m / "run")})])
-            pipeline.train(cfg, device)
-            setup_logging(None)
-            step = json.loads((root / m / "run" / "metrics.json").read_text())["steps"][0]
-            train_s = step["training_seconds"]
-            eval_s = max(step["seconds"] - train_s, 1e-9)
-            # a method that trains nothing (zeroshot) has no training throughput to measure
-            speeds[m] = (steps * s["batch_size"] / train_s if train_s > 0 else None, n_test / eval_s)
-            log.info("measured %s on %s: %.3g training images/s, %.3g evaluated images/s", m, device, *speeds[m])
-    return speeds
-
-
-def estimate(plan: Plan, counts: Dict[str, Dict[str, Optional[int]]],
-             speeds: Dict[str, Tuple[Optional[float], float]]) -> List[Dict[str, Any]]:
-    """Per method: runs, training and evaluated images, device-hours (training images / training
-    throughput + evaluated images / evaluation throughput, summed over its runs)."""
-    rows = []
-    for m in plan.methods:
-        runs = [r for r in plan.runs if r.method == m]
-        images = [run_images(r, plan.orders[r.order], plan.unseen, counts) for r in runs]
-        train = None if any(i[0] is None for i in images) else sum(i[0] for i in images)
-        evaluated = None if any(i[1] is None for i in images) else sum(i[1] for i in images)
-        ips_train, ips_eval = speeds[m]
-        training_s = 0.0 if train == 0 else None if train is None or ips_train is None else train / ips_train
-        hours = None if training_s is None or evaluated is None else (training_s + evaluated / ips_eval) / 3600
-        rows.append({"method": m, "runs": len(runs), "train_images": train, "eval_images": evaluated,
-                     "train_ips": ips_train, "eval_ips": ips_eval, "hours": hours})
-    return rows
-
-
-def dry_run_text(plan: Plan, output: Path, counts: Dict[str, Dict[str, Optional[int]]],
-                 rows: Sequence[Dict[str, Any]], source: str) -> str:
-    """The plan and the estimate as printed by --dry_run."""
-    def n(v: Optional[float]) -> str:
-        return "unknown" if v is None else f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
-
-    s = plan.runs[0].settings
-    lines = [f"sweep {output}: {len(plan.runs)} run(s) = {len(plan.methods)} method(s) x {len(plan.orders)} "
-             f"order(s) x {len(plan.seeds)} seed(s); {s['epoch']} epoch(s) per domain, {s['vit_name']} at "
-             f"{str(s['img_size']) + ' px' if s.get('img_size') else 'its default input size'}, batch "
-             f"{s['batch_size']}",
-             f"methods: {', '.join(plan.methods)}", f"seeds: {', '.join(map(str, plan.seeds))}"]
-    lines += [f"order{k}: {' '.join(o)}" for k, o in enumerate(plan.orders)]
-    lines.append("images (train/test): " + ", ".join(f"{d} {n(c['train'])}/{n(c['test'])}" for d, c in counts.items()))
-    lines.append(f"throughput: {source}")
-    lines.append(f"{'method':<12} {'runs':>4} {'train images':>14} {'eval images':>12} {'train img/s':>11} "
-                 f"{'eval img/s':>10} {'device-hours':>12}")
-    for r in rows:
-        train_ips = "-" if r["train_images"] == 0 else n(r["train_ips"])
-        lines.append(f"{r['method']:<12} {r['runs']:>4} {n(r['train_images']):>14} {n(r['eval_images']):>12} "
-                     f"{train_ips:>11} {n(r['eval_ips']):>10} {n(r['hours']):>12}")
-    hours = [r["hours"] for r in rows]
-    total = None if None in hours else sum(hours)
-    lines.append(f"total: {n(total)} device-hour(s) for {len(plan.runs)} run(s) (one device per run); "
-                 f"images / throughput, see docs/sweep.md")
-    return "\n".join(lines)
-
-
-def dry_run(plan: Plan, output: Path, args: argparse.Namespace) -> str:
-    """--dry_run: the plan and its cost, from --images_per_second or --measure; nothing is trained."""
-    counts = image_counts(plan, args.assume_images)
-    if args.measure:
-        from .cli import resolve_device
-
-        device = resolve_device(args.cuda, args.device)
-        speeds = measure(plan, device)
-        source = f"measured on {device} (--measure: a one-epoch run of each method, random weights)"
-    elif args.images_per_second:
-        speeds = {m: (args.images_per_second, args.images_per_second) for m in plan.methods}
-        source = f"--images_per_second {args.images_per_second} for training and evaluation alike"
-    else:
-        raise CLIError("--dry_run estimates the cost from a throughput: pass --measure (times each method here) "
-                       "or --images_per_second N")
-    return dry_run_text(plan, output, counts, estimate(plan, counts, speeds), source)
 
 
 # ----------------------------------------------------------------------------- the command line

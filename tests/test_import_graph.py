@@ -98,7 +98,8 @@ LAYERS: Layers = (
     # what a user runs: the scripts and commands, python -m samcl.<name>
     ("commands", ("samcl.commands", "samcl.commands.*", "samcl.scripts", "samcl.predict", "samcl.demo",
                   "samcl.compare", "samcl.datacheck", "samcl.sweep", "samcl.sweep_grid", "samcl.sweep_launch",
-                  "samcl.sweep_plan", "samcl.weights", "samcl.app", "samcl.release.__main__")),
+                  "samcl.sweep_status", "samcl.sweep_estimate", "samcl.sweep_plan", "samcl.weights", "samcl.app",
+                  "samcl.release.__main__")),
 )
 
 

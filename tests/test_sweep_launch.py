@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from samcl import sweep, sweep_launch
+from samcl import sweep, sweep_estimate, sweep_launch
 from samcl.cli import CLIError
 from samcl.config import CONFIG_DIR
 from samcl.demo import make_demo_data
@@ -118,7 +118,7 @@ def test_the_dry_run_prints_the_plan_and_its_cost_without_training(data, tmp_pat
 
 def test_measure_times_a_training_step_of_each_method_here(data, tmp_path, capsys):
     plan, out = plan_of(argv_for(data, tmp_path / "sweep", "finetune"))
-    speeds = sweep_launch.measure(plan, torch.device("cpu"), steps=1)
+    speeds = sweep_estimate.measure(plan, torch.device("cpu"), steps=1)
     assert list(speeds) == ["finetune"] and all(0 < s < 1e6 for s in speeds["finetune"])
     assert not out.exists()
 
