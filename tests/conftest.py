@@ -20,14 +20,14 @@ def require(path: Path) -> Path:
     return path
 
 
-def train_demo_run(root: Path):
-    """Demo data in ``root`` and a one-epoch SAMCL run on polyp (natural unseen) in ``root / "run"``;
-    returns the run's Config."""
+def train_demo_run(root: Path, n_train: int = 4):
+    """Demo data in ``root`` (``n_train`` training images per domain) and a one-epoch SAMCL run on
+    polyp (natural unseen) in ``root / "run"``; returns the run's Config."""
     from samcl import pipeline
     from samcl.config import CONFIG_DIR, load_config
     from samcl.demo import make_demo_data
 
-    make_demo_data(root, n_train=4, n_test=2)
+    make_demo_data(root, n_train=n_train, n_test=2)
     cfg = load_config(CONFIG_DIR / "demo_sam.yaml", {
         "data_root": str(root), "run_dir": str(root / "run"), "epoch": 1, "num_embedding": 2, "batch_size": 2,
         "selector_epochs": 2, "val_every": 0, "order": "polyp_natural", "unseen": ["natural"], "num_workers": 0})

@@ -5,29 +5,23 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from samcl import model, pipeline
+from samcl import model
 from samcl.app import (BACKGROUND, BOX, FOREGROUND, INSTALL_HINT, ROUTED, VANILLA, ClickApp, Session, binding,
                        main)
-from samcl.config import CONFIG_DIR, load_config
 from samcl.data import read_image
-from samcl.demo import make_demo_data
 from samcl.pictures import enlargement
 from samcl.predictor import SAMCLPredictor
 from tests.app_browser import click_to_segment, find_chromium, running_app
+from tests.conftest import train_demo_run
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A one-epoch SAMCL run on polyp (with a module) and natural (unseen: none), its data beside it."""
     root = tmp_path_factory.mktemp("app")
-    make_demo_data(root, n_train=2, n_test=2)
-    cfg = load_config(CONFIG_DIR / "demo_sam.yaml", {
-        "data_root": str(root), "run_dir": str(root / "run"), "epoch": 1, "num_embedding": 2, "batch_size": 2,
-        "selector_epochs": 2, "val_every": 0, "order": "polyp_natural", "unseen": ["natural"], "num_workers": 0})
-    pipeline.train(cfg, torch.device("cpu"))
+    train_demo_run(root, n_train=2)
     return root
 
 
