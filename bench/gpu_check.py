@@ -77,8 +77,9 @@ PARALLEL = 4  # method epochs at once: each needs a few GB of the GPU and 2 load
 EPOCHS_BUDGET = 200
 
 
-def summary(name: str, out: str, work: Path) -> str:
-    """The figure a step's line of the table shows."""
+def summary(name: str, cmd: List[str], out: str) -> str:
+    """The figure a step's line of the table shows (an epoch's: whether its run folder, the command's
+    --run_dir, got its metrics.json)."""
     lines = [ln for ln in out.splitlines() if ln.strip()]
     if name == "cuda tests":
         return next((ln for ln in reversed(lines) if re.search(r"\d+ (passed|failed|skipped|error)", ln)), "")
@@ -87,7 +88,7 @@ def summary(name: str, out: str, work: Path) -> str:
     if name.startswith("speed"):
         return " ".join(ln for ln in lines if "img/s" in ln)[-200:]
     if name.startswith("epoch"):
-        run = work / "runs" / ("samcl_sam2" if name.endswith("sam2") else name.split()[1])
+        run = Path(cmd[cmd.index("--run_dir") + 1])
         return "metrics.json written" if (run / "metrics.json").is_file() else ""
     return lines[-1][-160:] if lines else ""
 
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
     def record(name: str, cmd: List[str], status: str, took: float, out: str) -> None:
         print(f"--- {name}: {status} in {took:.0f} s\n{out[-3000:]}", flush=True)
         results.append({"step": name, "command": cmd, "status": status, "seconds": round(took, 1),
-                        "figure": summary(name, out, work), "output_tail": out[-6000:]})
+                        "figure": summary(name, cmd, out), "output_tail": out[-6000:]})
 
     def run_all(items: List[Step], parallel: int, budget: float) -> None:
         """Run ``items``, ``parallel`` at a time, each within its own limit and all within ``budget``."""
